@@ -1,0 +1,84 @@
+"""MediaPipe 0.10.14 face mesh (legacy ``solutions`` API): 478 landmarks per face.
+
+Landmarks are returned as a (478, 3) float array in MediaPipe's normalised
+convention: x and y in [0, 1] of the image width and height, z a relative depth
+on roughly the same scale as x (negative towards the camera). 468 face points
+plus 10 iris points (``refine_landmarks=True``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+N_LANDMARKS = 478
+N_FACE_LANDMARKS = 468
+
+
+def _connection_indices(connections) -> np.ndarray:
+    return np.array(sorted({i for edge in connections for i in edge}), dtype=np.int64)
+
+
+def eye_contour_indices() -> tuple[np.ndarray, np.ndarray]:
+    """Landmark indices of the subject's left and right eye contours (MediaPipe's sets)."""
+    import mediapipe as mp
+
+    fm = mp.solutions.face_mesh
+    return _connection_indices(fm.FACEMESH_LEFT_EYE), _connection_indices(fm.FACEMESH_RIGHT_EYE)
+
+
+def tesselation_edges() -> np.ndarray:
+    """(E, 2) edges of MediaPipe's face-mesh tesselation."""
+    import mediapipe as mp
+
+    return np.array(sorted(mp.solutions.face_mesh.FACEMESH_TESSELATION), dtype=np.int64)
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Grey (H, W) or RGB uint8 / float [0, 1] -> contiguous RGB uint8, as MediaPipe wants."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.floating):
+            raise TypeError(f"expected uint8 or float [0, 1] pixels, got {image.dtype}")
+        image = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected a grey (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+class FaceMesh:
+    """One face, static images, refined landmarks (the upstream settings).
+
+    Use as a context manager, or call ``close()``. Not shareable across processes:
+    build one per worker.
+    """
+
+    def __init__(self, *, min_detection_confidence: float = 0.5, max_num_faces: int = 1,
+                 refine_landmarks: bool = True) -> None:
+        import mediapipe as mp
+
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=max_num_faces,
+            refine_landmarks=refine_landmarks, min_detection_confidence=min_detection_confidence)
+
+    def detect(self, image: np.ndarray) -> np.ndarray | None:
+        """(478, 3) normalised landmarks of the first face, or None when no face is found."""
+        faces = self.detect_all(image)
+        return faces[0] if faces else None
+
+    def detect_all(self, image: np.ndarray) -> list[np.ndarray]:
+        result = self._mesh.process(as_rgb_uint8(image))
+        if not result.multi_face_landmarks:
+            return []
+        return [np.array([(p.x, p.y, p.z) for p in face.landmark], dtype=np.float64)
+                for face in result.multi_face_landmarks]
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> "FaceMesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faceaudit.facedetect import make_detector
+from faceaudit.facemesh import N_LANDMARKS, FaceMesh, eye_contour_indices
+from faceaudit.images import read_grey, to_uint8
+from faceaudit.montage import montage
+
+ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
+
+
+def _astronaut():
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.mark.parametrize("name", ["retinaface", "mediapipe"])
+def test_detector_finds_one_face_with_keypoints_in_order(name):
+    detector = make_detector(name)
+    faces = detector.detect(_astronaut())
+    confident = [f for f in faces if f.score > 0.9]
+    assert len(confident) == 1
+    face = confident[0]
+    kp = face.keypoints
+    assert kp.shape == (5, 2)
+    assert kp[0, 0] < kp[1, 0]  # the eye on the image left comes first
+    assert kp[2, 1] > kp[:2, 1].max()  # nose below the eyes
+    x0, y0, x1, y1 = face.box
+    assert all(x0 <= x <= x1 and y0 <= y <= y1 for x, y in kp)
+
+
+def test_detector_finds_nothing_in_a_flat_image():
+    assert make_detector("retinaface").detect(np.full((128, 128), 127, np.uint8)) == []
+
+
+def test_unknown_detector_is_named():
+    with pytest.raises(ValueError, match="unknown face detector 'haar'"):
+        make_detector("haar")
+
+
+def test_face_mesh_on_real_photos():
+    with FaceMesh() as mesh:
+        lm = mesh.detect(_astronaut())
+        assert lm.shape == (N_LANDMARKS, 3)
+        assert 0 < lm[:, 0].min() and lm[:, 0].max() < 1
+        orl = to_uint8(read_grey(ORL / "s1" / "1.pgm"))
+        up = np.kron(orl, np.ones((3, 3), np.uint8))  # ORL photos are 92x112
+        assert mesh.detect(up) is not None
+        assert mesh.detect(np.zeros((64, 64), np.uint8)) is None
+    left, right = eye_contour_indices()
+    assert len(left) == 16 and len(right) == 16
+
+
+def test_montage_shape():
+    sheet = montage([np.zeros((10, 20), np.uint8)] * 5, labels=list("abcde"), ncols=3, tile=32)
+    assert sheet.shape == (2 * (32 + 14), 3 * 32, 3)
