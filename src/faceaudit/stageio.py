@@ -84,6 +84,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def read_json_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON object; a missing or malformed file is an InputError quoting the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"expected a JSON file at {path}, found nothing")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path} as JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"expected a JSON object in {path}, found {type(obj).__name__}")
+    return obj
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)

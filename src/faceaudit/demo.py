@@ -1,0 +1,142 @@
+"""The whole suite on the embedded demo data, then one report.
+
+``python -m faceaudit.demo OUT`` (what ``make demo`` runs):
+
+1. simulate an AutoPET-like PET/CT cohort from the shipped head CT (labelled simulated);
+2. the four PET/CT stage scripts, with demo-sized settings;
+3. the two digital-mask stage scripts on the shipped ORL faces (two mask backends,
+   so the cross-mask attack runs too);
+4. ``OUT/report.html`` and ``OUT/report.md``.
+
+Each stage runs as its own script from the repository root, exactly as a user
+would run it, and skips work already finished, so a re-run is quick. Time per
+stage goes to ``OUT/timings.json`` and into the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from faceaudit.stageio import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, make_private_dir, read_json_file, write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    done_marker: Path | None = None  # a step whose marker exists is not run again
+
+
+def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int,
+               n_epochs: int, overwrite: bool) -> list[Step]:
+    py = sys.executable
+    again = ["--overwrite"] if overwrite else []
+    common = ["--seed", str(seed)] + again
+    recon, cv, lm, mt = out / "reconstruction", out / "crossval", out / "landmarks", out / "matching"
+    dm, dm2, fr = out / "digital_mask", out / "digital_mask_meanshape", out / "face_recognition"
+    orl = PACKAGE_DATA / "orl_faces"
+    cohort = out / "cohort"
+
+    def script(name: str) -> str:
+        return str(REPO_ROOT / name)
+
+    return [
+        Step("simulate PET/CT cohort",
+             [py, "-m", "faceaudit.demo_data", str(cohort), "--n", str(n_patients), "--seed", str(seed)],
+             done_marker=None if overwrite else cohort / "SIMULATED.txt"),
+        Step("reconstruction",
+             [py, script("perform_morphological_reconstruction.py"), "--petct_path", str(cohort),
+              "--save_dir", str(recon), "--jobs", str(jobs)] + again),
+        Step("cross-validation (U-Net)",
+             [py, script("perform_crossval.py"), "--ct_files", str(recon / "cts"),
+              "--pet_files", str(recon / "pets"), "--save_perfs_dir", str(cv),
+              "--n_folds", str(n_folds), "--n_epochs", str(n_epochs), "--batch_size", "8",
+              "--lr", "1e-3", "--device", "cpu"] + common),
+        Step("landmark placement",
+             [py, script("perform_landmark_placement.py"), "--ct_files", str(recon / "cts"),
+              "--pet_files", str(recon / "pets"), "--splits_file", str(cv / "splits.json"),
+              "--models_path", str(cv / "models"), "--denoised_dir", str(cv / "denoised"),
+              "--save_dir", str(lm)] + again),
+        Step("landmark matching",
+             [py, script("perform_landmark_matching.py"), "--landmarks_files", str(lm),
+              "--n_folds", str(n_folds), "--save_dir", str(mt)] + again),
+        Step("digital mask (mediapipe mesh)",
+             [py, script("run_digital_mask.py"), "--input_dir", str(orl), "--save_dir", str(dm),
+              "--backend", "mediapipe", "--jobs", str(jobs)] + common),
+        Step("digital mask (mean shape)",
+             [py, script("run_digital_mask.py"), "--input_dir", str(orl), "--save_dir", str(dm2),
+              "--backend", "meanshape", "--jobs", str(jobs)] + common),
+        Step("face recognition (dlib)",
+             [py, script("run_face_recognition.py"), "--masks_dir", str(dm), "--save_dir", str(fr),
+              "--cross_masks_dir", str(dm2), "--backend", "dlib"] + common),
+    ]
+
+
+def run_demo(out: str | Path, *, jobs: int = 2, n_patients: int = 20, seed: int = 0, n_folds: int = 5,
+             n_epochs: int = 8, overwrite: bool = False) -> int:
+    """Run every step; a step that fails outright (exit >= 2) stops the demo."""
+    from faceaudit.report import write_report
+
+    out = make_private_dir(out)
+    missing = [n for n in ("perform_morphological_reconstruction.py", "perform_crossval.py",
+                           "perform_landmark_placement.py", "perform_landmark_matching.py",
+                           "run_digital_mask.py", "run_face_recognition.py")
+               if not (REPO_ROOT / n).is_file()]
+    if missing:
+        print(f"error: the demo runs the stage scripts from a source checkout; {missing} not found "
+              f"in {REPO_ROOT}", file=sys.stderr)
+        return EXIT_USAGE
+    timings_path = out / "timings.json"
+    timings = read_json_file(timings_path).get("stages", {}) if timings_path.is_file() else {}
+    worst = EXIT_OK
+    for step in demo_steps(out, jobs=jobs, n_patients=n_patients, seed=seed, n_folds=n_folds,
+                           n_epochs=n_epochs, overwrite=overwrite):
+        if step.done_marker is not None and step.done_marker.exists():
+            print(f"== {step.name}: already done, skipped", flush=True)
+            continue
+        print(f"== {step.name}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(step.argv, cwd=REPO_ROOT)
+        seconds = time.perf_counter() - start
+        timings[step.name] = round(seconds, 1)
+        write_json(timings_path, {"stages": timings})
+        print(f"== {step.name}: exit {code}, {seconds:.1f} s", flush=True)
+        if code == EXIT_ITEMS_FAILED:
+            worst = EXIT_ITEMS_FAILED
+        elif code != EXIT_OK:
+            print(f"error: step '{step.name}' failed (exit {code}); command: {' '.join(step.argv)}",
+                  file=sys.stderr)
+            return code
+    html_path, _ = write_report(out)
+    print("\nTime per stage (s):")
+    for name, seconds in timings.items():
+        print(f"  {name:<34} {seconds:7.1f}")
+    print(f"  {'total':<34} {sum(timings.values()):7.1f}")
+    print(f"\nReport: {html_path}")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m faceaudit.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="output folder (created 0700)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--n-patients", type=int, default=20)
+    parser.add_argument("--n-folds", type=int, default=5)
+    parser.add_argument("--n-epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="redo every stage")
+    args = parser.parse_args(argv)
+    return run_demo(args.out, jobs=args.jobs, n_patients=args.n_patients, seed=args.seed,
+                    n_folds=args.n_folds, n_epochs=args.n_epochs, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
