@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Face-recognition attack on a digital-mask run: rank-k for Face2Face, Mask2Face, Mask2Mask...
+
+Example:
+    python run_face_recognition.py --masks_dir DM --save_dir FR
+    python run_face_recognition.py --masks_dir DM --save_dir FR_arc --backend arcface-onnx \\
+        --model_dir ~/models/w600k_r50.onnx --cross_masks_dir DM_meanshape
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    from faceaudit.cli import add_common_args, run_guarded
+    from faceaudit.embedding import BACKENDS
+    from faceaudit.recognition import SCENARIOS, run_face_recognition
+
+    parser = argparse.ArgumentParser(
+        description="Embed the photos and masks of a run_digital_mask.py folder and report "
+                    "closed-set identification (rank-1/5/10 with bootstrap CIs, CMC) for each "
+                    "query/database scenario.")
+    parser.add_argument("--masks_dir", required=True,
+                        help="output folder of run_digital_mask.py (manifest.csv + PNGs)")
+    parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
+    parser.add_argument("--backend", choices=BACKENDS, default="dlib",
+                        help="embedding model (default: dlib, bundled, offline)")
+    parser.add_argument("--model_dir", default=None,
+                        help="insightface: a buffalo_l-style folder (det_10g.onnx, "
+                             "w600k_r50.onnx); arcface-onnx: an ArcFace .onnx or its folder")
+    parser.add_argument("--cross_masks_dir", default=None,
+                        help="a second mask run (another mask backend) used as the database of "
+                             "the cross-mask scenarios")
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=None,
+                        metavar="NAME", help=f"subset of {', '.join(SCENARIOS)} (default: all "
+                                             "within-mask, plus cross-mask with --cross_masks_dir)")
+    parser.add_argument("--upstream-black-bug", dest="upstream_black_bug", action="store_true",
+                        help="reproduce upstream's hard-coded black_background: every channel "
+                             "value 255 -> 0 on every image")
+    parser.add_argument("--upstream-scenario-bug", dest="upstream_scenario_bug",
+                        action="store_true",
+                        help="reproduce upstream's MaskOnlyBlack2Face (black masks on both sides)")
+    parser.add_argument("--rgb-to-insightface", dest="rgb_to_insightface", action="store_true",
+                        help="pass RGB to the insightface models as upstream did (default: BGR)")
+    parser.add_argument("--n_boot", type=int, default=2000,
+                        help="bootstrap resamples for the 95%% intervals (default: 2000)")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(
+        run_face_recognition, args.masks_dir, args.save_dir, backend=args.backend,
+        model_dir=args.model_dir, cross_masks_dir=args.cross_masks_dir, scenarios=args.scenarios,
+        upstream_black_bug=args.upstream_black_bug,
+        upstream_scenario_bug=args.upstream_scenario_bug,
+        rgb_to_insightface=args.rgb_to_insightface, n_boot=args.n_boot, seed=args.seed,
+        overwrite=args.overwrite, jobs=args.jobs, progress=not args.quiet, args_record=vars(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
