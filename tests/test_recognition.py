@@ -1,0 +1,298 @@
+"""The face-recognition stage: rank metrics against brute force, ORL identification with dlib,
+and the stage end to end on a digital-mask folder built here from ORL photos."""
+
+import csv
+import json
+import math
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceaudit import ranking
+from faceaudit.recognition import (chance_topk_multi, identify_folder, rank_queries,
+                                   read_mask_run, resolve_scenarios, upstream_black_background)
+from faceaudit.stageio import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+ORL = ROOT / "src" / "faceaudit" / "data" / "orl_faces"
+sys.path.insert(0, str(ROOT))
+import run_face_recognition  # noqa: E402
+
+VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
+
+
+def _orl_224(identity, stem):
+    """An ORL photo (92x112 grey) as the mask stage's 224x224 RGB crop."""
+    img = Image.open(ORL / identity / f"{stem}.pgm").resize((184, 224), Image.BILINEAR)
+    out = np.full((224, 224), 128, np.uint8)
+    out[:, 20:204] = np.asarray(img)
+    return np.repeat(out[:, :, None], 3, axis=2)
+
+
+def build_mask_run(folder, identities, *, query_stem=2, grey=150, video_query="0",
+                   mask_backend="grey-ellipse", protocol=None):
+    """A digital-mask run folder per the issue-5 contract; the "mask" is a flat grey ellipse
+    over the face (overlay: half-blended), so masks carry no identity and no detectable face."""
+    folder = Path(folder)
+    yy, xx = np.mgrid[:224, :224]
+    ellipse = (((xx - 112) / 60) ** 2 + ((yy - 120) / 85) ** 2 <= 1)[..., None]
+    rows = []
+    for ident in identities:
+        for role, stem, video in (("database", 1, "0"), ("query", query_stem, video_query)):
+            photo = _orl_224(ident, stem)
+            flat = np.full_like(photo, grey)
+            images = {"prep": photo,
+                      "overlay": np.where(ellipse, photo // 2 + flat // 2, photo),
+                      "mask_only": np.where(ellipse, flat, 255),
+                      "mask_only_black": np.where(ellipse, flat, 0)}
+            rel = {}
+            for variant, pixels in images.items():
+                path = Path(role) / ident / f"{stem}_{variant}.png"
+                (folder / path).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / path)
+                rel[variant] = str(path)
+            rows.append({"id": f"{role}/{ident}/{stem}", "subject": ident, "status": "ok",
+                         "reason": "", "role": role, "video": video,
+                         "source": f"orl/{ident}/{stem}.pgm", "backend": mask_backend,
+                         "det_score": "0.99", **rel})
+    with open(folder / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if protocol:
+        (folder / "run.json").write_text(json.dumps({"args": {"protocol": protocol,
+                                                              "backend": mask_backend}}))
+    return folder
+
+
+def _results(save_dir):
+    with open(save_dir / "results.csv", newline="") as fh:
+        return {row["scenario"]: row for row in csv.DictReader(fh)}
+
+
+def _manifest(save_dir):
+    with open(save_dir / "manifest.csv", newline="") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh)}
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _brute_force_rank(dist_row, subject, gallery_subjects):
+    """Sort the gallery; the rank is 1 + impostors at or before the first own item."""
+    if not np.isfinite(dist_row).any():
+        return ranking.MISS
+    own = [j for j, s in enumerate(gallery_subjects) if s == subject]
+    own_d = [dist_row[j] for j in own if np.isfinite(dist_row[j])]
+    if not own_d:
+        return ranking.MISS
+    best = min(own_d)
+    order = sorted(range(len(gallery_subjects)), key=lambda j: (dist_row[j], gallery_subjects[j]
+                                                               == subject))
+    impostors_ahead = 0
+    for j in order:
+        if gallery_subjects[j] == subject and dist_row[j] == best:
+            break
+        if gallery_subjects[j] != subject:
+            impostors_ahead += 1
+    return 1 + impostors_ahead
+
+
+def test_ranks_and_topk_equal_a_brute_force_reference():
+    rng = np.random.default_rng(3)
+    gallery_subjects = [f"id{i % 7}" for i in range(12)]  # some subjects twice
+    query_subjects = [f"id{i % 9}" for i in range(20)]  # id7, id8 absent from the gallery
+    g = [rng.normal(size=16) for _ in gallery_subjects]
+    g[5] = None  # a gallery image with no face
+    q = [rng.normal(size=16) for _ in query_subjects]
+    q[2] = None  # a query with no face
+    q[4] = g[4].copy()  # an exact duplicate
+    dist, ranks = rank_queries(query_subjects, q, gallery_subjects, g)
+    for i, subject in enumerate(query_subjects):
+        row = dist[i].copy()
+        if q[i] is not None:
+            for j, vec in enumerate(g):
+                if vec is None:
+                    assert np.isnan(row[j])
+                    continue
+                cos = q[i] @ vec / np.linalg.norm(q[i]) / np.linalg.norm(vec)
+                assert row[j] == pytest.approx(1 - cos)
+        expected = _brute_force_rank(np.where(np.isnan(row), np.inf, row), subject,
+                                     gallery_subjects)
+        assert ranks[i] == expected, i
+    assert ranks[2] == ranking.MISS and ranks[4] == 1
+    assert all(ranks[i] == ranking.MISS for i, s in enumerate(query_subjects) if s in ("id7",
+                                                                                       "id8"))
+    for k in (1, 5, 10):
+        brute = np.mean([(r != ranking.MISS) and r <= k for r in ranks])
+        assert ranking.topk_accuracy(ranks, [k])[k] == pytest.approx(brute)
+
+
+def test_chance_level_matches_k_over_g_and_a_simulation():
+    assert chance_topk_multi(list("abcdefghij"), list("abc"), 1) == pytest.approx(0.1)
+    assert chance_topk_multi(list("abcdefghij"), list("abc"), 5) == pytest.approx(0.5)
+    gallery = list("aabbbcdefg")
+    queries = list("abf")
+    rng = np.random.default_rng(0)
+    hits = []
+    for _ in range(20000):
+        order = rng.permutation(len(gallery))
+        for s in queries:
+            own = [pos for pos, j in enumerate(order) if gallery[j] == s]
+            hits.append(min(own) < 3)
+    assert chance_topk_multi(gallery, queries, 3) == pytest.approx(np.mean(hits), abs=0.01)
+    assert chance_topk_multi(gallery, ["a"], 3) == pytest.approx(1 - math.comb(8, 3) /
+                                                                 math.comb(10, 3))
+
+
+def test_upstream_black_background_is_per_channel():
+    rgb = np.array([[[255, 255, 255], [255, 10, 20], [254, 0, 255]]], np.uint8)
+    out = upstream_black_background(rgb)
+    np.testing.assert_array_equal(out, [[[0, 0, 0], [0, 10, 20], [254, 0, 0]]])
+    assert rgb[0, 0, 0] == 255  # input untouched
+
+
+def test_scenarios_fix_maskonlyblack2face_and_keep_the_upstream_switch():
+    fixed = {s.name: s for s in resolve_scenarios(None, cross_available=False)}
+    assert fixed["MaskOnlyBlack2Face"].database == "prep"
+    assert not any(s.cross for s in fixed.values()) and len(fixed) == 7
+    bug = {s.name: s for s in resolve_scenarios(None, cross_available=False,
+                                                upstream_scenario_bug=True)}
+    assert bug["MaskOnlyBlack2Face"].database == "mask_only_black"
+    with pytest.raises(InputError, match="need --cross_masks_dir"):
+        resolve_scenarios(["CrossMaskOnly2MaskOnly"], cross_available=False)
+    with pytest.raises(InputError, match="unknown scenarios"):
+        resolve_scenarios(["Mask2Nothing"], cross_available=False)
+
+
+# ---------------------------------------------------------------- dlib on ORL
+
+
+def test_dlib_separates_orl_identities():
+    """10 ORL identities, photo 1 as database, photo 2 as query."""
+    result = identify_folder(ORL, identities=[f"s{i}" for i in range(1, 11)], n_boot=200)
+    m = result.metrics
+    assert m["n_queries"] == 10 and m["gallery_size"] == 10 and m["chance"] == pytest.approx(0.1)
+    assert m["rank1"] >= 0.9, result.ranks
+    assert m["rank1_ci_lo"] <= m["rank1"] <= m["rank1_ci_hi"]
+    assert m["n_no_face"] == 0
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def mask_run(tmp_path_factory):
+    return build_mask_run(tmp_path_factory.mktemp("dm") / "DM", [f"s{i}" for i in range(1, 9)],
+                          protocol="same-video")
+
+
+def test_stage_end_to_end_on_a_mask_folder(mask_run, tmp_path, capsys):
+    save = tmp_path / "FR"
+    code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir", str(save),
+                                      "--n_boot", "300", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Face2Face" in printed and "MaskOnly2MaskOnly" in printed and "95% CI" in printed
+    results = _results(save)
+    assert list(results) == ["Face2Face", "Overlay2Face", "Overlay2Overlay", "MaskOnly2Face",
+                             "MaskOnly2MaskOnly", "MaskOnlyBlack2Face",
+                             "MaskOnlyBlack2MaskOnlyBlack"]
+    face = results["Face2Face"]
+    assert float(face["rank1"]) >= 0.875 and face["protocol"] == "same-video"
+    assert int(face["gallery_size"]) == 8 and float(face["chance"]) == pytest.approx(1 / 8)
+    # a flat grey ellipse has no face: every query is a reported miss, not dropped
+    for name in ("MaskOnly2Face", "MaskOnly2MaskOnly", "MaskOnlyBlack2Face"):
+        assert int(results[name]["n_queries"]) == 8 and int(results[name]["n_no_face"]) == 8
+        assert float(results[name]["rank1"]) == 0.0
+    assert results["MaskOnlyBlack2Face"]["database"] == "prep"
+    manifest = _manifest(save)
+    assert len(manifest) == 8 * 2 * 4  # every (role, identity, variant) embedded once
+    row = manifest["mask_only/query/s3/2"]
+    assert row["status"] == "ok" and row["face_found"] == "0" and "no face found" in row["reason"]
+    assert manifest["prep/database/s3/1"]["face_found"] == "1"
+    assert manifest["prep/database/s3/1"]["path"] == "database/s3/1_prep.png"
+    dist = np.load(save / "distances" / "Face2Face.npz")
+    assert dist["distances"].shape == (8, 8) and list(dist["gallery_ids"])[0].startswith("prep/")
+    report = json.loads((save / "results.json").read_text())
+    assert len(report["scenarios"][0]["cmc"]) == 8
+    run = json.loads((save / "run.json").read_text())
+    assert run["protocol"] == "same-video" and run["embedding"]["n_embedded"] > 0
+    assert (save / "cmc.png").stat().st_size > 1000
+    assert stat.S_IMODE(save.stat().st_mode) == 0o700
+    assert stat.S_IMODE((save / "results.csv").stat().st_mode) == 0o600
+
+    # a re-run takes every embedding from the content-hash cache
+    assert run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir", str(save),
+                                      "--n_boot", "300", "--quiet",
+                                      "--scenarios", "Face2Face", "MaskOnlyBlack2Face",
+                                      "--upstream-scenario-bug"]) == 0
+    run = json.loads((save / "run.json").read_text())
+    assert run["embedding"]["n_embedded"] == 0 and run["embedding"]["n_from_cache"] > 0
+    again = _results(save)
+    assert list(again) == ["Face2Face", "MaskOnlyBlack2Face"]
+    assert again["Face2Face"]["rank1"] == face["rank1"]
+    assert again["MaskOnlyBlack2Face"]["database"] == "mask_only_black"
+
+
+def test_corrupt_image_is_a_failed_row_and_a_miss(tmp_path, capsys):
+    dm = build_mask_run(tmp_path / "DM", ["s1", "s2", "s3"])
+    (dm / "query" / "s2" / "2_prep.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (dm / "query" / "s3" / "2_prep.png").unlink()
+    save = tmp_path / "FR"
+    code = run_face_recognition.main(["--masks_dir", str(dm), "--save_dir", str(save),
+                                      "--scenarios", "Face2Face", "--n_boot", "100", "--quiet"])
+    assert code == 1
+    manifest = _manifest(save)
+    assert manifest["prep/query/s2/2"]["status"] == "failed"
+    assert "cannot read" in manifest["prep/query/s2/2"]["reason"]
+    assert manifest["prep/query/s3/2"]["status"] == "failed"
+    assert "found nothing" in manifest["prep/query/s3/2"]["reason"]
+    face = _results(save)["Face2Face"]
+    assert int(face["n_queries"]) == 3 and int(face["n_failed"]) == 2
+    assert float(face["rank1"]) <= 1 / 3 + 1e-9  # the two unreadable queries are misses
+
+
+def test_cross_mask_scenarios_pair_by_identity_and_role(tmp_path, capsys):
+    ids = ["s1", "s2", "s3", "s4"]
+    dm = build_mask_run(tmp_path / "DM_a", ids, mask_backend="grey150",
+                        video_query="1", protocol=None)
+    dm2 = build_mask_run(tmp_path / "DM_b", ids, grey=90, mask_backend="grey90")
+    save = tmp_path / "FR"
+    code = run_face_recognition.main(["--masks_dir", str(dm), "--save_dir", str(save),
+                                      "--cross_masks_dir", str(dm2), "--n_boot", "100",
+                                      "--quiet", "--scenarios", "Overlay2Overlay",
+                                      "CrossOverlay2Overlay", "CrossMaskOnly2MaskOnly"])
+    assert code == 0
+    results = _results(save)
+    cross = results["CrossOverlay2Overlay"]
+    assert cross["protocol"] == "across-video (cross: grey90)" and cross["cross_mask"] == "1"
+    assert int(cross["n_queries"]) == 4 and int(cross["gallery_size"]) == 4
+    assert results["Overlay2Overlay"]["protocol"] == "across-video"
+    manifest = _manifest(save)
+    assert manifest["cross:overlay/database/s1/1"]["run"] == "cross"
+    assert "overlay/query/s1/2" in manifest and "cross:overlay/query/s1/2" not in manifest
+
+
+def test_bad_mask_folder_is_a_usage_error(tmp_path, capsys):
+    dm = tmp_path / "DM"
+    dm.mkdir()
+    (dm / "manifest.csv").write_text("id,subject,status,reason\nquery/a/1,a,ok,\n")
+    code = run_face_recognition.main(["--masks_dir", str(dm), "--save_dir", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lacks columns" in err and "role" in err and str(dm) in err
+    assert run_face_recognition.main(["--masks_dir", str(tmp_path / "nowhere"),
+                                      "--save_dir", str(tmp_path / "o")]) == 2
+    assert "found nothing" in capsys.readouterr().err
+
+
+def test_protocol_is_inferred_from_videos_without_run_json(tmp_path):
+    same = read_mask_run(build_mask_run(tmp_path / "a", ["s1", "s2"]))
+    across = read_mask_run(build_mask_run(tmp_path / "b", ["s1", "s2"], video_query="7"))
+    assert (same.protocol, across.protocol) == ("same-video", "across-video")
+    assert same.backend == "grey-ellipse"
