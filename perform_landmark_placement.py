@@ -1,0 +1,43 @@
+"""Face-mesh landmarks on the CT, raw PET, wavelet PET and U-Net PET renders of every
+cross-validation fold's test set; detection rates and landmark error (MAD, well placed)."""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    from faceaudit.cli import add_common_args, run_guarded
+    from faceaudit.landmarks import Framing
+    from faceaudit.placement import run_landmark_placement
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ct_files", required=True, help="folder of CT renders <id>.png (reconstruction cts/)")
+    parser.add_argument("--pet_files", required=True, help="folder of PET renders <id>.png (reconstruction pets/)")
+    parser.add_argument("--splits_file", required=True, help="splits.json written by perform_crossval.py")
+    parser.add_argument("--models_path", default=None,
+                        help="folder with best_model_fold{k}.pt, used for the U-Net variant when "
+                             "--denoised_dir has no images for a fold")
+    parser.add_argument("--denoised_dir", default=None,
+                        help="denoised PET written by the cross-validation: DIR/fold{k}/<id>.png")
+    parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
+    parser.add_argument("--upstream-mad", "--upstream_mad", dest="upstream_mad", action="store_true",
+                        help="divide the MAD by 468 as upstream does (default: by the 478 points summed)")
+    parser.add_argument("--upscale", type=float, default=1.0,
+                        help="resample factor applied before the face mesh (default 1, upstream)")
+    parser.add_argument("--pad", type=float, default=0.0,
+                        help="black border added before the face mesh: pixels, or a fraction of the "
+                             "image size if < 1 (default 0, upstream)")
+    parser.add_argument("--min_detection_confidence", type=float, default=0.5)
+    parser.add_argument("--n_qa", type=int, default=6, help="test images drawn in qa_landmarks.png")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(
+        run_landmark_placement, args.ct_files, args.pet_files, args.splits_file, args.save_dir,
+        models_path=args.models_path, denoised_dir=args.denoised_dir, upstream_mad=args.upstream_mad,
+        framing=Framing(upscale=args.upscale, pad=args.pad),
+        min_detection_confidence=args.min_detection_confidence, n_qa=args.n_qa, jobs=args.jobs,
+        overwrite=args.overwrite, seed=args.seed, quiet=args.quiet, args=vars(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

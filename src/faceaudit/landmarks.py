@@ -1,0 +1,208 @@
+"""Face-mesh landmarks on renders: placement, inter-ocular distance, landmark error.
+
+Landmark sets are (478, 3) float arrays in MediaPipe's normalised convention
+(x, y in [0, 1] of the image width and height, z a relative depth); a batch is
+(n, 478, 3) with NaN rows for images where no face was found.
+
+Landmark error (the upstream ``get_distance_landmarks``), in % of the inter-ocular
+distance (IOD) of the *reference* (CT) landmarks::
+
+    MAD = 100 * sum_i (|x_ref_i - x_i| + |y_ref_i - y_i|) / (IOD * n)
+
+with n = 478 (the number of points summed) by default, and n = 468 with
+``upstream=True`` (upstream divides the 478-point sum by 468). z is not used.
+"Well placed" means MAD < 15 %.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from faceaudit.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
+
+#: "Well placed" threshold on the MAD, in % of the IOD (upstream).
+WELL_PLACED_MAD = 15.0
+
+
+@lru_cache(maxsize=1)
+def _eye_indices() -> tuple[np.ndarray, np.ndarray]:
+    from faceaudit.facemesh import eye_contour_indices
+
+    return eye_contour_indices()
+
+
+def eye_centres(landmarks: np.ndarray) -> np.ndarray:
+    """Centres of the two eyes, as upstream ``normalization_eyes`` defines them.
+
+    For each eye contour (MediaPipe's FACEMESH_LEFT_EYE / FACEMESH_RIGHT_EYE), the
+    points are sorted by x and the centre is the midpoint of the extreme-left and
+    extreme-right points (the eye corners), in x and y.
+
+    landmarks : (..., 478, 3) or (..., 478, 2) normalised coordinates.
+    Returns (..., 2, 2): [left-eye centre, right-eye centre], each (x, y).
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.ndim < 2 or lm.shape[-2] < N_FACE_LANDMARKS or lm.shape[-1] < 2:
+        raise ValueError(f"expected (..., 478, 3) landmarks, got shape {lm.shape}")
+    centres = []
+    for idx in _eye_indices():
+        eye = lm[..., idx, :2]  # (..., m, 2)
+        # argsort on x; the corners are the first and last points in that order
+        order = np.argsort(eye[..., 0], axis=-1, kind="stable")
+        first = np.take_along_axis(eye, order[..., :1, None], axis=-2)[..., 0, :]
+        last = np.take_along_axis(eye, order[..., -1:, None], axis=-2)[..., 0, :]
+        centres.append((first + last) / 2.0)
+    return np.stack(centres, axis=-2)
+
+
+def inter_ocular_distance(landmarks: np.ndarray) -> np.ndarray | float:
+    """Euclidean distance between the two eye centres, in normalised units.
+
+    landmarks : (478, 3) -> float, or (n, 478, 3) -> (n,) array (NaN for NaN rows).
+    """
+    c = eye_centres(landmarks)
+    iod = np.linalg.norm(c[..., 0, :] - c[..., 1, :], axis=-1)
+    return float(iod) if np.ndim(iod) == 0 else iod
+
+
+def landmark_mad(reference: np.ndarray, placed: np.ndarray, *, upstream: bool = False) -> np.ndarray | float:
+    """Landmark error of ``placed`` against ``reference`` (CT), in % of the reference IOD.
+
+    reference, placed : (478, 3) -> float, or (n, 478, 3) -> (n,) array; NaN where
+        either set is missing (NaN rows).
+    upstream : divide by 468 (upstream ``FACEMESH_NUM_LANDMARKS``) instead of the
+        number of points summed.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    pts = np.asarray(placed, dtype=np.float64)
+    if ref.shape != pts.shape:
+        raise ValueError(f"reference {ref.shape} and placed {pts.shape} landmark shapes differ")
+    n_points = ref.shape[-2]
+    divisor = N_FACE_LANDMARKS if upstream else n_points
+    l1 = np.abs(ref[..., :2] - pts[..., :2]).sum(axis=(-1, -2))
+    iod = np.asarray(inter_ocular_distance(ref))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mad = 100.0 * l1 / (iod * divisor)
+    return float(mad) if np.ndim(mad) == 0 else mad
+
+
+def well_placed(mad: np.ndarray, *, threshold: float = WELL_PLACED_MAD) -> np.ndarray:
+    """True where MAD < threshold; NaN (not detected) counts as not well placed."""
+    mad = np.asarray(mad, dtype=np.float64)
+    return np.where(np.isnan(mad), False, mad < threshold)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How an image is prepared for the face mesh: zero-pad ``pad`` pixels on every
+    side (as a fraction of the image size if < 1), then scale by ``upscale``.
+
+    Upstream feeds the 208 x 208 crop as is (upscale 1, pad 0). MediaPipe's face
+    detector looks at a 128 x 128 view, so a face filling the whole frame can be
+    missed; padding gives it context, upscaling helps with very small renders.
+    """
+
+    upscale: float = 1.0
+    pad: float = 0.0
+
+    def pad_pixels(self, shape: tuple[int, int]) -> tuple[int, int]:
+        h, w = shape
+        if self.pad < 0:
+            raise ValueError(f"pad must be >= 0, got {self.pad}")
+        if 0 < self.pad < 1:
+            return int(round(self.pad * h)), int(round(self.pad * w))
+        return int(self.pad), int(self.pad)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) grey float [0, 1] -> framed grey float image."""
+        if self.upscale <= 0:
+            raise ValueError(f"upscale must be > 0, got {self.upscale}")
+        img = np.asarray(image, dtype=np.float32)
+        ph, pw = self.pad_pixels(img.shape[:2])
+        if ph or pw:
+            img = np.pad(img, ((ph, ph), (pw, pw)), mode="constant")
+        if self.upscale != 1.0:
+            from PIL import Image
+
+            h, w = img.shape
+            size = (max(1, int(round(w * self.upscale))), max(1, int(round(h * self.upscale))))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC), dtype=np.float32)
+            img = np.clip(img, 0.0, 1.0)
+        return img
+
+    def to_original(self, landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Map normalised landmarks of the framed image back to the original (H, W) image.
+
+        x and y are re-normalised to the original width and height; z (scaled like x
+        by MediaPipe) is re-scaled by the same factor as x.
+        """
+        h, w = shape
+        ph, pw = self.pad_pixels(shape)
+        hf, wf = h + 2 * ph, w + 2 * pw  # framed size before the resample (ratios are kept)
+        out = np.array(landmarks, dtype=np.float64, copy=True)
+        out[..., 0] = (out[..., 0] * wf - pw) / w
+        out[..., 1] = (out[..., 1] * hf - ph) / h
+        out[..., 2] = out[..., 2] * wf / w
+        return out
+
+
+def place_landmarks(image: np.ndarray, mesh, *, framing: Framing = Framing()) -> np.ndarray | None:
+    """478 landmarks of the face in a grey image, or None.
+
+    image : (H, W) float [0, 1] or uint8 grey.
+    mesh : a ``faceaudit.facemesh.FaceMesh`` (or anything with ``detect(image)``).
+    Returns (478, 3) in the original image's normalised coordinates.
+    """
+    img = np.asarray(image)
+    if img.dtype == np.uint8:
+        img = img.astype(np.float32) / 255.0
+    if img.ndim != 2:
+        raise ValueError(f"expected a grey (H, W) image, got shape {img.shape}")
+    lm = mesh.detect(framing.apply(img))
+    if lm is None:
+        return None
+    return framing.to_original(lm, img.shape)
+
+
+_MESH_CACHE: dict[float, object] = {}
+
+
+def _cached_mesh(min_detection_confidence: float):
+    """One FaceMesh per process and confidence (static mode: images are independent)."""
+    mesh = _MESH_CACHE.get(min_detection_confidence)
+    if mesh is None:
+        from faceaudit.facemesh import FaceMesh
+
+        mesh = FaceMesh(min_detection_confidence=min_detection_confidence)
+        _MESH_CACHE[min_detection_confidence] = mesh
+    return mesh
+
+
+def place_landmarks_batch(images, *, framing: Framing = Framing(),
+                          min_detection_confidence: float = 0.5,
+                          mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks for a batch of grey images.
+
+    images : (n, H, W) array or a sequence of (H, W) grey images (float [0, 1] or uint8).
+    mesh : optional detector with ``detect(image)``; default a cached MediaPipe FaceMesh.
+    Returns ``landmarks`` (n, 478, 3) float64, NaN where no face was found, and
+    ``detected`` (n,) bool.
+    """
+    mesh = mesh if mesh is not None else _cached_mesh(min_detection_confidence)
+    images = list(images)
+    landmarks = np.full((len(images), N_LANDMARKS, 3), np.nan)
+    detected = np.zeros(len(images), dtype=bool)
+    for i, img in enumerate(images):
+        lm = place_landmarks(img, mesh, framing=framing)
+        if lm is not None:
+            if lm.shape != (N_LANDMARKS, 3):
+                raise ValueError(f"face mesh returned {lm.shape} landmarks, expected ({N_LANDMARKS}, 3)")
+            landmarks[i] = lm
+            detected[i] = True
+    return landmarks, detected

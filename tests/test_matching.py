@@ -1,0 +1,206 @@
+"""Matching stage: distance matrices with ids, top-k/CMC against a brute force,
+misses, alignment, distractors, corrupt and missing landmark files."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from faceaudit.matching import distance_matrix, read_landmark_set, run_landmark_matching
+from faceaudit.stageio import InputError, read_manifest, read_npz, write_npz
+
+N_POINTS = 478
+
+
+def base_face(seed=0):
+    rng = np.random.default_rng(seed)
+    return np.column_stack([rng.uniform(0.3, 0.7, N_POINTS), rng.uniform(0.25, 0.75, N_POINTS),
+                            rng.normal(0, 0.03, N_POINTS)])
+
+
+def posed(shape, rng, *, degrees=10.0, scale=0.1, shift=0.05):
+    """A random similarity pose about the shape's centre."""
+    rot = Rotation.from_euler("xyz", rng.uniform(-degrees, degrees, 3), degrees=True).as_matrix()
+    c = shape.mean(0)
+    return (1 + rng.uniform(-scale, scale)) * (shape - c) @ rot.T + c + rng.uniform(-shift, shift, 3)
+
+
+def identities(n, seed=1, shape_noise=0.01):
+    rng = np.random.default_rng(seed)
+    base = base_face()
+    return [base + rng.normal(0, shape_noise, base.shape) for _ in range(n)]
+
+
+def write_fold(root, k, variant, ids, landmarks, detected=None, subjects=None):
+    landmarks = np.array(landmarks, dtype=np.float64)
+    detected = np.ones(len(ids), bool) if detected is None else np.asarray(detected)
+    landmarks[~detected] = np.nan
+    write_npz(root / f"fold{k}" / f"landmarks_{variant}.npz", ids=np.array(ids, dtype=str),
+              subjects=np.array(subjects or ids, dtype=str), landmarks=landmarks, detected=detected)
+
+
+def topk_rows(path):
+    return {(r["align"], int(r["k"])): r for r in csv.DictReader(open(path))}
+
+
+def test_identical_landmark_sets_rank_first_for_every_alignment(tmp_path):
+    faces = identities(6)
+    ids = [f"s{i}" for i in range(6)]
+    order = [3, 0, 5, 1, 4, 2]  # the gallery file lists the ids in another order
+    write_fold(tmp_path / "LM", 0, "pet", ids, faces)
+    write_fold(tmp_path / "LM", 0, "ct", [ids[i] for i in order], [faces[i] for i in order])
+    code = run_landmark_matching(tmp_path / "LM", tmp_path / "MT", n_folds=1,
+                                 aligns=("none", "rigid", "similarity", "icp"), quiet=True)
+    assert code == 0
+    rows = topk_rows(tmp_path / "MT" / "topk.csv")
+    for align in ("none", "rigid", "similarity", "icp"):
+        assert float(rows[(align, 1)]["mean"]) == 1.0
+        assert float(rows[(align, 1)]["chance"]) == pytest.approx(1 / 6, rel=1e-5)
+        assert float(rows[(align, 1)]["gallery_size"]) == 6
+    # ids stay in order through the matrices, and entries are the pairwise Frobenius norms
+    d = read_npz(tmp_path / "MT" / "distances_fold0_none.npz")
+    assert d["probe_ids"].tolist() == ids
+    assert d["gallery_ids"].tolist() == [ids[i] for i in order]
+    for i in range(6):
+        for j, g in enumerate(order):
+            assert d["distances"][i, j] == pytest.approx(np.linalg.norm(faces[i] - faces[g]), rel=1e-9, abs=1e-12)
+
+
+def brute_force_ranks(dist, probe_subjects, gallery_subjects):
+    ranks = []
+    for i, s in enumerate(probe_subjects):
+        order = sorted(range(len(gallery_subjects)), key=lambda j: dist[i, j])
+        pos = [r for r, j in enumerate(order, 1) if gallery_subjects[j] == s]
+        ranks.append(pos[0] if pos else 0)
+    return np.array(ranks)
+
+
+def test_topk_and_cmc_equal_a_brute_force_on_random_landmarks(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "LM"
+    n = 30
+    for k in range(3):
+        ids = [f"f{k}_s{i}" for i in range(n)]
+        write_fold(root, k, "pet_unet", ids, 0.5 + 0.1 * rng.normal(size=(n, N_POINTS, 3)))
+        write_fold(root, k, "ct", ids, 0.5 + 0.1 * rng.normal(size=(n, N_POINTS, 3)))
+    assert run_landmark_matching(root, tmp_path / "MT", aligns=("none", "similarity"), quiet=True) == 0
+    rows = topk_rows(tmp_path / "MT" / "topk.csv")
+    summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
+    assert summary["probe_variant"] == "pet_unet"  # the default when every fold has it
+    for align in ("none", "similarity"):
+        per_fold_ranks = []
+        for k in range(3):
+            d = read_npz(tmp_path / "MT" / f"distances_fold{k}_{align}.npz")
+            per_fold_ranks.append(brute_force_ranks(d["distances"], d["probe_subjects"], d["gallery_subjects"]))
+        for kk in (1, 3, 5, 10, 15):
+            accs = [np.mean((r > 0) & (r <= kk)) for r in per_fold_ranks]
+            assert float(rows[(align, kk)]["mean"]) == pytest.approx(np.mean(accs), abs=1e-6)
+            assert float(rows[(align, kk)]["std"]) == pytest.approx(np.std(accs), abs=1e-6)
+            assert float(rows[(align, kk)]["fold1"]) == pytest.approx(accs[1], abs=1e-6)
+            assert float(rows[(align, kk)]["chance"]) == pytest.approx(kk / n, rel=1e-5)
+        cmc = [np.mean([np.mean((r > 0) & (r <= rr)) for r in per_fold_ranks]) for rr in range(1, n + 1)]
+        np.testing.assert_allclose(summary["cmc_mean"][align], cmc)
+    assert (tmp_path / "MT" / "cmc.png").stat().st_size > 1000
+
+
+def test_probe_or_ct_without_landmarks_is_a_miss(tmp_path):
+    faces = identities(5)
+    ids = [f"s{i}" for i in range(5)]
+    write_fold(tmp_path / "LM", 0, "pet", ids, faces, detected=[True, False, True, True, True])
+    write_fold(tmp_path / "LM", 0, "ct", ids, faces, detected=[True, True, False, True, True])
+    assert run_landmark_matching(tmp_path / "LM", tmp_path / "MT", n_folds=1, aligns=("none",), quiet=True) == 0
+    rows = topk_rows(tmp_path / "MT" / "topk.csv")
+    assert float(rows[("none", 1)]["mean"]) == pytest.approx(3 / 5)
+    assert float(rows[("none", 15)]["mean"]) == pytest.approx(3 / 5)  # a miss at every k
+    assert float(rows[("none", 1)]["mean_given_landmarks"]) == 1.0
+    assert rows[("none", 1)]["n_miss_no_landmarks"] == "2"
+    assert float(rows[("none", 1)]["gallery_size"]) == 4  # only CTs with landmarks
+    man = {r["id"]: r for r in read_manifest(tmp_path / "MT" / "manifest.csv")}
+    assert man["fold0/s1"]["rank_none"] == "0" and "no landmarks on pet" in man["fold0/s1"]["reason"]
+    assert man["fold0/s2"]["rank_none"] == "0" and "no ct landmarks" in man["fold0/s2"]["reason"]
+    assert man["fold0/s0"]["rank_none"] == "1"
+
+
+def test_similarity_alignment_removes_pose_and_unaligned_exploits_it(tmp_path):
+    """PET and CT of one session share the pose: unaligned matching works through pose.
+    When the probe's pose is independent of its CT's, only aligned matching finds the shape."""
+    rng = np.random.default_rng(3)
+    faces = identities(20, shape_noise=0.01)
+    ids = [f"s{i}" for i in range(20)]
+    gallery = [posed(f, rng) for f in faces]
+    probes = [posed(f + rng.normal(0, 0.001, f.shape), rng) for f in faces]
+    write_fold(tmp_path / "LM", 0, "pet", ids, probes)
+    write_fold(tmp_path / "LM", 0, "ct", ids, gallery)
+    assert run_landmark_matching(tmp_path / "LM", tmp_path / "MT", aligns=("none", "rigid", "similarity"),
+                                 quiet=True) == 0
+    rows = topk_rows(tmp_path / "MT" / "topk.csv")
+    assert float(rows[("similarity", 1)]["mean"]) == 1.0
+    assert float(rows[("none", 1)]["mean"]) < 0.5
+
+
+def test_distractors_enlarge_the_gallery_and_never_match(tmp_path):
+    faces = identities(4)
+    ids = [f"s{i}" for i in range(4)]
+    write_fold(tmp_path / "LM", 0, "pet", ids, faces)
+    write_fold(tmp_path / "LM", 0, "ct", ids, faces)
+    # other people's landmarks, with colliding ids/subjects and one undetected face
+    others = tmp_path / "others"
+    write_fold(others, 0, "ct", ["s0", "s1", "x"], identities(3, seed=9), detected=[True, True, False])
+    assert run_landmark_matching(tmp_path / "LM", tmp_path / "MT", aligns=("none",), distractors=others,
+                                 quiet=True) == 0
+    rows = topk_rows(tmp_path / "MT" / "topk.csv")
+    assert float(rows[("none", 1)]["gallery_size"]) == 6
+    assert float(rows[("none", 1)]["mean"]) == 1.0
+    d = read_npz(tmp_path / "MT" / "distances_fold0_none.npz")
+    assert all(g.startswith("distractor:") for g in d["gallery_ids"][4:])
+
+
+def test_corrupt_and_missing_landmark_files_are_reported(tmp_path):
+    faces = identities(3)
+    ids = ["a", "b", "c"]
+    root = tmp_path / "LM"
+    for k in range(3):
+        write_fold(root, k, "pet", ids, faces)
+        write_fold(root, k, "ct", ids, faces)
+    blob = (root / "fold1" / "landmarks_ct.npz").read_bytes()
+    (root / "fold1" / "landmarks_ct.npz").write_bytes(blob[: len(blob) // 2])  # truncated
+    (root / "fold2" / "landmarks_pet.npz").unlink()
+    code = run_landmark_matching(root, tmp_path / "MT", n_folds=3, aligns=("none",), quiet=True)
+    assert code == 1
+    man = {r["id"]: r for r in read_manifest(tmp_path / "MT" / "manifest.csv")}
+    assert man["fold1"]["status"] == "failed" and "cannot read" in man["fold1"]["reason"]
+    assert "landmarks_ct.npz" in man["fold1"]["reason"]
+    assert man["fold2"]["status"] == "failed" and "found nothing" in man["fold2"]["reason"]
+    assert man["fold0/a"]["status"] == "ok"
+    summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
+    assert [f["fold"] for f in summary["failed_folds"]] == [1, 2]
+    with pytest.raises(InputError, match="found no such folder"):
+        run_landmark_matching(tmp_path / "absent", tmp_path / "MT2", quiet=True)
+    wrong = tmp_path / "wrong.npz"
+    write_npz(wrong, ids=np.array(["a", "b"]), landmarks=np.zeros((2, 478)))
+    with pytest.raises(InputError, match="expected landmarks of shape"):
+        read_landmark_set(wrong)
+
+
+def test_script_icp_flag_adds_the_icp_rows(tmp_path, capsys):
+    from test_placement import load_script
+
+    faces = identities(4)
+    ids = [f"s{i}" for i in range(4)]
+    write_fold(tmp_path / "LM", 0, "pet", ids, faces)
+    write_fold(tmp_path / "LM", 0, "ct", ids, faces)
+    script = load_script("perform_landmark_matching")
+    assert script.main(["--landmarks_files", str(tmp_path / "LM"), "--n_folds", "1",
+                        "--save_dir", str(tmp_path / "MT"), "--icp"]) == 0
+    out = capsys.readouterr().out
+    assert "similarity" in out and "icp" in out and "chance" in out
+    assert {a for a, _ in topk_rows(tmp_path / "MT" / "topk.csv")} == {"none", "similarity", "icp"}
+    assert script.main(["--landmarks_files", str(tmp_path / "LM"), "--save_dir", str(tmp_path / "MT"),
+                        "--align", "warp"]) == 2
+
+
+def test_distance_matrix_rejects_unknown_alignment():
+    with pytest.raises(ValueError, match="align must be one of"):
+        distance_matrix(np.zeros((1, 3, 3)), np.zeros((1, 3, 3)), align="affine")

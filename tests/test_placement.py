@@ -1,0 +1,176 @@
+"""Landmark placement stage end to end on a tiny fixture (astronaut face as "CT",
+blurred noisy copy as "PET"), with the cross-validation's contracts written by hand."""
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from faceaudit.images import to_uint8
+from faceaudit.placement import read_splits, run_landmark_placement
+from faceaudit.stageio import InputError, read_manifest, read_npz, write_png
+
+IDS = ["PETCT_a_s1", "PETCT_a_s2", "PETCT_b_s1", "PETCT_c_s1"]
+SUBJECTS = {"PETCT_a_s1": "PETCT_a", "PETCT_a_s2": "PETCT_a", "PETCT_b_s1": "PETCT_b", "PETCT_c_s1": "PETCT_c"}
+
+
+def load_script(name):
+    """Import a repo-root script by path (independent of how pytest sets sys.path)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _face(shift):
+    from skimage import color, data, transform
+
+    g = color.rgb2gray(data.astronaut())
+    dy, dx = shift
+    return transform.resize(g[10 + dy:310 + dy, 80 + dx:380 + dx], (256, 256), anti_aliasing=True)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from skimage import filters
+
+    root = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(0)
+    rows = ["id,subject,status,reason"]
+    for n, iid in enumerate(IDS):
+        ct = _face((3 * n, -4 * n))
+        pet = np.clip(filters.gaussian(ct, 1.5) + rng.normal(0, 0.04, ct.shape), 0, 1)
+        write_png(root / "recon" / "cts" / f"{iid}.png", to_uint8(ct))
+        write_png(root / "recon" / "pets" / f"{iid}.png", to_uint8(pet))
+        # the "U-Net" output of the cross-validation: a 208 crop, smoothed PET
+        write_png(root / "cv" / "denoised" / f"fold{n // 2}" / f"{iid}.png",
+                  to_uint8(filters.gaussian(pet, 1.0)[24:232, 24:232]))
+        rows.append(f"{iid},{SUBJECTS[iid]},ok,")
+    (root / "recon" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    splits = {"scheme": "kfold", "n_folds": 2, "seed": 0, "crop": 208,
+              "folds": [{"fold": 0, "train": IDS[2:], "val": [], "test": IDS[:2]},
+                        {"fold": 1, "train": IDS[:2], "val": [], "test": IDS[2:]}]}
+    (root / "cv" / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+def _run(cohort, out, **kw):
+    return run_landmark_placement(cohort / "recon" / "cts", cohort / "recon" / "pets", cohort / "cv" / "splits.json",
+                                  out, quiet=True, **kw)
+
+
+def test_placement_end_to_end_with_denoised_dir(cohort, tmp_path):
+    out = tmp_path / "LM"
+    assert _run(cohort, out, denoised_dir=cohort / "cv" / "denoised") == 0
+    for k, ids in ((0, IDS[:2]), (1, IDS[2:])):
+        for variant in ("ct", "pet", "pet_wavelet", "pet_unet"):
+            data = read_npz(out / f"fold{k}" / f"landmarks_{variant}.npz")
+            assert data["ids"].tolist() == ids  # split order, by id
+            assert data["subjects"].tolist() == [SUBJECTS[i] for i in ids]
+            assert data["landmarks"].shape == (2, 478, 3)
+            assert data["detected"].dtype == bool
+            assert data["detected"].all(), variant  # the astronaut is found in every variant
+    import csv
+
+    det = {r["variant"]: r for r in csv.DictReader(open(out / "detection.csv"))}
+    assert set(det) == {"ct", "pet", "pet_wavelet", "pet_unet"}
+    assert float(det["ct"]["mean"]) == 1.0 and float(det["ct"]["std"]) == 0.0 and det["ct"]["n"] == "4"
+    place = {r["variant"]: r for r in csv.DictReader(open(out / "placement.csv"))}
+    assert set(place) == {"pet", "pet_wavelet", "pet_unet"}
+    for row in place.values():
+        assert 0 < float(row["median_mad_mean"]) < 15
+        assert float(row["well_placed_mean"]) == 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["variants_scored"] == ["ct", "pet", "pet_wavelet", "pet_unet"]
+    rows = read_manifest(out / "manifest.csv")
+    assert sorted(r["id"] for r in rows) == sorted(f"fold{i // 2}/{x}" for i, x in enumerate(IDS))
+    assert (out / "qa_landmarks.png").is_file() and (out / "run.json").is_file()
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(out / "fold0" / "landmarks_ct.npz").st_mode) == 0o600
+
+    # a re-run skips finished folds (files untouched) ...
+    before = os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns
+    assert _run(cohort, out, denoised_dir=cohort / "cv" / "denoised") == 0
+    assert os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns == before
+    # ... and the upstream MAD divisor scales the MAD by 478 / 468
+    up = tmp_path / "LM_up"
+    assert _run(cohort, up, denoised_dir=cohort / "cv" / "denoised", upstream_mad=True, n_qa=0) == 0
+    place_up = {r["variant"]: r for r in csv.DictReader(open(up / "placement.csv"))}
+    assert float(place_up["pet"]["median_mad_mean"]) == pytest.approx(
+        float(place["pet"]["median_mad_mean"]) * 478 / 468, rel=1e-4)
+
+
+def test_placement_with_injected_denoiser_and_without_unet(cohort, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for k in (0, 1):
+        (models / f"best_model_fold{k}.pt").write_bytes(b"not read by the fake loader")
+    seen = []
+
+    def fake_loader(pt_path):
+        seen.append(pt_path.name)
+        return lambda batch: np.clip(batch * 1.0, 0, 1)
+
+    out = tmp_path / "LM"
+    assert _run(cohort, out, models_path=models, load_denoiser=fake_loader, n_qa=0) == 0
+    assert seen == ["best_model_fold0.pt", "best_model_fold1.pt"]
+    assert (out / "denoised" / "fold1" / f"{IDS[3]}.png").is_file()
+    assert read_npz(out / "fold1" / "landmarks_pet_unet.npz")["detected"].all()
+
+    plain = tmp_path / "LM_plain"
+    assert _run(cohort, plain, n_qa=0) == 0
+    summary = json.loads((plain / "summary.json").read_text())
+    assert summary["variants_scored"] == ["ct", "pet", "pet_wavelet"]
+    assert "pet_unet" in summary["variants_not_scored"]
+    assert not (plain / "fold0" / "landmarks_pet_unet.npz").exists()
+
+
+def test_missing_and_truncated_renders_are_failed_rows(cohort, tmp_path):
+    import shutil
+
+    broken = tmp_path / "recon"
+    shutil.copytree(cohort / "recon", broken)
+    (broken / "pets" / f"{IDS[1]}.png").unlink()
+    png = (broken / "cts" / f"{IDS[2]}.png").read_bytes()
+    (broken / "cts" / f"{IDS[2]}.png").write_bytes(png[: len(png) // 3])
+    out = tmp_path / "LM"
+    code = run_landmark_placement(broken / "cts", broken / "pets", cohort / "cv" / "splits.json", out,
+                                  quiet=True, n_qa=0)
+    assert code == 1
+    rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert rows[f"fold0/{IDS[1]}"]["status"] == "failed"
+    assert f"{IDS[1]}.png" in rows[f"fold0/{IDS[1]}"]["reason"] and "found nothing" in rows[f"fold0/{IDS[1]}"]["reason"]
+    assert rows[f"fold1/{IDS[2]}"]["status"] == "failed"
+    assert "cannot read" in rows[f"fold1/{IDS[2]}"]["reason"]
+    assert rows[f"fold0/{IDS[0]}"]["status"] == "ok"
+    assert read_npz(out / "fold0" / "landmarks_ct.npz")["ids"].tolist() == [IDS[0]]
+
+
+def test_bad_splits_file_is_an_input_error(tmp_path):
+    bad = tmp_path / "splits.json"
+    bad.write_text('{"folds": [{"fold": 0, "train": []}]')
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_splits(bad)
+    bad.write_text('{"folds": [{"fold": 0, "train": []}]}')
+    with pytest.raises(InputError, match="no 'test' id list"):
+        read_splits(bad)
+    with pytest.raises(InputError, match="found nothing"):
+        read_splits(tmp_path / "absent.json")
+
+
+def test_script_main_exit_codes(cohort, tmp_path, capsys):
+    script = load_script("perform_landmark_placement")
+    out = tmp_path / "LM"
+    code = script.main(["--ct_files", str(cohort / "recon" / "cts"), "--pet_files", str(cohort / "recon" / "pets"),
+                        "--splits_file", str(cohort / "cv" / "splits.json"), "--save_dir", str(out),
+                        "--upscale", "1.5", "--pad", "0.1", "--n_qa", "0", "--quiet"])
+    assert code == 0 and (out / "fold1" / "landmarks_pet_wavelet.npz").is_file()
+    code = script.main(["--ct_files", str(tmp_path / "nope"), "--pet_files", str(cohort / "recon" / "pets"),
+                        "--splits_file", str(cohort / "cv" / "splits.json"), "--save_dir", str(out)])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
