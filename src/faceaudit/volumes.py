@@ -1,0 +1,200 @@
+"""Volume input: NIfTI files and DICOM series through SimpleITK, one canonical orientation,
+and discovery of PET/CT studies in the AutoPET and flat folder layouts.
+
+Canonical frame. Every volume is reoriented from its direction cosines to LPS
+(``sitk.DICOMOrient(image, "LPS")``): voxel index i grows towards the patient's Left,
+j towards Posterior, k towards Superior. The numpy array is therefore indexed
+``array[k, j, i]``:
+
+    axis 0 -> superior (head at high index)
+    axis 1 -> posterior (face at low index)
+    axis 2 -> patient's left
+
+whatever the array order or axis flips stored in the file. World coordinates (mm)
+are LPS ``(x, y, z)`` = ``origin + (i, j, k) * spacing`` (direction reduced to the
+identity up to an oblique residual, which the nearest-axis reorientation ignores).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from faceaudit.stageio import InputError
+
+CANONICAL_ORIENTATION = "LPS"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Accepted names inside an AutoPET study folder, best first (CTres is CT on the PET grid).
+CT_NAMES = ("CTres", "CT")
+PET_NAMES = ("SUV", "PET")
+
+
+@dataclass
+class Volume:
+    """A 3-D scalar volume in the canonical LPS frame.
+
+    array: (nz, ny, nx) float32, axis 0 superior, axis 1 posterior, axis 2 patient's left.
+    spacing: (sz, sy, sx) voxel size in mm, in array-axis order.
+    origin: LPS world position (x, y, z) in mm of voxel [0, 0, 0].
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def _read_sitk(path: Path):
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise InputError(f"expected a DICOM series in folder {path}, found no DICOM files")
+        if len(series) > 1:
+            raise InputError(f"expected one DICOM series in folder {path}, found {len(series)}: "
+                             f"{list(series)}")
+        files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+        reader.SetFileNames(files)
+        return reader.Execute()
+    if not path.is_file():
+        raise InputError(f"expected a volume file or DICOM folder at {path}, found nothing")
+    return sitk.ReadImage(str(path))
+
+
+def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder into the canonical LPS frame.
+
+    Raises InputError (quoting ``path``) when the file cannot be read, is not a
+    single-channel 3-D image (2-D, 4-D, vector), holds NaN/inf or holds a single value.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        image = _read_sitk(path)
+    except InputError:
+        raise
+    except Exception as exc:  # truncated gzip, bad header ... (SimpleITK raises RuntimeError)
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "ERROR" in line or "rror" in line), first[-1] if first else "")
+        raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {detail.strip()[:300]}") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"expected a scalar volume in {path}, found "
+                         f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
+    size = image.GetSize()
+    if image.GetDimension() != 3:
+        raise InputError(f"expected a 3-D volume in {path}, found a {image.GetDimension()}-D "
+                         f"image of size {size}")
+    if min(size) < 2:
+        raise InputError(f"expected a 3-D volume in {path}, found size {size} (a 2-D slice)")
+    image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+    array = sitk.GetArrayFromImage(image)
+    if not np.issubdtype(array.dtype, np.floating) or array.dtype != dtype:
+        array = array.astype(dtype, copy=False)
+    if np.issubdtype(array.dtype, np.floating):
+        # the sum is a fast finiteness check; only when it fails do we count what is wrong
+        if not np.isfinite(array.sum(dtype=np.float64)):
+            n_bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise InputError(f"volume {path} holds {n_bad} NaN/inf voxels of {array.size}")
+    lo, hi = float(array.min()), float(array.max())
+    if lo == hi:
+        raise InputError(f"volume {path} is empty: every voxel equals {lo}")
+    sx, sy, sz = image.GetSpacing()
+    return Volume(array=array, spacing=(float(sz), float(sy), float(sx)),
+                  origin=tuple(float(v) for v in image.GetOrigin()), source=str(path))
+
+
+def volume_from_array(array: np.ndarray, spacing: tuple[float, float, float],
+                      origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Volume:
+    """Wrap an array already in the canonical frame (axis 0 superior, 1 posterior, 2 left)."""
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise InputError(f"expected a 3-D array, found shape {array.shape}")
+    return Volume(array=array.astype(np.float32, copy=False),
+                  spacing=tuple(float(s) for s in spacing), origin=tuple(float(o) for o in origin))
+
+
+# --------------------------------------------------------------------------- discovery
+
+@dataclass
+class Study:
+    """One PET/CT study. ``ct`` or ``pet`` is None when that side is missing (reported, not dropped)."""
+
+    id: str
+    subject: str
+    ct: Path | None
+    pet: Path | None
+    layout: str
+
+
+def _strip_nifti(name: str) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _find_named(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of ``names`` present in ``folder`` as NIfTI file or DICOM folder (exact name first)."""
+    entries = {p.name: p for p in folder.iterdir()}
+    for name in names:
+        for suffix in NIFTI_SUFFIXES:
+            if name + suffix in entries and entries[name + suffix].is_file():
+                return entries[name + suffix]
+        if name in entries and entries[name].is_dir():
+            return entries[name]
+    return None
+
+
+_FLAT = re.compile(r"^(?P<id>.+)_(?P<side>ct|pet)$", re.IGNORECASE)
+
+
+def discover_studies(root: str | os.PathLike) -> list[Study]:
+    """Find PET/CT studies under ``root``, sorted by id.
+
+    AutoPET layout: ``root/PETCT_<patient>/<study>/{CTres|CT,SUV|PET}.nii.gz`` (or a DICOM
+    folder of that name); id = ``PETCT_<patient>_<study>``, subject = ``PETCT_<patient>``.
+    Flat layout: ``root/<id>_ct.nii.gz`` + ``root/<id>_pet.nii.gz``; subject = id.
+    CT and PET are paired by study id; a study missing one side is returned with that
+    side None so the stage records it as failed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"expected a folder of PET/CT studies at {root}, found nothing")
+    studies: dict[str, Study] = {}
+    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("PETCT_")):
+        for study_dir in sorted(p for p in patient_dir.iterdir() if p.is_dir()):
+            ct = _find_named(study_dir, CT_NAMES)
+            pet = _find_named(study_dir, PET_NAMES)
+            if ct is None and pet is None:
+                # a folder with neither side (e.g. only SEG) is still reported, not skipped
+                if not any(_strip_nifti(p.name) for p in study_dir.iterdir()):
+                    continue
+            sid = f"{patient_dir.name}_{study_dir.name}"
+            studies[sid] = Study(id=sid, subject=patient_dir.name, ct=ct, pet=pet, layout="autopet")
+    for path in sorted(root.iterdir()):
+        stem = _strip_nifti(path.name) if path.is_file() else None
+        match = _FLAT.match(stem) if stem else None
+        if not match:
+            continue
+        sid = match["id"]
+        study = studies.setdefault(sid, Study(id=sid, subject=sid, ct=None, pet=None, layout="flat"))
+        if match["side"].lower() == "ct":
+            study.ct = path
+        else:
+            study.pet = path
+    if not studies:
+        raise InputError(
+            f"no PET/CT studies under {root}: expected PETCT_<patient>/<study>/"
+            f"{{CTres,SUV}}.nii.gz folders or <id>_ct.nii.gz + <id>_pet.nii.gz files")
+    return [studies[k] for k in sorted(studies)]
