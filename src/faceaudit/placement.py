@@ -343,6 +343,8 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     all_tasks: list[PlacementTask] = []
     unet_sources: dict[int, str] = {}
     n_failed = 0
+    # pass 1: each fold's tasks, its U-Net source, and whether an earlier run finished it
+    plan = []
     for fold in splits["folds"]:
         k = int(fold["fold"])
         ids = list(dict.fromkeys(fold["test"]))
@@ -364,22 +366,31 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         all_tasks += tasks
         variants = [v for v in VARIANTS if v != "pet_unet" or unet_paths is not None]
         fold_dir = make_private_dir(save_dir / f"fold{k}")
-
         stored = None if overwrite else _stored_fold(fold_dir, variants, ids)
+        plan.append((k, tasks, variants, fold_dir, stored))
+
+    # pass 2: one pool over every unfinished fold's images (a pool per fold would
+    # pay the process start-up and model load again for each fold)
+    computed: dict[tuple[int, str], dict[str, np.ndarray | None]] = {}
+    todo = [t for k, tasks, _, _, stored in plan if stored is None for t in tasks]
+    fn = partial(place_task, crop=crop, framing=framing, min_detection_confidence=min_detection_confidence)
+    for task, res, err in map_items(fn, todo, jobs=jobs, desc="landmarks", progress=not quiet):
+        if err is not None:
+            manifest.add(ItemResult(f"fold{task.fold}/{task.id}", task.subject, STATUS_FAILED,
+                                    describe_exception(err), {"fold": task.fold}))
+            n_failed += 1
+            continue
+        computed[(task.fold, task.id)] = res
+
+    # pass 3: per fold, the landmark files and the numbers
+    for k, tasks, variants, fold_dir, stored in plan:
         results: dict[str, dict[str, np.ndarray | None]] = {}
         if stored is not None:
             for v, data in stored.items():
                 for i, lm, det in zip(data["ids"].astype(str), data["landmarks"], data["detected"]):
                     results.setdefault(i, {})[v] = lm if det else None
         else:
-            fn = partial(place_task, crop=crop, framing=framing, min_detection_confidence=min_detection_confidence)
-            for task, res, err in map_items(fn, tasks, jobs=jobs, desc=f"landmarks fold {k}", progress=not quiet):
-                if err is not None:
-                    manifest.add(ItemResult(f"fold{k}/{task.id}", task.subject, STATUS_FAILED,
-                                            describe_exception(err), {"fold": k}))
-                    n_failed += 1
-                    continue
-                results[task.id] = res
+            results = {t.id: computed[(k, t.id)] for t in tasks if (k, t.id) in computed}
         ok_tasks = [t for t in tasks if t.id in results]
         ok_ids = [t.id for t in ok_tasks]  # split order
         for v in variants:
