@@ -220,6 +220,10 @@ def test_stage_end_to_end_on_a_mask_folder(mask_run, tmp_path, capsys):
     assert dist["distances"].shape == (8, 8) and list(dist["gallery_ids"])[0].startswith("prep/")
     report = json.loads((save / "results.json").read_text())
     assert len(report["scenarios"][0]["cmc"]) == 8
+    assert report["detection"]["prep"] == {"n_images": 16, "n_found": 16, "n_failed": 0,
+                                           "rate": 1.0}
+    assert report["detection"]["mask_only"]["n_found"] == 0
+    assert "faces found: prep 16/16" in printed
     run = json.loads((save / "run.json").read_text())
     assert run["protocol"] == "same-video" and run["embedding"]["n_embedded"] > 0
     assert (save / "cmc.png").stat().st_size > 1000

@@ -590,12 +590,16 @@ def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLi
 
     results = [evaluate_scenario(sc, q, g, records, protocol=p, n_boot=n_boot, seed=seed)
                for sc, q, g, p in plan]
-    write_results(save_dir, results, backend=backend)
+    detection = detection_rates(all_refs.values(), records)
+    write_results(save_dir, results, backend=backend, detection=detection)
     print(format_table(results, backend=backend, masks=masks))
+    print("faces found: " + ", ".join(
+        f"{key} {d['n_found']}/{d['n_images']}" for key, d in detection.items()))
     extra = {"masks_dir": str(masks.folder), "mask_backend": masks.backend,
              "protocol": masks.protocol, "cross_masks_dir": str(cross.folder) if cross else None,
              "cross_mask_backend": cross.backend if cross else None,
              "n_mask_rows_not_ok": masks.n_not_ok, "embedding": embed_info,
+             "detection": detection,
              "scenarios": [{"name": s.name, "query": s.query, "database": s.database,
                             "cross": s.cross} for s in chosen],
              "deviations_from_upstream": _deviations(config, upstream_scenario_bug)}
@@ -619,6 +623,23 @@ def _deviations(config: EmbedConfig, upstream_scenario_bug: bool) -> list[str]:
     return notes
 
 
+def detection_rates(refs: Iterable[ImageRef], records: Mapping[str, EmbeddingRecord]
+                    ) -> dict[str, dict[str, Any]]:
+    """Per image variant (and mask run): images, faces found, unreadable, detection rate."""
+    out: dict[str, dict[str, Any]] = {}
+    for ref in sorted(refs, key=lambda r: (r.run, VARIANTS.index(r.variant)
+                                           if r.variant in VARIANTS else 99)):
+        key = ref.variant if ref.run == "masks" else f"{ref.run}:{ref.variant}"
+        d = out.setdefault(key, {"n_images": 0, "n_found": 0, "n_failed": 0})
+        rec = records[ref.id]
+        d["n_images"] += 1
+        d["n_found"] += int(rec.found)
+        d["n_failed"] += int(rec.status != STATUS_OK)
+    for d in out.values():
+        d["rate"] = d["n_found"] / d["n_images"] if d["n_images"] else float("nan")
+    return out
+
+
 def result_rows(results: Sequence[ScenarioResult], *, backend: str) -> list[dict[str, Any]]:
     rows = []
     for r in results:
@@ -628,7 +649,8 @@ def result_rows(results: Sequence[ScenarioResult], *, backend: str) -> list[dict
     return rows
 
 
-def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend: str) -> None:
+def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend: str,
+                  detection: Mapping[str, Any] | None = None) -> None:
     """results.csv / results.json, distances/<scenario>.npz and cmc.png."""
     rows = result_rows(results, backend=backend)
     buf = io.StringIO()
@@ -639,7 +661,7 @@ def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(save_dir / "results.csv", buf.getvalue())
     write_json(save_dir / "results.json", {
-        "backend": backend,
+        "backend": backend, "detection": dict(detection or {}),
         "scenarios": [{**row, "cmc": r.cmc.tolist(),
                        "queries": [{"id": i, "subject": s, "rank": int(k)} for i, s, k in
                                    zip(r.query_ids, r.query_subjects, r.ranks)]}
