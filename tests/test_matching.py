@@ -204,3 +204,22 @@ def test_script_icp_flag_adds_the_icp_rows(tmp_path, capsys):
 def test_distance_matrix_rejects_unknown_alignment():
     with pytest.raises(ValueError, match="align must be one of"):
         distance_matrix(np.zeros((1, 3, 3)), np.zeros((1, 3, 3)), align="affine")
+
+
+def test_rerun_reuses_distances_only_for_unchanged_inputs(tmp_path):
+    import os
+
+    faces = identities(4)
+    ids = [f"s{i}" for i in range(4)]
+    write_fold(tmp_path / "LM", 0, "pet", ids, faces)
+    write_fold(tmp_path / "LM", 0, "ct", ids, faces)
+    out = tmp_path / "MT"
+    assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
+    path = out / "distances_fold0_none.npz"
+    stamp = os.stat(path).st_mtime_ns
+    assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
+    assert os.stat(path).st_mtime_ns == stamp  # same inputs: reused
+    write_fold(tmp_path / "LM", 0, "pet", ids, [f + 0.01 for f in faces])  # placement re-run
+    assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
+    d = read_npz(path)["distances"]
+    assert d[0, 0] == pytest.approx(np.linalg.norm(np.full((N_POINTS, 3), 0.01)))

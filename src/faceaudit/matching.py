@@ -205,18 +205,27 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _load_cached(path: Path, probe: LandmarkSet, gallery_ids: np.ndarray) -> np.ndarray | None:
-    """Distances from an earlier run, if they were computed for exactly these ids."""
+def input_fingerprint(probe: LandmarkSet, gallery: LandmarkSet) -> str:
+    """SHA-1 of the ids and landmark values a distance matrix was computed from."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for s in (probe, gallery):
+        h.update("\0".join(s.ids.tolist()).encode())
+        h.update("\0".join(s.subjects.tolist()).encode())
+        h.update(np.ascontiguousarray(s.landmarks, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _load_cached(path: Path, fingerprint: str) -> np.ndarray | None:
+    """Distances from an earlier run, if they were computed from exactly these inputs."""
     if not path.is_file():
         return None
     try:
-        old = read_npz(path, required=("probe_ids", "gallery_ids", "distances"))
+        old = read_npz(path, required=("distances", "input_sha1"))
     except InputError:
         return None
-    if (old["probe_ids"].astype(str).tolist() == probe.ids.tolist()
-            and old["gallery_ids"].astype(str).tolist() == gallery_ids.tolist()):
-        return old["distances"]
-    return None
+    return old["distances"] if str(old["input_sha1"]) == fingerprint else None
 
 
 def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, title: str) -> None:
@@ -285,7 +294,8 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
         for align in aligns:
             out = save_dir / f"distances_fold{k}_{align}.npz"
             full_gallery = concat_sets(gallery.subset(gallery.detected), extra)
-            cached = None if overwrite else _load_cached(out, probe, full_gallery.ids)
+            fingerprint = input_fingerprint(probe, full_gallery)
+            cached = None if overwrite else _load_cached(out, fingerprint)
             if cached is not None:
                 ranks = ranking.true_match_ranks(cached, probe.subjects, full_gallery.subjects,
                                                  probe_valid=probe.detected)
@@ -295,7 +305,8 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
                 fm = match_fold(probe, gallery, align=align, distractors=extra, progress=progress)
                 write_npz(out, probe_ids=fm.probe_ids, gallery_ids=fm.gallery_ids,
                           probe_subjects=fm.probe_subjects, gallery_subjects=fm.gallery_subjects,
-                          probe_valid=fm.probe_valid, distances=fm.distances)
+                          probe_valid=fm.probe_valid, distances=fm.distances,
+                          input_sha1=np.array(fingerprint))
             per_fold[align].append(fm)
             results[align] = fm
         first = results[aligns[0]]
