@@ -234,6 +234,7 @@ def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for align, curve in curves.items():
@@ -242,7 +243,8 @@ def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, t
     ax.plot(np.arange(1, len(chance) + 1), 100 * chance, ls="--", color="grey", label="chance")
     ax.set_xlabel("rank k")
     ax.set_ylabel("top-k accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 102)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
