@@ -300,3 +300,14 @@ def test_protocol_is_inferred_from_videos_without_run_json(tmp_path):
     across = read_mask_run(build_mask_run(tmp_path / "b", ["s1", "s2"], video_query="7"))
     assert (same.protocol, across.protocol) == ("same-video", "across-video")
     assert same.backend == "grey-ellipse"
+
+
+def test_missing_model_dir_stops_the_stage_with_the_documented_error(mask_run, tmp_path, capsys):
+    code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir",
+                                      str(tmp_path / "FR"), "--backend", "insightface",
+                                      "--model_dir", str(tmp_path / "no_buffalo_l")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "det_10g.onnx" in err and "w600k_r50.onnx" in err
+    assert "insightface model zoo" in err and str(tmp_path / "no_buffalo_l") in err
+    assert not (tmp_path / "FR").exists()  # nothing written before the model is found

@@ -564,6 +564,9 @@ def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLi
         raise InputError(f"{masks.folder / 'manifest.csv'} has no row with status ok")
     config = EmbedConfig(backend, str(model_dir) if model_dir else None,
                          bool(rgb_to_insightface), bool(upstream_black_bug))
+    if embedder is not None:
+        _EMBEDDERS[config] = embedder
+    embedder = _embedder_for(config)  # a missing model stops here, before any output
     save_dir = make_private_dir(save_dir)
 
     plan = []
