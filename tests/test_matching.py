@@ -184,9 +184,18 @@ def test_corrupt_and_missing_landmark_files_are_reported(tmp_path):
         read_landmark_set(wrong)
 
 
-def test_script_icp_flag_adds_the_icp_rows(tmp_path, capsys):
-    from test_placement import load_script
+def load_script(name):
+    """Import a repo-root script by path (independent of how pytest sets sys.path)."""
+    import importlib.util
+    from pathlib import Path
 
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_icp_flag_adds_the_icp_rows(tmp_path, capsys):
     faces = identities(4)
     ids = [f"s{i}" for i in range(4)]
     write_fold(tmp_path / "LM", 0, "pet", ids, faces)

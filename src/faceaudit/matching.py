@@ -331,6 +331,7 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
                           "n_probe_no_landmarks": int((~first.probe_valid).sum()),
                           "n_subject_not_in_gallery": n_ct_missing,
                           "gallery_size": first.gallery_size,
+                          "gallery_subjects": len(gallery_subjects),
                           "n_distractors": 0 if extra is None else len(extra.ids)})
 
     fold_ids = [f["fold"] for f in fold_info]
