@@ -114,7 +114,8 @@ def test_probe_or_ct_without_landmarks_is_a_miss(tmp_path):
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     assert float(rows[("none", 1)]["mean"]) == pytest.approx(3 / 5)
     assert float(rows[("none", 15)]["mean"]) == pytest.approx(3 / 5)  # a miss at every k
-    assert float(rows[("none", 1)]["mean_given_landmarks"]) == 1.0
+    assert float(rows[("none", 1)]["mean_both_detected"]) == 1.0
+    assert float(rows[("none", 1)]["mean_probe_detected"]) == pytest.approx(3 / 4)  # upstream denominator
     assert rows[("none", 1)]["n_miss_no_landmarks"] == "2"
     assert float(rows[("none", 1)]["gallery_size"]) == 4  # only CTs with landmarks
     man = {r["id"]: r for r in read_manifest(tmp_path / "MT" / "manifest.csv")}

@@ -449,4 +449,8 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         extra={"variants_scored": scored})
     if not quiet:
         print(format_tables(det_rows, place_rows, upstream_mad=upstream_mad))
+        for v, why in summary["variants_not_scored"].items():
+            print(f"{v}: not scored ({why})")
+        if n_failed:
+            print(f"{n_failed} test image(s) could not be scored; see {save_dir / 'manifest.csv'}")
     return manifest.exit_code()
