@@ -180,10 +180,12 @@ def _manifest_row(result: dict, previous: dict | None) -> ItemResult:
 
 
 def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int = 24,
-               ncols: int = 8) -> np.ndarray | None:
-    """RGB sheet: for each block of ``ncols`` studies, a row of CT renders above their PET renders."""
+               ncols: int = 8, crop: int = 256) -> np.ndarray | None:
+    """RGB sheet: for each block of ``ncols`` studies, a row of CT renders above their PET
+    renders (central ``crop`` pixels of each render, where the head is); black = missing."""
     from PIL import Image
 
+    from faceaudit.images import center_crop
     from faceaudit.montage import montage
 
     save_dir = Path(save_dir)
@@ -198,8 +200,11 @@ def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int 
             for study_id in block:
                 path = output_paths(save_dir, study_id, modality)["png"]
                 image = np.asarray(Image.open(path)) if path.is_file() else blank
+                if min(image.shape[:2]) > crop:
+                    image = center_crop(image, crop)
                 images.append(image)
-                labels.append(f"{modality.upper()} {study_id[6:16]}")
+                labels.append(f"{modality.upper()} {study_id.removeprefix('PETCT_')[:8]}"
+                              f"..{study_id[-5:]}")
             images.extend([blank] * (min(ncols, len(ids)) - len(block)))
             labels.extend([""] * (min(ncols, len(ids)) - len(block)))
     return montage(images, labels=labels, ncols=min(ncols, len(ids)), tile=160)
@@ -237,9 +242,9 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
     # rows of studies no longer present in the input stay out of this run's manifest
     manifest.rows = {k: v for k, v in manifest.rows.items() if k in by_id}
     manifest.write()
-    ok_ids = sorted(k for k, v in manifest.rows.items()
-                    if v.get("ct_status") == STATUS_OK or v.get("pet_status") == STATUS_OK)
-    sheet = qa_montage(save_dir, ok_ids)
+    rendered = sorted(k for k in manifest.rows
+                      if any(output_paths(save_dir, k, m)["png"].is_file() for m in MODALITIES))
+    sheet = qa_montage(save_dir, rendered)
     if sheet is not None:
         write_png(save_dir / "qa_montage.png", sheet)
     counts = {s: manifest.count(s) for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}

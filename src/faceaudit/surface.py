@@ -159,13 +159,18 @@ def head_crop_slices(body: np.ndarray, spacing, *, head_height_mm: float = 240.0
 
 def mask_to_mesh(mask: np.ndarray, spacing, *, offset_mm=(0.0, 0.0, 0.0), level: float = 0.5,
                  smoothing_iterations: int = 5, smoothing_lambda: float = 0.5,
-                 volume_constraint: bool = False):
+                 volume_constraint: bool = True):
     """Marching cubes (Lewiner, ``level``, voxel spacing) + Laplacian smoothing -> trimesh.Trimesh.
 
     mask: (nz, ny, nx) in the canonical frame; spacing (sz, sy, sx) mm; offset_mm = LPS
     (x, y, z) of voxel [0, 0, 0]. The mask is padded by one empty voxel so the surface
     closes at the crop planes. Vertices are LPS world mm (x left, y posterior, z superior),
     faces wound so that normals point out of the body.
+
+    Smoothing: ``smoothing_iterations`` Laplacian steps of ``smoothing_lambda`` (Open3D's
+    upstream defaults: 5 x 0.5). ``volume_constraint`` rescales after each step to keep the
+    enclosed volume (trimesh), which removes the Laplacian shrinkage: the area of a voxelised
+    ellipsoid is then within 0.2 % of the analytic one (-0.4 .. -1.6 % without).
     """
     import trimesh
     from skimage.measure import marching_cubes
@@ -177,8 +182,8 @@ def mask_to_mesh(mask: np.ndarray, spacing, *, offset_mm=(0.0, 0.0, 0.0), level:
                                                      method="lewiner")
     # array axes (z, y, x) -> world (x, y, z); undo the padding voxel
     verts = verts[:, ::-1] - np.asarray(spacing, dtype=np.float64)[::-1] + np.asarray(offset_mm)
-    # swapping two coordinate axes mirrors the mesh, so the winding is flipped back
-    mesh = trimesh.Trimesh(vertices=verts, faces=faces[:, ::-1], process=False)
+    # Lewiner's winding in (z, y, x) becomes outward once the axes are swapped to (x, y, z)
+    mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=False)
     if smoothing_iterations > 0:
         from trimesh.smoothing import filter_laplacian
 

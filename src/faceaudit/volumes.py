@@ -52,6 +52,70 @@ class Volume:
         return tuple(self.array.shape)  # type: ignore[return-value]
 
 
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2",
+                 768: "u4", 1024: "i8", 1280: "u8"}
+
+
+def _read_nifti(path: Path):
+    """NIfTI-1/2 (.nii, .nii.gz) -> SimpleITK image, voxels decoded here.
+
+    SimpleITK's NIfTI reader zero-fills a truncated .nii.gz and turns NaN into 0 without a
+    word; here the geometry (qform/sform -> LPS) still comes from SimpleITK's header
+    reader, but the voxels are read in one pass that fails on truncation and keeps NaNs.
+    """
+    import gzip
+    import zlib
+
+    import SimpleITK as sitk
+
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"cannot read volume {path}: truncated or corrupt file "
+                         f"({type(exc).__name__}: {exc})") from exc
+    endian = "<" if int.from_bytes(raw[:4], "little") in (348, 540) else ">"
+    header_size = int(np.frombuffer(raw, endian + "i4", 1, 0)[0])
+    if header_size == 348:
+        dims = np.frombuffer(raw, endian + "i2", 8, 40).astype(np.int64)
+        code = int(np.frombuffer(raw, endian + "i2", 1, 70)[0])
+        vox_offset = int(np.frombuffer(raw, endian + "f4", 1, 108)[0])
+        slope, inter = (float(v) for v in np.frombuffer(raw, endian + "f4", 2, 112))
+    elif header_size == 540:
+        code = int(np.frombuffer(raw, endian + "i2", 1, 12)[0])
+        dims = np.frombuffer(raw, endian + "i8", 8, 16)
+        vox_offset = int(np.frombuffer(raw, endian + "i8", 1, 168)[0])
+        slope, inter = (float(v) for v in np.frombuffer(raw, endian + "f8", 2, 176))
+    else:
+        raise InputError(f"{path} is not a NIfTI file (header size {header_size})")
+    ndim = int(dims[0])
+    shape = [int(d) for d in dims[1: 1 + ndim]]
+    if ndim > 3 and any(d > 1 for d in shape[3:]):
+        raise InputError(f"expected a 3-D volume in {path}, found a {ndim}-D image of size {shape}")
+    if ndim < 3:
+        raise InputError(f"expected a 3-D volume in {path}, found a {ndim}-D image of size {shape}")
+    if code not in _NIFTI_DTYPES:
+        raise InputError(f"{path}: NIfTI datatype {code} is not a scalar type this reader handles")
+    dtype = np.dtype(endian + _NIFTI_DTYPES[code])
+    n_voxels = int(np.prod(shape[:3]))
+    if len(raw) < vox_offset + n_voxels * dtype.itemsize:
+        raise InputError(f"cannot read volume {path}: truncated, {len(raw) - vox_offset} bytes of voxel "
+                         f"data for {n_voxels} voxels of {dtype.itemsize} bytes")
+    array = np.frombuffer(raw, dtype, n_voxels, vox_offset).reshape(shape[2], shape[1], shape[0])
+    if slope not in (0.0, 1.0) and np.isfinite(slope) or (inter != 0.0 and np.isfinite(inter)):
+        array = array.astype(np.float32) * np.float32(slope if slope != 0 else 1.0) + np.float32(inter)
+    image = sitk.GetImageFromArray(array.astype(array.dtype.newbyteorder("="), copy=False))
+    image.SetSpacing(info.GetSpacing()[:3])
+    image.SetOrigin(info.GetOrigin()[:3])
+    direction = np.asarray(info.GetDirection()).reshape(info.GetDimension(), -1)[:3, :3]
+    image.SetDirection(tuple(direction.ravel()))
+    return image
+
+
 def _read_sitk(path: Path):
     import SimpleITK as sitk
 
@@ -68,14 +132,17 @@ def _read_sitk(path: Path):
         return reader.Execute()
     if not path.is_file():
         raise InputError(f"expected a volume file or DICOM folder at {path}, found nothing")
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path)
     return sitk.ReadImage(str(path))
 
 
 def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
-    """Read a NIfTI/NRRD/MHA file or a DICOM series folder into the canonical LPS frame.
+    """Read a NIfTI file (.nii/.nii.gz), another SimpleITK format (NRRD, MHA) or a DICOM series
+    folder into the canonical LPS frame.
 
-    Raises InputError (quoting ``path``) when the file cannot be read, is not a
-    single-channel 3-D image (2-D, 4-D, vector), holds NaN/inf or holds a single value.
+    Raises InputError (quoting ``path``) when the file cannot be read or is truncated, is
+    not a single-channel 3-D image (2-D, 4-D, vector), holds NaN/inf or holds a single value.
     """
     import SimpleITK as sitk
 
@@ -84,10 +151,10 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
         image = _read_sitk(path)
     except InputError:
         raise
-    except Exception as exc:  # truncated gzip, bad header ... (SimpleITK raises RuntimeError)
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "ERROR" in line or "rror" in line), first[-1] if first else "")
-        raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {detail.strip()[:300]}") from exc
+    except Exception as exc:  # bad header ... (SimpleITK raises RuntimeError)
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines if "rror" in line), lines[-1] if lines else "")
+        raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {detail[:300]}") from exc
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"expected a scalar volume in {path}, found "
                          f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
@@ -99,7 +166,7 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
         raise InputError(f"expected a 3-D volume in {path}, found size {size} (a 2-D slice)")
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     array = sitk.GetArrayFromImage(image)
-    if not np.issubdtype(array.dtype, np.floating) or array.dtype != dtype:
+    if array.dtype != dtype:
         array = array.astype(dtype, copy=False)
     if np.issubdtype(array.dtype, np.floating):
         # the sum is a fast finiteness check; only when it fails do we count what is wrong

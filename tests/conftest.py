@@ -1,0 +1,20 @@
+"""Shared fixtures. Names are specific so that other test files can add their own."""
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def headsq_ct_path() -> Path:
+    """The shipped real head CT (VTK headsq, raw units ~ HU + 1024)."""
+    return Path(str(resources.files("faceaudit") / "data" / "vtk_headsq_ct" / "headsq_quarter.nii.gz"))
+
+
+@pytest.fixture(scope="session")
+def headsq_ct(headsq_ct_path):
+    """The shipped head CT as a canonical faceaudit.volumes.Volume."""
+    from faceaudit.volumes import load_volume
+
+    return load_volume(headsq_ct_path)
