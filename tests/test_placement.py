@@ -130,6 +130,28 @@ def test_placement_with_injected_denoiser_and_without_unet(cohort, tmp_path):
     assert not (plain / "fold0" / "landmarks_pet_unet.npz").exists()
 
 
+def test_a_broken_model_costs_only_its_folds_unet_variant(cohort, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for k in (0, 1):
+        (models / f"best_model_fold{k}.pt").write_bytes(b"x")
+
+    def loader(pt_path):
+        if pt_path.name == "best_model_fold1.pt":
+            raise InputError(f"cannot load a unet state_dict from {pt_path}: truncated")
+        return lambda batch: batch
+
+    out = tmp_path / "LM"
+    assert _run(cohort, out, models_path=models, load_denoiser=loader, n_qa=0) == 1
+    assert (out / "fold0" / "landmarks_pet_unet.npz").is_file()
+    assert not (out / "fold1" / "landmarks_pet_unet.npz").exists()
+    rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert rows["fold1/denoiser"]["status"] == "failed" and "truncated" in rows["fold1/denoiser"]["reason"]
+    summary = json.loads((out / "summary.json").read_text())
+    unet = next(r for r in summary["detection"] if r["variant"] == "pet_unet")
+    assert unet["folds_scored"] == 1 and unet["n"] == 2
+
+
 def test_missing_and_truncated_renders_are_failed_rows(cohort, tmp_path):
     import shutil
 

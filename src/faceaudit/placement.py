@@ -342,6 +342,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     all_landmarks: dict[tuple[int, str], dict[str, np.ndarray | None]] = {}
     all_tasks: list[PlacementTask] = []
     unet_sources: dict[int, str] = {}
+    unet_errors: dict[int, str] = {}
     n_failed = 0
     # pass 1: each fold's tasks, its U-Net source, and whether an earlier run finished it
     plan = []
@@ -357,10 +358,17 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
             pre = [PlacementTask(k, i, subjects.get(i, i), str(ct_dir / f"{i}.png"),
                                  str(pet_dir / f"{i}.png"), None) for i in ids]
             model = models_dir / f"best_model_fold{k}.pt"
-            written = denoise_fold(pre, model, save_dir / "denoised" / f"fold{k}", crop=crop,
-                                   load_denoiser=load_denoiser, overwrite=overwrite)
-            unet_paths = {i: written.get(i, str(save_dir / "denoised" / f"fold{k}" / f"{i}.png")) for i in ids}
-            unet_sources[k] = str(model)
+            try:
+                written = denoise_fold(pre, model, save_dir / "denoised" / f"fold{k}", crop=crop,
+                                       load_denoiser=load_denoiser, overwrite=overwrite)
+            except InputError as exc:  # a bad model costs this fold its U-Net variant, not the run
+                unet_errors[k] = str(exc)
+                manifest.add(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, str(exc), {"fold": k}))
+                written = None
+            if written is not None:
+                unet_paths = {i: written.get(i, str(save_dir / "denoised" / f"fold{k}" / f"{i}.png"))
+                              for i in ids}
+                unet_sources[k] = str(model)
         tasks = [PlacementTask(k, i, subjects.get(i, i), str(ct_dir / f"{i}.png"), str(pet_dir / f"{i}.png"),
                                None if unet_paths is None else unet_paths[i]) for i in ids]
         all_tasks += tasks
@@ -427,7 +435,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     summary = {"variants_scored": scored,
                "variants_not_scored": {v: "no denoised images (--denoised_dir) or models (--models_path) "
                                           "for any fold" for v in VARIANTS if v not in detected},
-               "pet_unet_source": unet_sources, "crop": crop, "folds": folds,
+               "pet_unet_source": unet_sources, "pet_unet_errors": unet_errors, "crop": crop, "folds": folds,
                "mad": {"definition": "100 * sum(|dx|+|dy|) / (IOD_ct * n)",
                        "n": 468 if upstream_mad else 478, "well_placed_below": WELL_PLACED_MAD},
                "framing": {"upscale": framing.upscale, "pad": framing.pad},
@@ -451,6 +459,8 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         print(format_tables(det_rows, place_rows, upstream_mad=upstream_mad))
         for v, why in summary["variants_not_scored"].items():
             print(f"{v}: not scored ({why})")
+        for k, why in unet_errors.items():
+            print(f"pet_unet not scored in fold {k}: {why}")
         if n_failed:
             print(f"{n_failed} test image(s) could not be scored; see {save_dir / 'manifest.csv'}")
     return manifest.exit_code()
