@@ -1,0 +1,366 @@
+import csv
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from faceaudit.crossval import (RenderSet, image_metrics, kfold_patient_splits, load_denoiser,
+                                load_renders, load_splits, msssim_window, pair_renders,
+                                save_model, split_leakage, summarise_metrics, train_denoiser,
+                                upstream_random_splits)
+from faceaudit.images import to_uint8
+from faceaudit.stageio import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, InputError, write_png
+
+def _load_script(name):
+    """Import a repo-root script by path (pytest's sys.path need not hold the repo root)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+perform_crossval = _load_script("perform_crossval")
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny images train faster on one thread, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SIZE = 72   # rendered side (px); tests crop the central 64 px
+CROP = 64
+
+
+def _face(rng, size=SIZE):
+    """A smooth face-like grey render: shaded ellipsoid with eye dips and a nose, black outside."""
+    y, x = np.mgrid[0:size, 0:size] / size - 0.5
+    a, b = rng.uniform(0.3, 0.4), rng.uniform(0.38, 0.46)
+    r2 = (x / a) ** 2 + (y / b) ** 2
+    z = np.sqrt(np.clip(1 - r2, 0, None))
+    for cx, cy, s, h in ((-0.12, -0.08, 0.05, -0.25), (0.12, -0.08, 0.05, -0.25),
+                         (0.0, rng.uniform(0.0, 0.06), 0.05, rng.uniform(0.2, 0.4))):
+        z += h * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s ** 2))
+    gy, gx = np.gradient(z * 4)
+    shade = (0.7 * np.abs(gy) + 0.2 * np.abs(gx) + 0.1) / np.sqrt(gx ** 2 + gy ** 2 + 1)
+    return np.where(r2 < 1, np.clip(shade * 1.5, 0, 1), 0.0)
+
+
+def _pet_from_ct(ct, rng):
+    """PET-like version: blurred, noisy where the face is."""
+    pet = ndimage.gaussian_filter(ct, 1.5) + rng.normal(0, 0.08, ct.shape) * (ct > 0)
+    return np.clip(pet, 0, 1)
+
+
+def _write_cohort(root, n_patients=8, two_studies=(0, 1), seed=0, size=SIZE):
+    """cts/ pets/ manifest.csv like the reconstruction stage; returns (ct_dir, pet_dir, rows)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    rows = []
+    for p in range(n_patients):
+        for s in range(2 if p in two_studies else 1):
+            item_id = f"PETCT_p{p:02d}_s{s}"
+            ct = _face(rng, size)
+            write_png(root / "cts" / f"{item_id}.png", to_uint8(ct))
+            write_png(root / "pets" / f"{item_id}.png", to_uint8(_pet_from_ct(ct, rng)))
+            rows.append({"id": item_id, "subject": f"PETCT_p{p:02d}", "status": "ok", "reason": ""})
+    _write_manifest(root, rows)
+    return root / "cts", root / "pets", rows
+
+
+def _write_manifest(root, rows):
+    with open(Path(root) / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["id", "subject", "status", "reason"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------- splits
+
+def test_kfold_splits_are_disjoint_by_patient_and_test_every_study_once():
+    subjects = {f"s{i}": f"p{i // 3 if i < 9 else i}" for i in range(20)}  # 3 patients x 3 studies
+    folds = kfold_patient_splits(list(subjects), subjects, n_folds=5, seed=3)
+    assert len(folds) == 5
+    tested = sorted(i for f in folds for i in f["test"])
+    assert tested == sorted(subjects)  # every study tested exactly once
+    for fold in folds:
+        parts = [{subjects[i] for i in fold[p]} for p in ("train", "val", "test")]
+        assert fold["train"] and fold["val"] and fold["test"]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert sorted(fold["train"] + fold["val"] + fold["test"]) == sorted(subjects)
+    assert all(row["test_subjects_also_in_train_or_val"] == 0
+               for row in split_leakage({"folds": folds}, subjects))
+    # Seeded: same seed, same folds; another seed, other folds.
+    assert kfold_patient_splits(list(subjects), subjects, n_folds=5, seed=3) == folds
+    assert kfold_patient_splits(list(subjects), subjects, n_folds=5, seed=4) != folds
+    # Balanced by study count: 20 studies over 5 folds -> 4 each.
+    assert [len(f["test"]) for f in folds] == [4, 4, 4, 4, 4]
+
+
+def test_kfold_needs_enough_patients():
+    subjects = {"a": "p0", "b": "p0", "c": "p1"}
+    with pytest.raises(InputError, match="needs at least 4 patients"):
+        kfold_patient_splits(list(subjects), subjects, n_folds=3, seed=0)
+
+
+def test_upstream_scheme_is_repeated_random_70_15_15():
+    ids = [f"s{i:03d}" for i in range(853)]
+    folds = upstream_random_splits(ids, n_folds=5, seed=0)
+    assert [(len(f["train"]), len(f["val"]), len(f["test"])) for f in folds] == [(597, 128, 128)] * 5
+    tests = [set(f["test"]) for f in folds]
+    assert tests[0] & tests[1]  # not K-fold: test sets overlap (the upstream weakness)
+    assert upstream_random_splits(ids, n_folds=5, seed=0) == folds
+
+
+def test_load_splits_checks_ids(tmp_path):
+    good = {"scheme": "kfold", "folds": [{"fold": 0, "train": ["a", "b"], "val": ["c"],
+                                          "test": ["d", "bad"]}]}
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(good))
+    # An id reported failed in this run is dropped; the rest is kept.
+    loaded = load_splits(path, usable_ids=["a", "b", "c", "d"], failed_ids=["bad"])
+    assert loaded["folds"][0]["test"] == ["d"]
+    with pytest.raises(InputError, match=r"no CT/PET pair in the input folders: \['bad'\]"):
+        load_splits(path, usable_ids=["a", "b", "c", "d"])
+    good["folds"][0]["val"] = ["a"]
+    path.write_text(json.dumps(good))
+    with pytest.raises(InputError, match="ids in both train and val"):
+        load_splits(path, usable_ids=["a", "b", "c", "d", "bad"])
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="cannot read .*splits.json as JSON"):
+        load_splits(path, usable_ids=["a"])
+
+
+# ---------------------------------------------------------------- pairing and loading
+
+def test_missing_side_and_broken_files_are_reported_not_dropped(tmp_path):
+    ct_dir, pet_dir, rows = _write_cohort(tmp_path, n_patients=5)
+    (pet_dir / "PETCT_p02_s0.png").unlink()                     # unexpected: failed
+    (ct_dir / "PETCT_p03_s0.png").unlink()                      # reconstruction said failed:
+    (pet_dir / "PETCT_p03_s0.png").unlink()                     # skipped with its reason
+    next(r for r in rows if r["id"] == "PETCT_p03_s0").update(status="failed",
+                                                              reason="no skin surface")
+    _write_manifest(tmp_path, rows)
+    write_png(pet_dir / "PETCT_p04_s0.png", np.zeros((SIZE, SIZE + 8), np.uint8))  # size mismatch
+    truncated = (ct_dir / "PETCT_p00_s1.png").read_bytes()
+    (ct_dir / "PETCT_p00_s1.png").write_bytes(truncated[:60])   # corrupt PNG
+
+    pairs, problems = pair_renders(ct_dir, pet_dir)
+    by_id = {p.id: p for p in problems}
+    assert by_id["PETCT_p02_s0"].status == "failed"
+    assert "missing PET render" in by_id["PETCT_p02_s0"].reason
+    assert str(pet_dir / "PETCT_p02_s0.png") in by_id["PETCT_p02_s0"].reason
+    assert by_id["PETCT_p03_s0"].status == "skipped"
+    assert "reconstruction failed: no skin surface" in by_id["PETCT_p03_s0"].reason
+    assert {p.subject for p in pairs} <= {f"PETCT_p{i:02d}" for i in range(5)}
+
+    data, load_problems = load_renders(pairs, crop=CROP, progress=False)
+    reasons = {p.id: p.reason for p in load_problems}
+    assert "size mismatch" in reasons["PETCT_p04_s0"] and "80x72" in reasons["PETCT_p04_s0"]
+    assert "cannot read" in reasons["PETCT_p00_s1"] and "PETCT_p00_s1.png" in reasons["PETCT_p00_s1"]
+    assert data.ids == ["PETCT_p00_s0", "PETCT_p01_s0", "PETCT_p01_s1"]
+    assert data.ct["PETCT_p00_s0"].shape == (CROP, CROP)
+
+
+def test_subjects_default_to_ids_without_manifest(tmp_path):
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path, n_patients=2, two_studies=())
+    (tmp_path / "manifest.csv").unlink()
+    pairs, problems = pair_renders(ct_dir, pet_dir)
+    assert not problems and [p.subject for p in pairs] == [p.id for p in pairs]
+    with pytest.raises(InputError, match="expected a folder of PET renders"):
+        pair_renders(ct_dir, tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_msssim_window_fits_the_image_size():
+    assert msssim_window(208) == 11
+    assert msssim_window(64) == 3
+    assert msssim_window(128) == 7
+    with pytest.raises(ValueError, match="too small"):
+        msssim_window(32)
+
+
+def test_image_metrics_known_answers():
+    rng = np.random.default_rng(0)
+    ref = rng.random((2, 64, 64), dtype=np.float32)
+    noisy = np.clip(ref + rng.normal(0, 0.1, ref.shape), 0, 1).astype(np.float32)
+    ms, psnr = image_metrics(np.stack([ref[0], noisy[1]]), ref)
+    assert ms[0] == pytest.approx(1.0, abs=1e-5) and psnr[0] == np.inf
+    mse = float(((noisy[1].astype(np.float64) - ref[1]) ** 2).mean())
+    assert psnr[1] == pytest.approx(10 * np.log10(1 / mse), rel=1e-6)
+    assert ms[1] < 0.99
+
+
+def test_summarise_metrics_per_fold():
+    rows = [{"fold": 0, "msssim_before": 0.5, "msssim_after": 0.7, "psnr_before": 20.0,
+             "psnr_after": 22.0},
+            {"fold": 0, "msssim_before": 0.6, "msssim_after": 0.5, "psnr_before": 21.0,
+             "psnr_after": 25.0},
+            {"fold": 1, "msssim_before": 0.4, "msssim_after": 0.8, "psnr_before": 10.0,
+             "psnr_after": float("inf")}]
+    summary = summarise_metrics(rows)
+    assert summary[0]["n_test"] == 2 and summary[0]["n_improved"] == 1
+    assert summary[0]["msssim_before"] == pytest.approx(0.55)
+    assert summary[0]["msssim_gain"] == pytest.approx(0.05)
+    assert summary[1]["psnr_after"] != summary[1]["psnr_after"]  # only inf -> NaN mean
+
+
+# ---------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short training run on synthetic pairs, shared by the tests below."""
+    root = tmp_path_factory.mktemp("train")
+    ct_dir, pet_dir, _ = _write_cohort(root, n_patients=14, two_studies=(), seed=1)
+    pairs, _ = pair_renders(ct_dir, pet_dir)
+    data, _ = load_renders(pairs, crop=CROP, progress=False)
+    train_pet, train_ct = data.stack(data.ids[:10])
+    val_pet, val_ct = data.stack(data.ids[10:])
+    model, result = train_denoiser(train_pet, train_ct, val_pet, val_ct, arch="unet",
+                                   n_epochs=6, batch_size=4, lr=1e-2, seed=0, progress=False,
+                                   model_options={"base_channels": 8})
+    return root, model, result, (train_pet, train_ct, val_pet, val_ct)
+
+
+def test_short_training_lowers_the_validation_loss(trained):
+    _, _, result, _ = trained
+    initial = result.history[0]["val_loss"]
+    assert result.best_epoch > 0
+    assert result.best_val_loss < 0.8 * initial
+    assert [row["epoch"] for row in result.history] == list(range(7))
+
+
+def test_training_is_deterministic_with_a_seed(trained):
+    _, _, result, (train_pet, train_ct, val_pet, val_ct) = trained
+    _, again = train_denoiser(train_pet, train_ct, val_pet, val_ct, arch="unet", n_epochs=6,
+                              batch_size=4, lr=1e-2, seed=0, progress=False,
+                              model_options={"base_channels": 8})
+    assert [(r["epoch"], r["val_loss"]) for r in again.history] == \
+        [(r["epoch"], r["val_loss"]) for r in result.history]
+    assert [r["train_loss"] for r in again.history[1:]] == \
+        [r["train_loss"] for r in result.history[1:]]
+    assert all(torch.equal(again.state_dict[k], result.state_dict[k]) for k in result.state_dict)
+
+
+def test_saved_model_reloads_and_reproduces_outputs_bit_for_bit(trained):
+    root, model, _, (_, _, val_pet, _) = trained
+    pt = save_model(model, root / "models" / "best_model_fold0.pt", info={"fold": 0, "crop": CROP})
+    assert stat.S_IMODE(os.stat(pt).st_mode) == 0o600
+    state = torch.load(pt, weights_only=True)
+    assert set(state) == set(model.state_dict())
+    assert json.loads(pt.with_suffix(".json").read_text())["arch"] == "unet"
+    images = val_pet.astype(np.float32) / 255.0
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)[:, None])[:, 0].numpy()
+    denoiser = load_denoiser(pt, device="cpu")
+    out = denoiser(images)
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert np.array_equal(out, expected)
+    # A single (H, W) image works too (the eval-mode output does not depend on the batch).
+    np.testing.assert_allclose(denoiser(images[0]), out[0], rtol=0, atol=1e-5)
+
+
+def test_load_denoiser_names_missing_or_broken_files(tmp_path, trained):
+    root, model, _, _ = trained
+    with pytest.raises(InputError, match="expected a denoiser file at .*nothing.pt"):
+        load_denoiser(tmp_path / "nothing.pt")
+    pt = save_model(model, tmp_path / "m.pt", info={})
+    pt.write_bytes(pt.read_bytes()[:100])
+    with pytest.raises(InputError, match="cannot load a unet state_dict from .*m.pt"):
+        load_denoiser(pt)
+
+
+# ---------------------------------------------------------------- the stage end to end
+
+def _run(ct_dir, pet_dir, out, *extra):
+    return perform_crossval.main([
+        "--ct_files", str(ct_dir), "--pet_files", str(pet_dir), "--save_perfs_dir", str(out),
+        "--n_epochs", "2", "--n_folds", "3", "--batch_size", "4", "--crop", str(CROP),
+        "--device", "cpu", "--quiet", *extra])
+
+
+def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsys):
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=7, two_studies=(0, 3))
+    (pet_dir / "PETCT_p05_s0.png").unlink()
+    out = tmp_path / "cv"
+    assert _run(ct_dir, pet_dir, out) == EXIT_ITEMS_FAILED
+    assert "PETCT_p05_s0: failed: unpaired: missing PET render" in capsys.readouterr().err
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["scheme"] == "kfold" and splits["n_folds"] == 3 and splits["crop"] == CROP
+    tested = sorted(i for f in splits["folds"] for i in f["test"])
+    assert len(tested) == len(set(tested)) == 8 and "PETCT_p05_s0" not in tested
+    for fold in splits["folds"]:
+        k = fold["fold"]
+        assert sorted(p.stem for p in (out / "denoised" / f"fold{k}").glob("*.png")) == fold["test"]
+        assert (out / "models" / f"best_model_fold{k}.pt").is_file()
+        assert (out / "models" / f"best_model_fold{k}.json").is_file()
+        assert len(_read_csv(out / f"loss_fold{k}.csv")) == 3  # epoch 0 (untrained) + 2
+    metrics = _read_csv(out / "metrics.csv")
+    assert sorted(r["id"] for r in metrics) == tested
+    assert set(metrics[0]) == {"fold", "id", "subject", "msssim_before", "msssim_after",
+                               "psnr_before", "psnr_after"}
+    manifest = {r["id"]: r for r in _read_csv(out / "manifest.csv")}
+    assert manifest["PETCT_p05_s0"]["status"] == "failed"
+    assert manifest["PETCT_p00_s1"]["subject"] == "PETCT_p00"
+    assert all(manifest[i]["status"] == "ok" and manifest[i]["test_folds"] for i in tested)
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    run = json.loads((out / "run.json").read_text())
+    assert run["device_used"] == "cpu" and not any(f["reused"] for f in run["folds"])
+
+    # Re-run: finished folds are reused, not retrained.
+    models_before = (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns
+    assert _run(ct_dir, pet_dir, out) == EXIT_ITEMS_FAILED
+    run = json.loads((out / "run.json").read_text())
+    assert all(f["reused"] for f in run["folds"])
+    assert (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns == models_before
+    assert _read_csv(out / "metrics.csv") == metrics
+
+    # The saved splits drive a new run (here the wavelet baseline) to the same folds.
+    other = tmp_path / "wavelet"
+    assert _run(ct_dir, pet_dir, other, "--splits_file", str(out / "splits.json"),
+                "--denoiser", "wavelet") == EXIT_ITEMS_FAILED
+    assert [f["test"] for f in json.loads((other / "splits.json").read_text())["folds"]] == \
+        [f["test"] for f in splits["folds"]]
+    assert sorted(r["id"] for r in _read_csv(other / "metrics.csv")) == tested
+    assert not (other / "models").exists()
+
+
+def test_stage_rejects_bad_inputs_with_a_message(tmp_path, capsys):
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=2, two_studies=())
+    assert _run(ct_dir, pet_dir, tmp_path / "cv") == EXIT_USAGE  # 2 patients, 3 folds
+    assert "needs at least 4 patients" in capsys.readouterr().err
+    assert _run(tmp_path / "none", pet_dir, tmp_path / "cv2") == EXIT_USAGE
+    assert "expected a folder of CT renders" in capsys.readouterr().err
+
+
+def test_upstream_arch_and_scheme_run(tmp_path):
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=8, two_studies=())
+    out = tmp_path / "cv"
+    assert _run(ct_dir, pet_dir, out, "--arch", "upstream", "--split_scheme", "upstream",
+                "--n_epochs", "1") == EXIT_OK
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["scheme"] == "upstream" and len(splits["folds"]) == 3
+    assert [len(f["train"]) for f in splits["folds"]] == [5, 5, 5]
+    config = json.loads((out / "models" / "best_model_fold0.json").read_text())
+    assert config["arch"] == "upstream"
+    denoiser = load_denoiser(out / "models" / "best_model_fold0.pt")
+    assert denoiser(np.full((2, CROP, CROP), 0.5, np.float32)).shape == (2, CROP, CROP)
