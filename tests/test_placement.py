@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from faceaudit.images import to_uint8
+from faceaudit.landmarks import Framing
 from faceaudit.placement import read_splits, run_landmark_placement
 from faceaudit.stageio import InputError, read_manifest, read_npz, write_png
 
@@ -97,6 +98,10 @@ def test_placement_end_to_end_with_denoised_dir(cohort, tmp_path):
     before = os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns
     assert _run(cohort, out, denoised_dir=cohort / "cv" / "denoised") == 0
     assert os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns == before
+    # ... unless the framing changed
+    assert _run(cohort, out, denoised_dir=cohort / "cv" / "denoised", framing=Framing(pad=8), n_qa=0) == 0
+    assert os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns != before
+    assert '"pad": 8' in str(read_npz(out / "fold0" / "landmarks_pet.npz")["settings"])
     # ... and the upstream MAD divisor scales the MAD by 478 / 468
     up = tmp_path / "LM_up"
     assert _run(cohort, up, denoised_dir=cohort / "cv" / "denoised", upstream_mad=True, n_qa=0) == 0

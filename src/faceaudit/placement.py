@@ -9,7 +9,8 @@ Renders are centre-cropped to the split's crop size (upstream scores 208 x 208
 crops); the wavelet variant is BayesShrink on the PET crop.
 
 Outputs (``save_dir``): fold{k}/landmarks_{variant}.npz (ids, subjects,
-landmarks (n, 478, 3) NaN where not detected, detected (n,)), detection.csv,
+landmarks (n, 478, 3) NaN where not detected, detected (n,), settings: JSON of the
+crop and framing used), detection.csv,
 placement.csv + placement.json, summary.json, qa_landmarks.png, manifest.csv
 (one row per fold x id), run.json; denoised/fold{k}/<id>.png when the U-Net
 variant was computed here from models.
@@ -293,18 +294,25 @@ def qa_montage(tasks: list[PlacementTask], landmarks: dict[tuple[int, str], dict
 # --------------------------------------------------------------------------- stage
 
 
-def _stored_fold(fold_dir: Path, variants: list[str], ids: list[str]) -> dict[str, dict] | None:
-    """Landmarks of an earlier run of this fold, if every variant was stored for exactly these ids."""
+def _settings(crop: int | None, framing: Framing, min_detection_confidence: float) -> str:
+    """The options landmarks depend on, stored beside them so a re-run never reuses stale ones."""
+    return json.dumps({"crop": crop, "upscale": framing.upscale, "pad": framing.pad,
+                       "min_detection_confidence": min_detection_confidence}, sort_keys=True)
+
+
+def _stored_fold(fold_dir: Path, variants: list[str], ids: list[str], settings: str) -> dict[str, dict] | None:
+    """Landmarks of an earlier run of this fold, if every variant was stored for exactly
+    these ids with the same settings."""
     out = {}
     for v in variants:
         path = fold_dir / f"landmarks_{v}.npz"
         if not path.is_file():
             return None
         try:
-            data = read_npz(path, required=("ids", "landmarks", "detected"))
+            data = read_npz(path, required=("ids", "landmarks", "detected", "settings"))
         except InputError:
             return None
-        if sorted(data["ids"].astype(str).tolist()) != sorted(ids):
+        if sorted(data["ids"].astype(str).tolist()) != sorted(ids) or str(data["settings"]) != settings:
             return None
         out[v] = data
     return out
@@ -344,6 +352,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     unet_sources: dict[int, str] = {}
     unet_errors: dict[int, str] = {}
     n_failed = 0
+    settings = _settings(crop, framing, min_detection_confidence)
     # pass 1: each fold's tasks, its U-Net source, and whether an earlier run finished it
     plan = []
     for fold in splits["folds"]:
@@ -366,6 +375,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
                 manifest.add(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, str(exc), {"fold": k}))
                 written = None
             if written is not None:
+                manifest.rows.pop(f"fold{k}/denoiser", None)  # a failure of an earlier run is mended
                 unet_paths = {i: written.get(i, str(save_dir / "denoised" / f"fold{k}" / f"{i}.png"))
                               for i in ids}
                 unet_sources[k] = str(model)
@@ -374,7 +384,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         all_tasks += tasks
         variants = [v for v in VARIANTS if v != "pet_unet" or unet_paths is not None]
         fold_dir = make_private_dir(save_dir / f"fold{k}")
-        stored = None if overwrite else _stored_fold(fold_dir, variants, ids)
+        stored = None if overwrite else _stored_fold(fold_dir, variants, ids, settings)
         plan.append((k, tasks, variants, fold_dir, stored))
 
     # pass 2: one pool over every unfinished fold's images (a pool per fold would
@@ -411,7 +421,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
             if stored is None:
                 write_npz(fold_dir / f"landmarks_{v}.npz", ids=np.array(ok_ids, dtype=str),
                           subjects=np.array([t.subject for t in ok_tasks], dtype=str),
-                          landmarks=lm, detected=det)
+                          landmarks=lm, detected=det, settings=np.array(settings))
             detected.setdefault(v, {})[k] = det
             if v != "ct":
                 ct_lm = np.stack([results[i]["ct"] if results[i].get("ct") is not None
