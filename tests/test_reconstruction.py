@@ -1,0 +1,151 @@
+"""The reconstruction stage end to end on tiny studies, broken inputs included."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from faceaudit.reconstruction import ReconstructionOptions, reconstruct_volume, run_reconstruction
+from faceaudit.stageio import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+
+SPACING_XYZ = (4.0, 4.0, 4.0)
+
+
+def _phantom(modality: str) -> np.ndarray:
+    """(z, y, x) head-on-neck phantom, canonical LPS: head on top (high z), nose anterior (low y)."""
+    z, y, x = np.mgrid[:40, :36, :36].astype(np.float32)
+    head = ((z - 27) / 11.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 18) / 9.0) ** 2 <= 1.0
+    nose = ((z - 26) / 3.0) ** 2 + ((y - 8) / 3.0) ** 2 + ((x - 18) / 2.0) ** 2 <= 1.0
+    neck = (((y - 20) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0) & (z < 20)
+    body = head | nose | neck
+    if modality == "ct":
+        return np.where(body, 40.0, -1000.0).astype(np.float32)
+    brain = ((z - 29) / 7.0) ** 2 + ((y - 19) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0
+    return (np.where(body, 1.0, 0.02) + np.where(brain, 7.0, 0.0)).astype(np.float32)
+
+
+def _write(path, array_zyx):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array_zyx)
+    image.SetSpacing(SPACING_XYZ)
+    sitk.WriteImage(image, str(path))
+
+
+def _good_study(root, patient, study):
+    _write(root / patient / study / "CTres.nii.gz", _phantom("ct"))
+    _write(root / patient / study / "SUV.nii.gz", _phantom("pet"))
+
+
+def _read_manifest(save_dir):
+    with open(save_dir / "manifest.csv", newline="") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh)}
+
+
+def test_reconstruct_volume_numbers_and_render():
+    result = reconstruct_volume(_phantom("pet"), (4.0, 4.0, 4.0), modality="pet",
+                                options=ReconstructionOptions(head_height_mm=100.0))
+    assert result.render.image.shape == (512, 512)
+    assert result.numbers["n_vertices"] == len(result.mesh.vertices) > 100
+    assert 0.4 < result.numbers["threshold"] < 0.6          # half the body's SUV of 1.0
+    assert result.numbers["head_height_mm"] == pytest.approx(100.0, abs=8.0)
+    assert set(result.timings) >= {"threshold", "components", "surface", "render"}
+
+
+@pytest.fixture()
+def cohort_with_broken_studies(tmp_path):
+    root = tmp_path / "petct"
+    _good_study(root, "PETCT_good", "s1")
+    _good_study(root, "PETCT_good", "s2")
+    # truncated CT (the PET is fine and must still be rendered)
+    _good_study(root, "PETCT_trunc", "s1")
+    ct = root / "PETCT_trunc" / "s1" / "CTres.nii.gz"
+    ct.write_bytes(ct.read_bytes()[:300])
+    # empty (constant) PET
+    _write(root / "PETCT_empty" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    _write(root / "PETCT_empty" / "s1" / "SUV.nii.gz", np.zeros((40, 36, 36), np.float32))
+    # CT without PET
+    _write(root / "PETCT_nopet" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    # NaNs in the PET
+    pet = _phantom("pet")
+    pet[5, 5, 5] = np.nan
+    _write(root / "PETCT_nan" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    _write(root / "PETCT_nan" / "s1" / "SUV.nii.gz", pet)
+    # a 2-D image as CT
+    _write(root / "PETCT_flat" / "s1" / "CTres.nii.gz", _phantom("ct")[20])
+    _write(root / "PETCT_flat" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    return root
+
+
+def test_broken_studies_fail_with_reasons_while_the_others_finish(tmp_path, cohort_with_broken_studies):
+    root, out = cohort_with_broken_studies, tmp_path / "out"
+    options = ReconstructionOptions(head_height_mm=120.0)
+    code = run_reconstruction(root, out, options=options, progress=False)
+    assert code == EXIT_ITEMS_FAILED
+    rows = _read_manifest(out)
+    assert set(rows) == {"PETCT_good_s1", "PETCT_good_s2", "PETCT_trunc_s1", "PETCT_empty_s1",
+                         "PETCT_nopet_s1", "PETCT_nan_s1", "PETCT_flat_s1"}
+    for sid in ("PETCT_good_s1", "PETCT_good_s2"):
+        assert rows[sid]["status"] == "ok" and rows[sid]["subject"] == "PETCT_good"
+        for folder in ("cts", "pets"):
+            image = np.asarray(Image.open(out / folder / f"{sid}.png"))
+            assert image.shape == (512, 512) and image.dtype == np.uint8 and image.max() > 100
+        assert (out / "meshes" / f"{sid}_ct.ply").is_file()
+        depth = np.load(out / "depth" / f"{sid}_pet.npz")["depth_mm"]
+        assert depth.shape == (512, 512) and np.isfinite(depth).any()
+    expected = {"PETCT_trunc_s1": ("ct", "truncated"), "PETCT_empty_s1": ("pet", "empty"),
+                "PETCT_nopet_s1": ("pet", "no PET volume"), "PETCT_nan_s1": ("pet", "NaN"),
+                "PETCT_flat_s1": ("ct", "2-D")}
+    for sid, (modality, words) in expected.items():
+        row = rows[sid]
+        assert row["status"] == "failed", sid
+        assert row[f"{modality}_status"] == "failed"
+        assert words in row["reason"] and row["reason"].startswith(modality), row["reason"]
+        other = "pet" if modality == "ct" else "ct"
+        assert row[f"{other}_status"] == "ok"            # the other modality is still rendered
+        assert (out / {"ct": "cts", "pet": "pets"}[other] / f"{sid}.png").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"ok": 2, "failed": 5, "skipped": 0}
+    assert (out / "qa_montage.png").is_file()
+    assert oct(os.stat(out).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(out / "cts" / "PETCT_good_s1.png").st_mode & 0o777) == "0o600"
+
+
+def test_rerun_produces_the_missing_pet_and_skips_finished_work(tmp_path):
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _write(root / "PETCT_a" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    options = ReconstructionOptions(head_height_mm=120.0)
+    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_ITEMS_FAILED
+    ct_png = out / "cts" / "PETCT_a_s1.png"
+    first_mtime = ct_png.stat().st_mtime_ns
+    # the PET arrives: a re-run renders it (the upstream resume skipped it forever)
+    _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_OK
+    row = _read_manifest(out)["PETCT_a_s1"]
+    assert row["status"] == "ok" and row["pet_status"] == "ok" and row["ct_status"] == "ok"
+    assert row["ct_n_vertices"] != ""                      # the first run's CT numbers are kept
+    assert (out / "pets" / "PETCT_a_s1.png").is_file()
+    assert ct_png.stat().st_mtime_ns == first_mtime        # finished CT not redone
+    assert run_reconstruction(root, out, options=options, progress=False, overwrite=True) == EXIT_OK
+    assert ct_png.stat().st_mtime_ns != first_mtime
+
+
+def test_script_exit_codes(tmp_path, cohort_with_broken_studies):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "perform_morphological_reconstruction.py"
+    spec = importlib.util.spec_from_file_location("perform_morphological_reconstruction", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    argv = ["--petct_path", str(cohort_with_broken_studies), "--save_dir", str(out), "--quiet",
+            "--head-height-mm", "120", "--ct-threshold", "-300", "--pet-threshold", "percentile",
+            "--shading", "lambert"]
+    assert module.main(argv) == EXIT_ITEMS_FAILED
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["ct_threshold"] == -300.0 and run["options"]["shading"] == "lambert"
+    assert module.main(["--petct_path", str(tmp_path / "missing"), "--save_dir", str(out)]) == EXIT_USAGE
