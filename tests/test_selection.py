@@ -1,0 +1,135 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceaudit import selection
+from faceaudit.stageio import InputError
+
+ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
+OPTIONS = selection.SelectionOptions()
+
+
+def _orl(name):
+    return np.asarray(Image.open(ORL / name))
+
+
+def test_discovers_youtube_faces_and_plain_layouts(tmp_path):
+    for rel in ["Alice/1/1.001.jpg", "Alice/1/1.002.jpg", "Alice/2/2.010.jpg", "Alice/2/frame3.png",
+                "Bob/a.png", "Bob/a.pgm", "Bob/b.bmp", "Bob/notes.txt", "Bob/.hidden.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "loose.jpg").write_bytes(b"x")
+    found = selection.discover_images(tmp_path)
+    assert [(i.identity, i.video, i.name) for i in found] == [
+        ("Alice", "1", "1.001"), ("Alice", "1", "1.002"), ("Alice", "2", "2.010"),
+        ("Alice", "2", "2.frame3"), ("Bob", "", "a"), ("Bob", "", "a_png"), ("Bob", "", "b")]
+    with pytest.raises(InputError, match="found nothing"):
+        selection.discover_images(tmp_path / "missing")
+    (tmp_path / "empty" / "Carol").mkdir(parents=True)
+    with pytest.raises(InputError, match="no images under"):
+        selection.discover_images(tmp_path / "empty")
+
+
+def _rows(spec):
+    return [{"identity": ident, "video": video, "name": name, "status": status}
+            for ident, video, name, status in spec]
+
+
+YTF = _rows([("A", "1", "1.1", "accepted"), ("A", "1", "1.2", "accepted"), ("A", "1", "1.3", "accepted"),
+             ("A", "2", "2.1", "accepted"), ("A", "3", "3.1", "rejected"), ("A", "3", "3.2", "rejected"),
+             ("B", "1", "1.1", "accepted"), ("B", "2", "2.1", "accepted")])
+
+
+def test_same_video_pairs_two_frames_of_one_video():
+    roles, unpaired = selection.choose_pairs(YTF, protocol="same-video", seed=0)
+    a = {k: v for k, v in roles.items() if k.startswith("A/")}
+    assert sorted(a.values()) == ["database", "query"]
+    assert all(k.split("/")[1].startswith("1.") for k in a)  # video 1 is the only one with 2 frames
+    assert unpaired == {"B": "no video with 2 accepted frames"}
+
+
+def test_across_video_pairs_two_videos_and_is_seeded_per_identity():
+    roles, unpaired = selection.choose_pairs(YTF, protocol="across-video", seed=0)
+    for ident in "AB":
+        picks = {k.split("/")[1].split(".")[0] for k in roles if k.startswith(f"{ident}/")}
+        assert len(picks) == 2 and "3" not in picks
+    assert unpaired == {}
+    again, _ = selection.choose_pairs(YTF, protocol="across-video", seed=0)
+    assert again == roles
+    # another identity added: A's choice does not move
+    more, _ = selection.choose_pairs(YTF + _rows([("C", "1", "1.1", "accepted")]),
+                                     protocol="across-video", seed=0)
+    assert {k: v for k, v in more.items() if k.startswith("A/")} == \
+        {k: v for k, v in roles.items() if k.startswith("A/")}
+    seeds = {tuple(sorted(selection.choose_pairs(YTF, protocol="across-video", seed=s)[0].items()))
+             for s in range(12)}
+    assert len(seeds) > 1
+    with pytest.raises(InputError, match="unknown protocol"):
+        selection.choose_pairs(YTF, protocol="random", seed=0)
+
+
+def test_plain_photos_pair_under_both_protocols():
+    rows = _rows([("P", "", "a", "accepted"), ("P", "", "b", "accepted"), ("P", "", "c", "rejected")])
+    for protocol in selection.PROTOCOLS:
+        roles, unpaired = selection.choose_pairs(rows, protocol=protocol, seed=1)
+        assert sorted(roles) == ["P/a", "P/b"] and not unpaired
+
+
+def test_crop_is_2_5x_the_square_box_and_black_padded():
+    image = np.full((100, 100, 3), 200, np.uint8)
+    prep = selection.crop_face(image, (0, 0, 40, 20), size=50)  # square side 40 -> crop 100
+    assert prep.shape == (50, 50, 3)
+    assert np.all(prep[:10, :10] == 0)  # above/left of the image: padding
+    assert np.all(prep[35:, 35:] == 200)  # inside the image
+    assert selection.upscale_factor(112, 92, 224) == 3 and selection.upscale_factor(300, 400, 224) == 1
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return selection._tools(OPTIONS)
+
+
+def test_orl_face_is_accepted_with_its_numbers(tools):
+    dec = selection.evaluate_image(_orl("s1/1.pgm"), *tools, OPTIONS)
+    assert dec.status == "accepted", dec.reason
+    assert dec.n_faces == 1 and dec.det_score > 0.9 and dec.upscale == 3
+    assert abs(dec.yaw) < 10 and abs(dec.pitch) < 10
+    assert dec.prep.shape == (224, 224, 3) and dec.landmarks.shape == (478, 3)
+    x0, y0, x1, y1 = dec.box  # in the original 92x112 pixels
+    assert 0 <= x0 < x1 <= 95 and 0 <= y0 < y1 <= 115
+
+
+def test_pose_limits_reject_with_reason(tools):
+    strict = selection.SelectionOptions(max_yaw=0.01)
+    dec = selection.evaluate_image(_orl("s1/1.pgm"), *tools, strict)
+    assert dec.status == "rejected" and dec.reason.startswith("yaw ")
+    rolled = selection.SelectionOptions(max_roll=0.01)
+    dec = selection.evaluate_image(_orl("s1/1.pgm"), *tools, rolled)
+    assert dec.reason.startswith("roll ") and selection.reason_code(dec.reason) == "roll"
+
+
+def test_no_face_two_faces_and_corrupt_file_give_clear_rows(tmp_path):
+    grey = tmp_path / "flat.png"
+    Image.fromarray(np.full((200, 200), 128, np.uint8)).save(grey)
+    pair = tmp_path / "pair.png"
+    Image.fromarray(np.concatenate([_orl("s1/1.pgm"), _orl("s2/1.pgm")], axis=1)).save(pair)
+    broken = tmp_path / "broken.jpg"
+    shutil.copy(ORL / "s1" / "1.pgm", broken)
+    data = broken.read_bytes()
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + data[:50])  # a truncated JPEG
+    rows = {p.stem: selection.select_one(selection.InputImage("x", "", p.stem, str(p)), OPTIONS)
+            for p in (grey, pair, broken)}
+    assert rows["flat"]["status"] == "rejected" and rows["flat"]["reason"].startswith("no face")
+    assert rows["pair"]["reason"].startswith("more than one face") and rows["pair"]["n_faces"] == 2
+    assert rows["broken"]["reason"].startswith("unreadable: cannot read image")
+    assert str(broken) in rows["broken"]["reason"]
+
+
+def test_prep_is_rebuilt_identically_from_its_row(tools):
+    image = selection.InputImage("s1", "", "1", str(ORL / "s1" / "1.pgm"))
+    row = selection.select_one(image, OPTIONS)
+    dec = selection.evaluate_image(_orl("s1/1.pgm"), *tools, OPTIONS)
+    assert np.array_equal(selection.prep_from_row(row, OPTIONS), dec.prep)
