@@ -70,7 +70,7 @@ def test_mask_covers_the_face_and_nothing_outside_the_cut(face, renderer, name):
     images = masking.compose(prep, render, covered_render, cut)
     covered = images.covered
     assert not np.any(covered & ~cut)
-    assert covered.sum() / cut.sum() > 0.7
+    assert covered.sum() / cut.sum() > 0.9  # forehead band included
     # the face itself (eyes, nose, mouth landmarks) lies under the mask
     px = np.round(lm[[33, 263, 1, 13, 199], :2] * 224).astype(int)
     assert covered[px[:, 1], px[:, 0]].all()

@@ -195,8 +195,7 @@ class MediaPipeBackend:
 
     def build(self, prep_rgb: np.ndarray, landmarks: np.ndarray) -> MaskResult:
         h, w = prep_rgb.shape[:2]
-        verts = landmarks_to_image(landmarks, w, h)
-        faces = orient_faces(verts, face_triangles())
+        verts, faces = add_forehead(landmarks_to_image(landmarks, w, h), face_triangles())
         return MaskResult(self.name, verts, faces, np.asarray(landmarks), {"n_vertices": len(verts)})
 
 
@@ -254,7 +253,7 @@ class MeanShapeBackend:
         rot, s, t = similarity_fit(self.mean_shape[:468], target[:468])
         placed = s * self.mean_shape @ rot.T + t  # viewer frame: x, -row, depth
         verts = _append_mouth_centre(np.stack([placed[:, 0], -placed[:, 1], placed[:, 2]], axis=1))
-        faces = orient_faces(verts, face_triangles())
+        verts, faces = add_forehead(verts, face_triangles())
         resid = np.sqrt(((placed[:468] - target[:468]) ** 2).sum(1).mean())
         return MaskResult(self.name, verts, faces, np.asarray(landmarks), {
             "rotation": rot.tolist(), "scale": float(s), "translation": t.tolist(),
@@ -633,6 +632,55 @@ class MaskRenderer:
         self._renderer.delete()
 
 
+def _forehead_ramp(points: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """0 at or below the eye line, rising to 1 at the forehead-top landmark (10), per point.
+
+    points: (N, 2+) pixel positions; lm: landmark pixel positions (x, y first)."""
+    up = lm[10, :2] - lm[152, :2]
+    face_h = max(float(np.linalg.norm(up)), 1e-6)
+    up = up / face_h
+    eye_level = ((lm[33, :2] + lm[263, :2]) / 2 - lm[152, :2]) @ up
+    height = ((points[:, :2] - lm[152, :2]) @ up - eye_level) / max(face_h - eye_level, 1e-6)
+    return np.clip(height, 0.0, 1.0)
+
+
+def add_forehead(vertices: np.ndarray, faces: np.ndarray, *,
+                 forehead: float = FOREHEAD_EXTENSION) -> tuple[np.ndarray, np.ndarray]:
+    """Extend a MediaPipe-topology mesh (image geometry) above its oval to cover the forehead.
+
+    MediaPipe's mesh stops at the upper forehead; the face cut reaches higher (as
+    upstream's dlib-81 hull). Each oval vertex above the eye line gets a twin moved
+    by the same image offset as the cut's hull points (``forehead`` x ramp x
+    chin -> forehead-top), set back in depth by 30% of that (the forehead slopes
+    back), and the band between the two chains is triangulated.
+    """
+    import trimesh
+
+    _, loops = _topology()
+    oval = [loop for loop in loops if 10 in loop][0]
+    ramp = _forehead_ramp(vertices[list(oval)], vertices)
+    offset = vertices[10] - vertices[152]
+    n = len(vertices)
+    new_vertices, twin = [], {}
+    for k, v in enumerate(oval):
+        if ramp[k] > 0:
+            lifted = vertices[v] + forehead * ramp[k] * offset
+            lifted[2] -= 0.3 * forehead * ramp[k] * np.linalg.norm(offset[:2])
+            twin[v] = n + len(new_vertices)
+            new_vertices.append(lifted)
+    band = []
+    for k, a in enumerate(oval):
+        b = oval[(k + 1) % len(oval)]
+        if a in twin and b in twin:
+            band += [(a, b, twin[b]), (a, twin[b], twin[a])]
+    if not band:
+        return vertices, faces
+    verts = np.concatenate([vertices, np.array(new_vertices)])
+    mesh = trimesh.Trimesh(verts, np.concatenate([faces, np.array(band)]), process=False)
+    trimesh.repair.fix_winding(mesh)
+    return verts, orient_faces(verts, np.asarray(mesh.faces, dtype=np.int64))
+
+
 def face_cut(landmarks: np.ndarray, width: int, height: int, *,
              forehead: float = FOREHEAD_EXTENSION) -> np.ndarray:
     """(H, W) bool face region: hull of the face-oval landmarks, upper part raised for the forehead.
@@ -647,13 +695,7 @@ def face_cut(landmarks: np.ndarray, width: int, height: int, *,
     lm = np.asarray(landmarks, dtype=np.float64)[:, :2] * [width, height]
     oval = sorted({i for e in mp.solutions.face_mesh.FACEMESH_FACE_OVAL for i in e})
     pts = lm[oval]
-    up = lm[10] - lm[152]
-    face_h = np.linalg.norm(up)
-    up = up / face_h
-    eye_level = ((lm[33] + lm[263]) / 2 - lm[152]) @ up
-    top_level = face_h
-    height_above = ((pts - lm[152]) @ up - eye_level) / max(top_level - eye_level, 1e-6)
-    lift = np.clip(height_above, 0, 1)[:, None] * forehead * face_h * up
+    lift = forehead * _forehead_ramp(pts, lm)[:, None] * (lm[10] - lm[152])
     pts = np.concatenate([pts, pts + lift])
     pts[:, 0] = np.clip(pts[:, 0], 0, width - 1)
     pts[:, 1] = np.clip(pts[:, 1], 0, height - 1)
