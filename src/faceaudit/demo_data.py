@@ -269,16 +269,9 @@ def _study_name(rng: np.random.Generator) -> str:
     return f"{month:02d}-{day:02d}-{year}-NA-PET-CT-{int(rng.integers(10000, 100000))}"
 
 
-def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
-                    second_study_fraction: float = 0.2, progress: bool = True) -> list[dict]:
-    """Write ``n`` simulated patients (some with a 2nd study) in the AutoPET layout.
-
-    Returns one dict per study (patient, study, id, identity and pose parameters); the same
-    list goes to OUT/cohort.json. Same ``seed`` -> byte-identical volumes.
-    """
-    from tqdm.auto import tqdm
-
-    out = make_private_dir(out_dir)
+def plan_cohort(*, n: int = 20, seed: int = 0, second_study_fraction: float = 0.2) -> list[dict]:
+    """Every random choice of a cohort, one dict per study (patient, study, id, identity,
+    pose, noise_seed), without building any volume. Same arguments -> same plan."""
     rng = np.random.default_rng(seed)
     patients = _patient_names(rng, n)
     plan = []
@@ -290,6 +283,20 @@ def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
             plan.append({"patient": patient, "study": study, "id": f"{patient}_{study}",
                          "identity": identity, "pose": draw_pose(rng),
                          "noise_seed": int(rng.integers(2**31))})
+    return plan
+
+
+def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
+                    second_study_fraction: float = 0.2, progress: bool = True) -> list[dict]:
+    """Write ``n`` simulated patients (some with a 2nd study) in the AutoPET layout.
+
+    Returns ``plan_cohort(...)``, which also goes to OUT/cohort.json. Same ``seed`` ->
+    identical volumes.
+    """
+    from tqdm.auto import tqdm
+
+    out = make_private_dir(out_dir)
+    plan = plan_cohort(n=n, seed=seed, second_study_fraction=second_study_fraction)
     origin = output_grid_origin()
     for entry in tqdm(plan, desc="simulate", disable=not progress, file=sys.stderr):
         study_rng = np.random.default_rng(entry["noise_seed"])
