@@ -133,3 +133,10 @@ def test_prep_is_rebuilt_identically_from_its_row(tools):
     row = selection.select_one(image, OPTIONS)
     dec = selection.evaluate_image(_orl("s1/1.pgm"), *tools, OPTIONS)
     assert np.array_equal(selection.prep_from_row(row, OPTIONS), dec.prep)
+
+
+def test_mediapipe_detector_option_selects_with_its_own_threshold():
+    options = selection.SelectionOptions(detector="mediapipe", min_confidence=0.5)
+    row = selection.select_one(selection.InputImage("s1", "", "1", str(ORL / "s1" / "1.pgm")), options)
+    assert row["status"] == "accepted", row["reason"]
+    assert 0.5 < row["det_score"] <= 1.0 and row["n_faces"] == 1
