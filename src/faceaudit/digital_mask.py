@@ -35,8 +35,8 @@ import numpy as np
 from faceaudit import masking, selection
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
                                atomic_write_bytes, atomic_write_text, describe_exception,
-                               make_private_dir, map_items, read_npz, write_json, write_png,
-                               write_run_json)
+                               make_private_dir, map_items, read_npz, write_json, write_npz,
+                               write_png, write_run_json)
 
 VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
 SELECTION_COLUMNS = ("identity", "video", "name", "source", "status", "reason", "role", "n_faces",
@@ -221,7 +221,6 @@ def run_digital_mask(input_dir: str | Path, save_dir: str | Path, *, backend: st
     # ---- masking
     if backend == "meanshape":
         mean_shape, mean_source = _load_mean_shape(model_dir)
-        from faceaudit.stageio import write_npz
         write_npz(out / MEANSHAPE_FILE, mean_shape=mean_shape)
     manifest = Manifest(out / "manifest.csv")
     chosen = [r for r in rows if r["role"]]

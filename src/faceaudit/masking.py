@@ -21,8 +21,13 @@ Backends
     so the face looks at the viewer.
 ``meanshape``  the same topology with the identity replaced by a population mean
     shape, aligned to the detected landmarks by a similarity transform (rotation,
-    scale, translation): only the pose is kept. The default mean comes from the 400
-    ORL photos shipped with the package (see :func:`derive_mean_shape`).
+    scale, translation): only the pose is kept (the expression is the mean's). The
+    default mean comes from the 400 ORL photos shipped with the package (40 people,
+    see :func:`derive_mean_shape`); when masking those same people each contributes
+    1/40 of it. A mean of another population can be given as ``meanshape.npz``
+    (array ``mean_shape`` (478, 3)) in ``--model_dir``.
+Both MediaPipe-topology meshes get a forehead band (:func:`add_forehead`) so the
+mask fills the face cut.
 ``flame``  a user-supplied FLAME model in ``.npz`` form (see :func:`load_flame`),
     shape/expression/pose/camera fitted to the detected landmarks in torch.
 
@@ -451,8 +456,7 @@ class FlameBackend:
         import torch
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cpu" and cpu_threads:
-            torch.set_num_threads(int(cpu_threads))
+        self.cpu_threads = cpu_threads
         self.model = model
         self.layer = FlameLayer(model, self.device)
         self.iterations = int(iterations)
@@ -461,6 +465,17 @@ class FlameBackend:
 
     def fit(self, target_img: np.ndarray) -> dict[str, Any]:
         """Fit to (L, 3) landmark targets in image geometry (col, row, depth px)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if self.device == "cpu" and self.cpu_threads:
+            torch.set_num_threads(int(self.cpu_threads))
+        try:
+            return self._fit(target_img)
+        finally:
+            torch.set_num_threads(threads)  # leave the process as found
+
+    def _fit(self, target_img: np.ndarray) -> dict[str, Any]:
         import torch
         from scipy.spatial.transform import Rotation
 

@@ -134,7 +134,7 @@ def _is_image(path: Path) -> bool:
 
 def discover_images(input_dir: str | Path) -> list[InputImage]:
     """Every photo or frame under ``input_dir`` (layouts in the module docstring), sorted."""
-    root = Path(input_dir)
+    root = Path(input_dir).resolve()  # absolute sources: later stages may run elsewhere
     if not root.is_dir():
         raise InputError(f"expected a folder of identity folders at {root}, found "
                          f"{'a file' if root.exists() else 'nothing'}")
