@@ -686,7 +686,9 @@ def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
     shown = 1
     for r in results:
         n = min(max_rank, len(r.cmc))
@@ -704,8 +706,9 @@ def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
     ax.set_ylabel("top-k identification (%)")
     ax.set_ylim(0, 101)
     ax.set_xlim(0.5, shown + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title("Face recognition on masked photos: CMC")
     fig.tight_layout()
     buf = io.BytesIO()
