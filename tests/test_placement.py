@@ -121,11 +121,23 @@ def test_placement_with_injected_denoiser_and_without_unet(cohort, tmp_path):
         seen.append(pt_path.name)
         return lambda batch: np.clip(batch * 1.0, 0, 1)
 
+    # the CV's denoised folder is incomplete for fold 1 (one image missing): the model fills in
+    import shutil
+
+    partial_cv = tmp_path / "denoised"
+    shutil.copytree(cohort / "cv" / "denoised", partial_cv)
+    (partial_cv / "fold1" / f"{IDS[3]}.png").unlink()
     out = tmp_path / "LM"
-    assert _run(cohort, out, models_path=models, load_denoiser=fake_loader, n_qa=0) == 0
-    assert seen == ["best_model_fold0.pt", "best_model_fold1.pt"]
+    assert _run(cohort, out, models_path=models, denoised_dir=partial_cv, load_denoiser=fake_loader, n_qa=0) == 0
+    assert seen == ["best_model_fold1.pt"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pet_unet_source"] == {"0": str(partial_cv / "fold0"), "1": str(models / "best_model_fold1.pt")}
     assert (out / "denoised" / "fold1" / f"{IDS[3]}.png").is_file()
     assert read_npz(out / "fold1" / "landmarks_pet_unet.npz")["detected"].all()
+    seen.clear()
+    out_models = tmp_path / "LM_models"
+    assert _run(cohort, out_models, models_path=models, load_denoiser=fake_loader, n_qa=0) == 0
+    assert seen == ["best_model_fold0.pt", "best_model_fold1.pt"]
 
     plain = tmp_path / "LM_plain"
     assert _run(cohort, plain, n_qa=0) == 0

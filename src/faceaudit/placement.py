@@ -360,10 +360,15 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         ids = list(dict.fromkeys(fold["test"]))
         # where the U-Net images of this fold come from: the CV's own, or our models run
         unet_paths: dict[str, str] | None = None
-        if den_dir is not None and (den_dir / f"fold{k}").is_dir():
-            unet_paths = {i: str(den_dir / f"fold{k}" / f"{i}.png") for i in ids}
-            unet_sources[k] = f"{den_dir / f'fold{k}'}"
-        elif models_dir is not None and (models_dir / f"best_model_fold{k}.pt").is_file():
+        cv_dir = den_dir / f"fold{k}" if den_dir is not None else None
+        has_cv_dir = cv_dir is not None and cv_dir.is_dir()
+        has_model = models_dir is not None and (models_dir / f"best_model_fold{k}.pt").is_file()
+        # the CV's own images when complete; else the model; else what the CV wrote
+        # (its missing images then fail those items, with the path in the reason)
+        if has_cv_dir and (not has_model or all((cv_dir / f"{i}.png").is_file() for i in ids)):
+            unet_paths = {i: str(cv_dir / f"{i}.png") for i in ids}
+            unet_sources[k] = str(cv_dir)
+        elif has_model:
             pre = [PlacementTask(k, i, subjects.get(i, i), str(ct_dir / f"{i}.png"),
                                  str(pet_dir / f"{i}.png"), None) for i in ids]
             model = models_dir / f"best_model_fold{k}.pt"
