@@ -225,12 +225,13 @@ def format_tables(det_rows: list[dict], place_rows: list[dict], *, upstream_mad:
     """Upstream-style summary: detection and well-placed rates, mean ± std over folds."""
     wp = {r["variant"]: r for r in place_rows}
     lines = ["landmark detection and placement (mean ± std over folds, % of test images)",
-             f"{'image':<13}{'detected':>16}{'well placed':>16}{'median MAD %IOD':>18}{'n':>6}"]
+             f"{'image':<13}{'detected':>16}{'well placed':>16}{'median MAD %IOD':>18}{'n':>6}{'folds':>7}"]
     for r in det_rows:
         p = wp.get(r["variant"])
         well = f"{100 * p['well_placed_mean']:.1f} ± {100 * p['well_placed_std']:.1f}" if p else "-"
         mad = f"{p['median_mad_mean']:.2f}" if p else "-"
-        lines.append(f"{r['variant']:<13}{100 * r['mean']:>9.1f} ± {100 * r['std']:<4.1f}{well:>16}{mad:>18}{r['n']:>6}")
+        lines.append(f"{r['variant']:<13}{100 * r['mean']:>9.1f} ± {100 * r['std']:<4.1f}{well:>16}{mad:>18}"
+                     f"{r['n']:>6}{r['folds_scored']:>7}")
     lines.append(f"MAD divisor: {'468 (upstream)' if upstream_mad else 'number of landmarks (478)'}; "
                  f"well placed = MAD < {WELL_PLACED_MAD:g} % of the CT inter-ocular distance")
     return "\n".join(lines)
