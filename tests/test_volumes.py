@@ -160,3 +160,23 @@ def test_discovery_of_a_folder_without_studies_says_what_was_expected(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(InputError, match="PETCT_<patient>"):
         discover_studies(tmp_path)
+
+
+def test_canonical_view_matches_simpleitk_dicomorient_for_all_48_axis_orders():
+    import itertools
+
+    from faceaudit.volumes import _Raw, _to_canonical
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((5, 6, 7)).astype(np.float32))
+    image.SetSpacing((1.0, 2.0, 3.0))
+    image.SetOrigin((4.0, -5.0, 6.0))
+    for perm in itertools.permutations([0, 1, 2]):
+        for flip in itertools.product([False, True], repeat=3):
+            stored = sitk.Flip(sitk.PermuteAxes(image, list(perm)), list(flip))
+            reference = sitk.DICOMOrient(stored, "LPS")
+            raw = _Raw(sitk.GetArrayFromImage(stored), stored.GetSpacing(), stored.GetOrigin(),
+                       np.asarray(stored.GetDirection()).reshape(3, 3))
+            array, spacing, origin = _to_canonical(raw)
+            np.testing.assert_array_equal(array, sitk.GetArrayFromImage(reference))
+            np.testing.assert_allclose(spacing, reference.GetSpacing()[::-1])
+            np.testing.assert_allclose(origin, reference.GetOrigin(), atol=1e-9)
