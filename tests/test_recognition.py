@@ -14,7 +14,8 @@ from PIL import Image
 
 from faceaudit import ranking
 from faceaudit.recognition import (chance_topk_multi, identify_folder, rank_queries,
-                                   read_mask_run, resolve_scenarios, upstream_black_background)
+                                   read_mask_run, resolve_scenarios, upstream_black_background,
+                                   wilson_interval)
 from faceaudit.stageio import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,13 @@ def test_chance_level_matches_k_over_g_and_a_simulation():
     assert chance_topk_multi(gallery, queries, 3) == pytest.approx(np.mean(hits), abs=0.01)
     assert chance_topk_multi(gallery, ["a"], 3) == pytest.approx(1 - math.comb(8, 3) /
                                                                  math.comb(10, 3))
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(40, 40)
+    assert hi == 1.0 and lo == pytest.approx(0.9124, abs=1e-4)  # 40/40 is not certainty
+    lo, hi = wilson_interval(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
 
 
 def test_upstream_black_background_is_per_channel():

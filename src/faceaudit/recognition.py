@@ -488,6 +488,9 @@ def summarise_ranks(ranks: np.ndarray, *, query_subjects: Sequence[str],
         lo, hi = ranking.bootstrap_ci(ranks, k, n_boot=n_boot, seed=seed)
         out[f"rank{k}"] = topk[k]
         out[f"rank{k}_ci_lo"], out[f"rank{k}_ci_hi"] = lo, hi
+    # the percentile bootstrap collapses to [1, 1] at 100 %; Wilson's interval does not
+    out["rank1_wilson_lo"], out["rank1_wilson_hi"] = wilson_interval(
+        int(np.sum((ranks != ranking.MISS) & (ranks <= 1))), int(ranks.size))
     found = ranks[ranks != ranking.MISS]
     out["mean_rank"] = ranking.mean_rank(ranks)
     out["median_rank"] = float(np.median(found)) if found.size else float("nan")
@@ -498,6 +501,16 @@ def summarise_ranks(ranks: np.ndarray, *, query_subjects: Sequence[str],
     out["chance5"] = chance_topk_multi(gallery_subjects, query_subjects, 5)
     out["chance10"] = chance_topk_multi(gallery_subjects, query_subjects, 10)
     return out
+
+
+def wilson_interval(hits: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion hits/n (NaN, NaN when n = 0)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate_scenario(scenario: Scenario, queries: Sequence[ImageRef],
@@ -652,6 +665,13 @@ def result_rows(results: Sequence[ScenarioResult], *, backend: str) -> list[dict
     return rows
 
 
+def _json_row(row: Mapping[str, Any], result: ScenarioResult) -> dict[str, Any]:
+    return {**row, "rank1_wilson_lo": result.metrics["rank1_wilson_lo"],
+            "rank1_wilson_hi": result.metrics["rank1_wilson_hi"], "cmc": result.cmc.tolist(),
+            "queries": [{"id": i, "subject": s, "rank": int(k)} for i, s, k in
+                        zip(result.query_ids, result.query_subjects, result.ranks)]}
+
+
 def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend: str,
                   detection: Mapping[str, Any] | None = None) -> None:
     """results.csv / results.json, distances/<scenario>.npz and cmc.png."""
@@ -665,10 +685,7 @@ def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend:
     atomic_write_text(save_dir / "results.csv", buf.getvalue())
     write_json(save_dir / "results.json", {
         "backend": backend, "detection": dict(detection or {}),
-        "scenarios": [{**row, "cmc": r.cmc.tolist(),
-                       "queries": [{"id": i, "subject": s, "rank": int(k)} for i, s, k in
-                                   zip(r.query_ids, r.query_subjects, r.ranks)]}
-                      for row, r in zip(rows, results)]})
+        "scenarios": [_json_row(row, r) for row, r in zip(rows, results)]})
     for r in results:
         write_npz(save_dir / "distances" / f"{r.name}.npz",
                   query_ids=np.array(r.query_ids, dtype=str),
