@@ -39,6 +39,9 @@ def main(argv=None) -> int:
                              "70/15/15 splits of studies")
     parser.add_argument("--crop", type=int, default=DEFAULT_CROP,
                         help=f"centre crop in px (default {DEFAULT_CROP})")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default 0: torch's choice; 1 is often fastest "
+                             "on a shared machine)")
     add_common_args(parser, jobs=False)
     args = parser.parse_args(argv)
     return run_guarded(run_crossval, **vars(args), args=vars(args))

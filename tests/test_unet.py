@@ -7,6 +7,15 @@ from faceaudit.unet import (UPSTREAM_PARAMETERS, UNet, UpstreamUNet, build_model
                             count_parameters, model_config)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small tensors run faster on one thread, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _images(n, size=32, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).random((n, 1, size, size),
                                                                dtype=np.float32))

@@ -23,7 +23,7 @@ with the default residual U-Net (identity at start) the kept model is never wors
 raw PET on the validation set.
 
 Outputs in ``save_perfs_dir`` (see the brief's contract): splits.json, denoised/fold{k}/<id>.png,
-loss_fold{k}.csv, loss_curves.png, metrics.csv, metrics_summary.csv, manifest.csv, run.json,
+loss_fold{k}.csv, loss_curves.png, metrics.csv, summary.csv (per fold), manifest.csv, run.json,
 fold{k}.json (what a finished fold was run with; a re-run skips a fold whose record matches),
 and models in ``models_path`` (default save_perfs_dir/models): best_model_fold{k}.pt
 (state_dict) + best_model_fold{k}.json (architecture and training settings).
@@ -864,13 +864,39 @@ def run_crossval(*, ct_files: str | os.PathLike, pet_files: str | os.PathLike,
                  models_path: str | os.PathLike | None = None, device: str = "auto",
                  seed: int = 0, arch: str = "unet", denoiser: str = "unet",
                  split_scheme: str = "kfold", crop: int = DEFAULT_CROP,
-                 val_fraction: float = DEFAULT_VAL_FRACTION, overwrite: bool = False,
-                 quiet: bool = False, args: Mapping[str, Any] | None = None) -> int:
+                 val_fraction: float = DEFAULT_VAL_FRACTION, threads: int | None = None,
+                 overwrite: bool = False, quiet: bool = False,
+                 args: Mapping[str, Any] | None = None) -> int:
     """The crossval stage: pair, split, train/test every fold, write tables and figures.
+
+    ``threads``: torch CPU threads during the run (None/0 = torch's default). On a
+    shared or small machine 1 thread is often faster than oversubscribed cores.
+    Results are bit-reproducible for a given seed, device and thread count.
 
     Returns EXIT_OK, or EXIT_ITEMS_FAILED when a study could not be paired or read
     (it is in manifest.csv with the reason; the others are processed).
     """
+    import torch
+
+    if threads is not None and threads < 0:
+        raise InputError(f"--threads must be >= 0, got {threads}")
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_crossval(
+            ct_files=ct_files, pet_files=pet_files, save_perfs_dir=save_perfs_dir,
+            n_epochs=n_epochs, n_folds=n_folds, batch_size=batch_size, lr=lr,
+            splits_file=splits_file, models_path=models_path, device=device, seed=seed,
+            arch=arch, denoiser=denoiser, split_scheme=split_scheme, crop=crop,
+            val_fraction=val_fraction, overwrite=overwrite, quiet=quiet, args=args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_crossval(*, ct_files, pet_files, save_perfs_dir, n_epochs, n_folds, batch_size, lr,
+                  splits_file, models_path, device, seed, arch, denoiser, split_scheme, crop,
+                  val_fraction, overwrite, quiet, args) -> int:
     started = time.time()
     options = CrossvalOptions(n_epochs=n_epochs, n_folds=n_folds, batch_size=batch_size, lr=lr,
                               seed=seed, arch=arch, denoiser=denoiser,
@@ -945,7 +971,7 @@ def run_crossval(*, ct_files: str | os.PathLike, pet_files: str | os.PathLike,
 
     atomic_write_text(save_dir / "metrics.csv", _csv_text(METRIC_COLUMNS, all_metrics))
     summary = summarise_metrics(all_metrics)
-    atomic_write_text(save_dir / "metrics_summary.csv", _csv_text(SUMMARY_COLUMNS, summary))
+    atomic_write_text(save_dir / "summary.csv", _csv_text(SUMMARY_COLUMNS, summary))
     if histories:
         atomic_write_bytes(save_dir / "loss_curves.png", plot_loss_curves(histories))
 
@@ -970,7 +996,8 @@ def run_crossval(*, ct_files: str | os.PathLike, pet_files: str | os.PathLike,
         "models_path": models_path, "device": device, "seed": seed, "arch": arch,
         "denoiser": denoiser, "split_scheme": split_scheme, "crop": crop,
         "overwrite": overwrite}, seed=seed, started=started, extra={
-        "device_used": run_device, "models_dir": str(models_dir) if denoiser == "unet" else None,
+        "device_used": run_device, "torch_threads": __import__("torch").get_num_threads(),
+        "models_dir": str(models_dir) if denoiser == "unet" else None,
         "n_pairs": len(data.ids), "n_failed": manifest.count(STATUS_FAILED),
         "n_skipped": manifest.count(STATUS_SKIPPED),
         "scheme": splits["scheme"], "folds": fold_info, "summary": summary,
