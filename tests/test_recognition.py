@@ -285,6 +285,9 @@ def test_cross_mask_scenarios_pair_by_identity_and_role(tmp_path, capsys):
     assert cross["protocol"] == "across-video (cross: grey90)" and cross["cross_mask"] == "1"
     assert int(cross["n_queries"]) == 4 and int(cross["gallery_size"]) == 4
     assert results["Overlay2Overlay"]["protocol"] == "across-video"
+    run = json.loads((save / "run.json").read_text())
+    assert run["cross_database_same_photos"] == {"n_identities_both": 4, "n_same_photos": 4}
+    assert run["cross_mask_backend"] == "grey90"
     manifest = _manifest(save)
     assert manifest["cross:overlay/database/s1/1"]["run"] == "cross"
     assert "overlay/query/s1/2" in manifest and "cross:overlay/query/s1/2" not in manifest

@@ -614,6 +614,7 @@ def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLi
     extra = {"masks_dir": str(masks.folder), "mask_backend": masks.backend,
              "protocol": masks.protocol, "cross_masks_dir": str(cross.folder) if cross else None,
              "cross_mask_backend": cross.backend if cross else None,
+             "cross_database_same_photos": _same_database_photos(masks, cross) if cross else None,
              "n_mask_rows_not_ok": masks.n_not_ok, "embedding": embed_info,
              "detection": detection,
              "scenarios": [{"name": s.name, "query": s.query, "database": s.database,
@@ -624,6 +625,22 @@ def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLi
         "model_dir": str(model_dir) if model_dir else None, "n_boot": n_boot}),
         seed=seed, extra=extra, started=started)
     return manifest.exit_code()
+
+
+def _same_database_photos(masks: MaskRun, cross: MaskRun) -> dict[str, int]:
+    """How many identities' database photos are the same source files in both mask runs
+    (same --seed and input -> all of them), so a cross-mask gap is the face model's doing."""
+    def sources(run: MaskRun) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for row in run.rows:
+            if row["role"] == "database":
+                out.setdefault(row["subject"], set()).add(row.get("source", ""))
+        return out
+
+    a, b = sources(masks), sources(cross)
+    shared = sorted(set(a) & set(b))
+    return {"n_identities_both": len(shared),
+            "n_same_photos": sum(1 for s in shared if a[s] == b[s])}
 
 
 def _deviations(config: EmbedConfig, upstream_scenario_bug: bool) -> list[str]:
