@@ -95,3 +95,25 @@ def test_head_crop_takes_the_top_of_the_body_over_a_physical_height():
 def test_empty_threshold_result_is_an_input_error():
     with pytest.raises(InputError, match="skin threshold"):
         select_body_component(np.zeros((5, 5, 5), bool), (1, 1, 1))
+
+
+def test_components_are_26_connected():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:8, 2:8, 2:8] = True
+    mask[8:14, 8:14, 8:14] = True          # touches the first cube at one corner only
+    chosen = select_body_component(mask, (1.0, 1.0, 1.0))
+    assert chosen.n_components == 1 and chosen.mask.sum() == mask.sum()
+
+
+def test_smoothing_keeps_a_far_away_mesh_in_place():
+    from faceaudit.surface import laplacian_smooth
+
+    mask = ellipsoid(10, 12, 14, spacing=(1.0, 1.0, 1.0))
+    mesh = mask_to_mesh(mask, (1.0, 1.0, 1.0), offset_mm=(500.0, -300.0, 900.0),
+                        smoothing_iterations=0)
+    smoothed = laplacian_smooth(mesh.vertices, mesh.faces, iterations=5, keep_volume=True)
+    # volume kept by scaling about the centroid: the centre does not drift towards the origin
+    np.testing.assert_allclose(smoothed.mean(0), mesh.vertices.mean(0), atol=0.05)
+    import trimesh
+
+    assert trimesh.Trimesh(smoothed, mesh.faces).volume == pytest.approx(mesh.volume, rel=1e-6)

@@ -223,7 +223,7 @@ def simulate_pet(hu: np.ndarray, brain: np.ndarray, identity: dict,
     fwhm_mm = 7.0
     sigma = [fwhm_mm / 2.355 / s for s in PET_GRID_MM]
     suv = gaussian_filter(suv, sigma)
-    counts_per_suv = 50.0
+    counts_per_suv = 100.0
     suv = rng.poisson(np.clip(suv, 0, None) * counts_per_suv).astype(np.float32) / counts_per_suv
     suv = gaussian_filter(suv, [2.0 / 2.355 / s for s in PET_GRID_MM])
     return suv.astype(np.float32)

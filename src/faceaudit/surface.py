@@ -20,9 +20,20 @@ PET ``"percentile"`` (upstream): 95th percentile of the whole volume, background
 Body, not table
 ---------------
 Components (26-connected, cc3d) are scored by their *core volume*: the volume of voxels
-deeper than ``core_radius_mm`` inside the component, measured on a coarse grid. A scanner
-table or a mattress is a thin shell (a few mm to 2 cm), so its core is ~0 however many
-voxels it has; the patient's body has the largest core.
+deeper than ``core_radius_mm`` inside the component. A scanner table or a mattress is a
+thin shell (a few mm to 2 cm), so its core is ~0 however many voxels it has; the
+patient's body has the largest core.
+
+Two resolutions
+---------------
+The body is chosen on a strided ~6 mm view of the thresholded volume (2.9 M voxels for an
+AutoPET 400 x 400 x 326 grid instead of 52 M), which also gives the top of the head; only
+the head box is then thresholded and labelled at full resolution, and its component that
+overlaps the coarse body is kept. The whole volume is never labelled at full resolution.
+
+Head crop: from the top of the head (highest slice holding the body) down
+``head_height_mm`` (default 240 mm: vertex to below the chin), whatever the grid; the
+upstream kept the top quarter of the slices.
 """
 
 from __future__ import annotations
