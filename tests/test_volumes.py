@@ -180,3 +180,15 @@ def test_canonical_view_matches_simpleitk_dicomorient_for_all_48_axis_orders():
             np.testing.assert_array_equal(array, sitk.GetArrayFromImage(reference))
             np.testing.assert_allclose(spacing, reference.GetSpacing()[::-1])
             np.testing.assert_allclose(origin, reference.GetOrigin(), atol=1e-9)
+
+
+def test_nifti_scaling_slope_and_intercept_are_applied(tmp_path):
+    array = (np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60)
+    path = tmp_path / "scaled.nii"
+    sitk.WriteImage(_canonical_image(array), str(path))
+    data = bytearray(path.read_bytes())
+    data[112:120] = np.array([2.0, -1024.0], "<f4").tobytes()        # scl_slope, scl_inter
+    path.write_bytes(bytes(data))
+    volume = load_volume(path)
+    np.testing.assert_allclose(volume.array, array * 2.0 - 1024.0)
+    assert volume.array.dtype == np.float32

@@ -121,8 +121,11 @@ def _read_nifti(path: Path) -> _Raw:
         raise InputError(f"cannot read volume {path}: truncated, {len(raw) - vox_offset} bytes of voxel "
                          f"data for {n_voxels} voxels of {dtype.itemsize} bytes")
     array = np.frombuffer(raw, dtype, n_voxels, vox_offset).reshape(shape[2], shape[1], shape[0])
-    if slope not in (0.0, 1.0) and np.isfinite(slope) or (inter != 0.0 and np.isfinite(inter)):
-        array = array.astype(np.float32) * np.float32(slope if slope != 0 else 1.0) + np.float32(inter)
+    # NIfTI: scl_slope 0 or not finite means "no scaling"
+    slope = slope if np.isfinite(slope) and slope != 0.0 else 1.0
+    inter = inter if np.isfinite(inter) else 0.0
+    if (slope, inter) != (1.0, 0.0):
+        array = array.astype(np.float32) * np.float32(slope) + np.float32(inter)
     direction = np.asarray(info.GetDirection()).reshape(info.GetDimension(), -1)[:3, :3]
     return _Raw(array=array, spacing_xyz=tuple(info.GetSpacing()[:3]),
                 origin=tuple(info.GetOrigin()[:3]), direction=direction)
