@@ -34,7 +34,7 @@ def test_cohort_layout_and_simulated_labels(demo_cohort):
     studies = discover_studies(out)
     assert [s.id for s in studies] == sorted(e["id"] for e in plan)
     assert all(s.ct.name == "CTres.nii.gz" and s.pet.name == "SUV.nii.gz" for s in studies)
-    assert "SIMULATED" in (out / "README_SIMULATED.md").read_text()
+    assert "SIMULATED" in (out / "SIMULATED.txt").read_text()
     record = json.loads((out / "cohort.json").read_text())
     assert record["simulated"] is True and record["studies"] == json.loads(json.dumps(plan))
     with gzip.open(studies[0].ct, "rb") as fh:

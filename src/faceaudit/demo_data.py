@@ -4,7 +4,8 @@
 
     OUT/PETCT_<patient>/<study>/CTres.nii.gz   CT in HU (int16) on the PET grid
     OUT/PETCT_<patient>/<study>/SUV.nii.gz     PET in SUV (float32)
-    OUT/README_SIMULATED.md, OUT/cohort.json   what was simulated, with every random parameter
+    OUT/cohort.json, OUT/SIMULATED.txt         what was simulated (every random parameter);
+                                               SIMULATED.txt is written last (done marker)
 
 Nothing here is patient data. The anatomy is one real head CT (the VTK "headsq" CT shipped
 in ``faceaudit/data/vtk_headsq_ct``, BSD-style notice kept there) extended and altered:
@@ -310,7 +311,8 @@ def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
         "simulated": True, "note": SIMULATED_NOTE, "seed": seed, "n_patients": n,
         "n_studies": len(plan), "grid_mm_xyz": PET_GRID_MM, "shape_xyz": OUTPUT_SHAPE_XYZ,
         "base": "VTK headsq quarter CT (faceaudit/data/vtk_headsq_ct), deformed", "studies": plan})
-    atomic_write_text(out / "README_SIMULATED.md", _README.format(n=n, seed=seed, n_studies=len(plan)))
+    # written last: its presence means the cohort is complete
+    atomic_write_text(out / "SIMULATED.txt", _README.format(n=n, seed=seed, n_studies=len(plan)))
     return plan
 
 
