@@ -323,6 +323,7 @@ def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsy
     assert manifest["PETCT_p00_s1"]["subject"] == "PETCT_p00"
     assert all(manifest[i]["status"] == "ok" and manifest[i]["test_folds"] for i in tested)
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "qa_montage.png").read_bytes()[:4] == b"\x89PNG"
     summary = _read_csv(out / "summary.csv")
     assert [int(r["n_test"]) for r in summary] == [len(f["test"]) for f in splits["folds"]]
     run = json.loads((out / "run.json").read_text())

@@ -23,7 +23,8 @@ with the default residual U-Net (identity at start) the kept model is never wors
 raw PET on the validation set.
 
 Outputs in ``save_perfs_dir`` (see the brief's contract): splits.json, denoised/fold{k}/<id>.png,
-loss_fold{k}.csv, loss_curves.png, metrics.csv, summary.csv (per fold), manifest.csv, run.json,
+loss_fold{k}.csv, loss_curves.png, metrics.csv, summary.csv (per fold),
+qa_montage.png (PET | denoised | CT), manifest.csv, run.json,
 fold{k}.json (what a finished fold was run with; a re-run skips a fold whose record matches),
 and models in ``models_path`` (default save_perfs_dir/models): best_model_fold{k}.pt
 (state_dict) + best_model_fold{k}.json (architecture and training settings).
@@ -975,6 +976,10 @@ def _run_crossval(*, ct_files, pet_files, save_perfs_dir, n_epochs, n_folds, bat
     if histories:
         atomic_write_bytes(save_dir / "loss_curves.png", plot_loss_curves(histories))
 
+    qa = qa_montage(splits, data, save_dir / "denoised")
+    if qa is not None:
+        write_png(save_dir / "qa_montage.png", qa)
+
     by_id: dict[str, list[dict[str, Any]]] = {}
     for row in all_metrics:
         by_id.setdefault(row["id"], []).append(row)
@@ -1005,6 +1010,32 @@ def _run_crossval(*, ct_files, pet_files, save_perfs_dir, n_epochs, n_folds, bat
         "msssim": {"win_size": msssim_window(crop), "weights": list(MSSSIM_WEIGHTS),
                    "data_range": 1.0, "implementation": "pytorch_msssim.ms_ssim"}})
     return manifest.exit_code()
+
+
+def qa_montage(splits: Mapping[str, Any], data: RenderSet, denoised_root: Path, *,
+               per_fold: int = 2, tile: int = 208) -> np.ndarray | None:
+    """RGB montage, one row per shown test image: PET | denoised PET | CT, with MS-SSIM to CT.
+
+    Shows the first ``per_fold`` test ids of every fold; None when no fold has a test set.
+    """
+    from faceaudit.montage import montage
+
+    images, labels = [], []
+    for fold in splits["folds"]:
+        for item_id in fold["test"][:per_fold]:
+            path = denoised_root / f"fold{fold['fold']}" / f"{item_id}.png"
+            if not path.is_file():
+                continue
+            pet = data.pet[item_id].astype(np.float32) / 255.0
+            ct = data.ct[item_id].astype(np.float32) / 255.0
+            denoised = read_grey(path)
+            scores, _ = image_metrics(np.stack([pet, denoised]), np.stack([ct, ct]))
+            images += [to_uint8(pet), to_uint8(denoised), to_uint8(ct)]
+            labels += [f"f{fold['fold']} PET {scores[0]:.3f}", f"denoised {scores[1]:.3f}",
+                       f"CT {item_id[:22]}"]
+    if not images:
+        return None
+    return montage(images, labels=labels, ncols=3, tile=tile)
 
 
 def format_summary(summary: Sequence[Mapping[str, Any]]) -> str:
