@@ -23,7 +23,9 @@ def main(argv=None) -> int:
                         help="probe variant: pet_unet (default when present), pet, pet_wavelet, ...")
     parser.add_argument("--gallery", default="ct", help="gallery variant (default ct)")
     parser.add_argument("--distractors", default=None,
-                        help="a landmarks .npz or a folder of them: other people added to every gallery")
+                        help="a landmarks .npz or a folder of them (a placement output folder gives its "
+                             "landmarks_<gallery>.npz files): other people added to every gallery; a fold's "
+                             "own files are skipped, so --distractors LM pools all folds' CTs")
     add_common_args(parser, jobs=False)
     args = parser.parse_args(argv)
     aligns = [a.strip() for a in args.align.split(",") if a.strip()]

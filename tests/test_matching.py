@@ -233,3 +233,19 @@ def test_rerun_reuses_distances_only_for_unchanged_inputs(tmp_path):
     assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
     d = read_npz(path)["distances"]
     assert d[0, 0] == pytest.approx(np.linalg.norm(np.full((N_POINTS, 3), 0.01)))
+
+
+def test_distractors_from_a_placement_folder_pool_the_other_folds(tmp_path):
+    """--distractors LM adds the other folds' CT faces to each fold's gallery (never the fold's own)."""
+    root = tmp_path / "LM"
+    faces = identities(6)
+    for k in range(2):
+        ids = [f"f{k}_s{i}" for i in range(3)]
+        write_fold(root, k, "pet", ids, faces[3 * k:3 * k + 3])
+        write_fold(root, k, "ct", ids, faces[3 * k:3 * k + 3])
+    assert run_landmark_matching(root, tmp_path / "MT", aligns=("none",), distractors=root, quiet=True) == 0
+    rows = topk_rows(tmp_path / "MT" / "topk.csv")
+    assert float(rows[("none", 1)]["gallery_size"]) == 6  # 3 own + 3 of the other fold (CT only)
+    assert float(rows[("none", 1)]["mean"]) == 1.0
+    d = read_npz(tmp_path / "MT" / "distances_fold0_none.npz")
+    assert [g.split(":")[-1] for g in d["gallery_ids"][3:]] == ["f1_s0", "f1_s1", "f1_s2"]

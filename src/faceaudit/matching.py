@@ -79,17 +79,19 @@ def read_landmark_set(path: str | Path) -> LandmarkSet:
     return LandmarkSet(ids, subjects, lm, detected, str(path))
 
 
-def read_distractors(path: str | Path) -> LandmarkSet:
-    """Landmarks of other people, from one .npz or every ``*.npz`` under a folder.
+def read_distractors(path: str | Path, *, variant: str = "ct") -> list[LandmarkSet]:
+    """Landmarks of other people, one set per file: a single .npz, or a folder of them.
 
-    Only detected faces are kept. Ids and subjects get a ``distractor:<file>:``
-    prefix so a distractor can never count as a probe's true match.
+    In a folder, the ``landmarks_<variant>.npz`` files are used when there are any
+    (so another placement output contributes its CT faces, not its PET ones), else
+    every ``*.npz``. Only detected faces are kept. Ids and subjects get a
+    ``distractor:<file>:`` prefix so a distractor never counts as a true match.
     """
     path = Path(path)
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(path.rglob("*.npz"))
+        files = sorted(path.rglob(f"landmarks_{variant}.npz")) or sorted(path.rglob("*.npz"))
         if not files:
             raise InputError(f"--distractors {path}: no .npz landmark files found in that folder")
     else:
@@ -104,9 +106,21 @@ def read_distractors(path: str | Path) -> LandmarkSet:
     n_points = {p.landmarks.shape[1] for p in parts}
     if len(n_points) > 1:
         raise InputError(f"--distractors {path}: files hold different landmark counts {sorted(n_points)}")
-    return LandmarkSet(np.concatenate([p.ids for p in parts]), np.concatenate([p.subjects for p in parts]),
-                       np.concatenate([p.landmarks for p in parts]), np.concatenate([p.detected for p in parts]),
-                       str(path))
+    return parts
+
+
+def distractors_for(parts: list[LandmarkSet] | None, *exclude: str | Path) -> LandmarkSet | None:
+    """All distractor sets except those read from ``exclude`` (the fold's own files), so
+    ``--distractors LM`` pools the other folds' faces into each fold's gallery."""
+    if not parts:
+        return None
+    skip = {Path(p).resolve() for p in exclude}
+    keep = [p for p in parts if Path(p.source).resolve() not in skip]
+    if not keep:
+        return None
+    return LandmarkSet(np.concatenate([p.ids for p in keep]), np.concatenate([p.subjects for p in keep]),
+                       np.concatenate([p.landmarks for p in keep]), np.concatenate([p.detected for p in keep]),
+                       ",".join(p.source for p in keep))
 
 
 def concat_sets(a: LandmarkSet, b: LandmarkSet | None) -> LandmarkSet:
@@ -275,7 +289,7 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
         raise InputError(f"--align: expected a comma-separated list of {ALIGN_MODES}, got {list(aligns)}")
     folds = _fold_dirs(landmarks_dir, n_folds)
     probe_variant = probe_variant or default_probe_variant(landmarks_dir, folds)
-    extra = read_distractors(distractors) if distractors else None
+    distractor_sets = read_distractors(distractors, variant=gallery_variant) if distractors else None
     make_private_dir(save_dir)
     manifest = Manifest(save_dir / "manifest.csv")
     progress = not quiet
@@ -291,6 +305,7 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
             failed_folds.append({"fold": k, "reason": str(exc)})
             manifest.add(ItemResult(f"fold{k}", "", STATUS_FAILED, str(exc)))
             continue
+        extra = distractors_for(distractor_sets, probe.source, gallery.source)
         ct_detected = dict(zip(gallery.ids.tolist(), gallery.detected.tolist()))
         results = {}
         for align in aligns:
@@ -380,7 +395,10 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
                        f"mean gallery {gsize:.0f}")
     summary = {"probe_variant": probe_variant, "gallery_variant": gallery_variant, "aligns": list(aligns),
                "ks": list(ks), "folds": fold_info, "failed_folds": failed_folds,
-               "distractors": None if extra is None else {"source": str(distractors), "n": len(extra.ids)},
+               "distractors": None if not distractor_sets else {
+                   "source": str(distractors), "files": [p.source for p in distractor_sets],
+                   "n": int(sum(len(p.ids) for p in distractor_sets)),
+                   "note": "a fold's own landmark files are never its distractors"},
                "identity": "subject (another study of the same patient counts as a correct match)",
                "distance": "Frobenius norm of the (n_points, 3) landmark difference",
                "reference_frame": "generalised Procrustes mean of each fold's gallery (rigid/similarity)",
