@@ -7,7 +7,9 @@ sockets, a table 12 mm behind the back; CT noise 15 HU; SUV tissue 1, lungs 0.4,
 6 mm blur, signal-dependent noise), the phantom of ../shared/reference/upstream_baseline.md.
 It is generated once into bench_output/ (gitignored) and reused.
 
-Upstream path (as reference/upstream_pipelines.md A1.1 describes it): float64 volume;
+Upstream path (as reference/upstream_pipelines.md A1.1 describes it): nibabel's load
+(emulated: nibabel is not installed; Python's gzip module, as nibabel uses, then float64
+as ``get_fdata`` returns);
 Otsu over the whole volume (CT) or the 95th percentile (PET); cc3d labelling of the whole
 volume; ``np.unique`` to pick the 2nd most frequent label; float mask; top quarter of the
 slices; marching cubes on that 400 x 400 x 82 block; Laplacian smoothing x5; 90-degree
@@ -194,6 +196,8 @@ def _upstream_rays(nx: int, ny: int, h: int, spacing_xyz, size: int = 512):
 
 
 def run_upstream(ct_path: str, pet_path: str, out_dir: str) -> dict:
+    import gzip
+
     import cc3d
     import SimpleITK as sitk
     import trimesh
@@ -208,10 +212,17 @@ def run_upstream(ct_path: str, pet_path: str, out_dir: str) -> dict:
     for modality, path in (("ct", ct_path), ("pet", pet_path)):
         t = {}
         start = time.perf_counter()
-        image = sitk.ReadImage(path)          # nibabel get_fdata(): float64, file order
-        data = sitk.GetArrayFromImage(image).astype(np.float64).transpose(2, 1, 0)   # (x, y, z)
-        spacing = image.GetSpacing()
-        del image
+        # nibabel (not installed) load + get_fdata(): Python's gzip, file order, float64
+        info = sitk.ImageFileReader()
+        info.SetFileName(path)
+        info.ReadImageInformation()
+        spacing = info.GetSpacing()
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+        vox_offset = int(np.frombuffer(raw, "<f4", 1, 108)[0])
+        data = np.frombuffer(raw, "<f4", int(np.prod(info.GetSize())), vox_offset)
+        data = data.reshape(info.GetSize()[::-1]).transpose(2, 1, 0).astype(np.float64)  # (x, y, z)
+        del raw
         t["load"] = time.perf_counter() - start
         start = time.perf_counter()
         if modality == "ct":

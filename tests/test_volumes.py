@@ -192,3 +192,24 @@ def test_nifti_scaling_slope_and_intercept_are_applied(tmp_path):
     volume = load_volume(path)
     np.testing.assert_allclose(volume.array, array * 2.0 - 1024.0)
     assert volume.array.dtype == np.float32
+
+
+def test_simpleitk_fast_path_is_used_only_when_the_gzip_crc_matches(tmp_path):
+    from faceaudit.volumes import _read_nifti_gz_fast
+
+    clean = np.random.default_rng(4).normal(size=(6, 7, 8)).astype(np.float32)
+    with_nan = clean.copy()
+    with_nan[1, 2, 3] = np.nan
+    for name, array in (("clean.nii.gz", clean), ("nan.nii.gz", with_nan)):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(tmp_path / "clean.nii.gz"))
+    info.ReadImageInformation()
+    fast = _read_nifti_gz_fast(tmp_path / "clean.nii.gz", info)
+    assert fast is not None
+    np.testing.assert_array_equal(fast.array, clean)
+    # SimpleITK turns the NaN into 0: the CRC no longer matches, the careful decoder takes over
+    info.SetFileName(str(tmp_path / "nan.nii.gz"))
+    info.ReadImageInformation()
+    assert _read_nifti_gz_fast(tmp_path / "nan.nii.gz", info) is None
+    np.testing.assert_array_equal(load_volume(tmp_path / "clean.nii.gz").array, clean)
