@@ -161,62 +161,120 @@ def _paper_cell(value: tuple[float, float] | None) -> str:
     return "" if value is None else f"{value[0]:.1f} ± {value[1]:.1f}"
 
 
-def paper_detection_table() -> Table:
-    rows = [[v, _paper_cell(paper.PET_DETECTION.get(v)), _paper_cell(paper.PET_WELL_PLACED.get(v))]
-            for v in ("ct", "pet", "pet_wavelet", "pet_unet")]
-    return Table("Papers' numbers: landmark detection and placement",
-                 ["variant", "detected % (paper)", "well placed % (paper)"], rows,
-                 note=paper.PET_SOURCE + ". The paper's data, not ours.")
+
+def selection_table(path: Path) -> Table:
+    """Accepted images, and rejected ones grouped by the rule that rejected them."""
+    counts: dict[str, int] = {}
+    for row in read_csv_rows(path):
+        decision = row.get("decision") or row.get("status") or "?"
+        reason = (row.get("reason") or "").strip()
+        rule = reason.split()[0].rstrip(":") if reason else ""
+        key = decision if decision == "accepted" or not rule else f"{decision}: {rule}"
+        counts[key] = counts.get(key, 0) + 1
+    total = sum(counts.values())
+    rows = [[k, str(v), f"{100.0 * v / total:.1f}"] for k, v in sorted(counts.items())]
+    return Table("Frontal-face selection", ["decision", "images", "%"], rows,
+                 note="Every decision with its numbers: selection.csv.")
 
 
-def paper_topk_table() -> Table:
-    ks = sorted(paper.PET_TOPK["none"])
-    rows = [[align] + [_paper_cell(paper.PET_TOPK[align][k]) for k in ks] for align in paper.PET_TOPK]
-    return Table("Papers' numbers: PET-to-CT top-k (%)", ["alignment"] + [f"top-{k}" for k in ks], rows,
-                 note=f"{paper.PET_SOURCE}; gallery {paper.PET_GALLERY_SIZE}. The paper's data, not ours.")
+def _pct(value, std=None) -> str:
+    """A fraction as a percentage, with its std when given."""
+    try:
+        v = 100.0 * float(value)
+    except (TypeError, ValueError):
+        return ""
+    if math.isnan(v):
+        return "n/a"
+    if std in (None, ""):
+        return f"{v:.1f}"
+    return f"{v:.1f} ± {100.0 * float(std):.1f}"
 
 
-def paper_mask_table() -> Table:
-    rows = [[name, f"{value:.0f}", note] for name, (value, note) in paper.MASK_RANK1.items()]
-    return Table("Papers' numbers: digital-mask re-identification", ["scenario", "rank-1 % (paper)", "note"],
-                 rows, note=f"{paper.MASK_SOURCE}. {paper.MASK_NOTE} The paper's data, not ours.")
+def _rows_by(path: Path, key: str) -> dict[str, dict[str, str]]:
+    return {row.get(key, ""): row for row in read_csv_rows(path)} if path.is_file() else {}
+
+
+def headline_tables(stages: dict[str, list[Path]]) -> list[Table]:
+    """The upstream-style tables: our numbers beside the papers', one row per variant or scenario."""
+    tables = []
+    for folder in stages.get("placement", []):
+        det = _rows_by(folder / "detection.csv", "variant")
+        place = _rows_by(folder / "placement.csv", "variant")
+        rows = []
+        for variant in ("ct", "pet", "pet_wavelet", "pet_unet"):
+            d, p = det.get(variant), place.get(variant)
+            if d is None:
+                continue
+            rows.append([variant, _pct(d.get("mean"), d.get("std")),
+                         _paper_cell(paper.PET_DETECTION.get(variant)),
+                         _pct(p.get("well_placed_mean"), p.get("well_placed_std")) if p else "",
+                         _paper_cell(paper.PET_WELL_PLACED.get(variant)),
+                         _fmt(p.get("median_mad_mean")) if p else ""])
+        tables.append(Table("Landmarks detected and well placed, % (mean ± std over folds)",
+                            ["variant", "detected (ours)", "detected (paper)", "well placed (ours)",
+                             "well placed (paper)", "median MAD, % IOD (ours)"], rows,
+                            note="Paper: " + paper.PET_SOURCE + ", not our data."))
+    for folder in stages.get("matching", []):
+        topk = read_csv_rows(folder / "topk.csv")
+        ks = sorted({int(r["k"]) for r in topk if r.get("k")})
+        rows = []
+        for align in dict.fromkeys(r.get("align", "") for r in topk):
+            by_k = {int(r["k"]): r for r in topk if r.get("align") == align}
+            first = by_k[ks[0]]
+            rows.append([f"{align} (ours)"] + [_pct(by_k[k].get("mean"), by_k[k].get("std")) for k in ks]
+                        + [_fmt(first.get("gallery_size")), _pct(first.get("chance"))])
+        for align, values in paper.PET_TOPK.items():
+            rows.append([f"{align} (paper)"] + [_paper_cell(values.get(k)) for k in ks]
+                        + [paper.PET_GALLERY_SIZE, "~0.9"])
+        tables.append(Table("PET-to-CT identification, top-k %, mean ± std over folds",
+                            ["alignment"] + [f"top-{k}" for k in ks] + ["gallery", "chance top-1 %"], rows,
+                            note="A probe without landmarks counts as a miss. Paper: " + paper.PET_SOURCE
+                            + ", not our data; its aligned row used per-pair ICP."))
+    for folder in stages.get("recognition", []):
+        rows = []
+        for r in read_csv_rows(folder / "results.csv"):
+            ci = f"[{_pct(r.get('rank1_ci_lo'))}, {_pct(r.get('rank1_ci_hi'))}]"
+            value = paper.MASK_RANK1.get(r.get("scenario", ""))
+            rows.append([r.get("scenario", ""), r.get("protocol", ""), f"{_pct(r.get('rank1'))} {ci}",
+                         _pct(r.get("rank5")), _pct(r.get("rank10")), _fmt(r.get("gallery_size")),
+                         _pct(r.get("chance")), _fmt(r.get("n_no_face")),
+                         "" if value is None else f"{value[0]:.0f}"])
+        tables.append(Table("Face recognition: rank-1 % [bootstrap 95 % CI]",
+                            ["scenario", "protocol", "rank-1", "rank-5", "rank-10", "gallery", "chance %",
+                             "no face found", "rank-1 (paper)"], rows,
+                            note="Mask2Face = MaskOnly2Face, Mask2Mask = MaskOnly2MaskOnly; Cross* = query and "
+                            "database masked by different face models. Paper: " + paper.MASK_SOURCE
+                            + ", not our data. " + paper.MASK_NOTE))
+    return tables
 
 
 def build_sections(run_dir: Path) -> list[Section]:
     stages = find_stage_dirs(run_dir)
     sections: list[Section] = []
+    headline = headline_tables(stages)
+    if headline:
+        sections.append(Section("headline", "Results beside the papers", run_dir, tables=headline))
     for key, folders in stages.items():
         for folder in folders:
             rel = folder.relative_to(run_dir) if folder != run_dir else Path(".")
             title = STAGE_TITLES[key] + (f" ({rel})" if len(folders) > 1 else "")
             sec = Section(key, title, folder, facts=manifest_facts(folder) + run_facts(folder))
             if key == "crossval":
-                sec.tables.append(csv_table(folder / "metrics.csv", "Denoising metrics per test image",
-                                            note="MS-SSIM and PSNR of PET against CT, before and after."))
                 summary = folder / "summary.csv"
-                if summary.is_file():
-                    sec.tables.insert(0, csv_table(summary, "Per fold"))
+                sec.tables.append(csv_table(summary if summary.is_file() else folder / "metrics.csv",
+                                            "MS-SSIM and PSNR of PET against CT, before and after denoising",
+                                            note="Per test image: metrics.csv."))
             elif key == "placement":
                 sec.tables.append(csv_table(folder / "detection.csv", "Faces detected (%)"))
                 if (folder / "placement.csv").is_file():
                     sec.tables.append(csv_table(folder / "placement.csv", "Landmark error"))
-                sec.tables.append(paper_detection_table())
             elif key == "matching":
                 sec.tables.append(csv_table(folder / "topk.csv", "PET-to-CT identification, top-k"))
-                sec.tables.append(paper_topk_table())
             elif key == "digital_mask":
-                sel = read_csv_rows(folder / "selection.csv")
-                decisions: dict[str, int] = {}
-                for row in sel:
-                    label = row.get("decision") or row.get("status") or "?"
-                    reason = row.get("reason", "")
-                    key2 = label if not reason or label == "accepted" else f"{label}: {reason.split(':')[0]}"
-                    decisions[key2] = decisions.get(key2, 0) + 1
-                sec.tables.append(Table("Frontal-face selection", ["decision", "images"],
-                                        [[k, str(v)] for k, v in sorted(decisions.items())]))
+                sec.tables.append(selection_table(folder / "selection.csv"))
             elif key == "recognition":
-                sec.tables.append(csv_table(folder / "results.csv", "Re-identification by scenario"))
-                sec.tables.append(paper_mask_table())
+                sec.facts.append("Per-scenario numbers are in the table at the top; every column "
+                                 "(rank-5/10 CIs, mean rank, failures) in results.csv.")
             sec.figures = figures_in(folder)
             sections.append(sec)
     return sections
