@@ -149,3 +149,14 @@ def test_script_exit_codes(tmp_path, cohort_with_broken_studies):
     run = json.loads((out / "run.json").read_text())
     assert run["options"]["ct_threshold"] == -300.0 and run["options"]["shading"] == "lambert"
     assert module.main(["--petct_path", str(tmp_path / "missing"), "--save_dir", str(out)]) == EXIT_USAGE
+
+
+def test_flat_layout_ids_and_subjects(tmp_path):
+    root, out = tmp_path / "flat", tmp_path / "out"
+    _write(root / "p1_ct.nii.gz", _phantom("ct"))
+    _write(root / "p1_pet.nii.gz", _phantom("pet"))
+    options = ReconstructionOptions(head_height_mm=120.0, projection="pinhole")
+    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_OK
+    row = _read_manifest(out)["p1"]
+    assert row["subject"] == "p1" and row["status"] == "ok"
+    assert (out / "cts" / "p1.png").is_file() and (out / "pets" / "p1.png").is_file()
