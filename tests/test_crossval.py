@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from faceaudit.crossval import (RenderSet, image_metrics, kfold_patient_splits, load_denoiser,
+from faceaudit.crossval import (image_metrics, kfold_patient_splits, load_denoiser,
                                 load_renders, load_splits, msssim_window, pair_renders,
                                 save_model, split_leakage, summarise_metrics, train_denoiser,
                                 upstream_random_splits)

@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -838,6 +838,12 @@ def run_fold(k: int, fold: Mapping[str, Any], data: RenderSet, options: Crossval
                 write_png(out_dir / f"{item_id}.png", to_uint8(image))
         info.update(history=result.history, best_epoch=result.best_epoch,
                     best_val_loss=result.best_val_loss)
+        if result.best_epoch == 0:
+            # e.g. the upstream network can start with MS-SSIM clipped to 0 (loss exactly 1),
+            # where pytorch_msssim's ReLU leaves no gradient; the saved model is the untrained one.
+            print(f"warning: fold {k}: no epoch beat the untrained network on validation "
+                  f"(loss {result.best_val_loss:.4f}); try another --seed, --lr or more epochs",
+                  file=sys.stderr)
     info["seconds"] = round(time.time() - started, 3)
     return info
 
