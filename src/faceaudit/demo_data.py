@@ -14,8 +14,9 @@ in ``faceaudit/data/vtk_headsq_ct``, BSD-style notice kept there) extended and a
   slice (its top slice shrunk as an ellipsoidal dome), a neck and the top of a torso
   (elliptic cross-sections) below it, an ellipsoidal brain inside the skull;
 * identity (per patient): smooth Gaussian displacement bumps centred on the nose, chin,
-  lips, cheeks, brow and eyes (random direction and size, a few mm) and a global
-  anisotropic head scale (+-6 %), so faces really differ;
+  lips, brow and on mirrored pairs of eyes, cheeks, mouth corners and jaw angles (random
+  direction and size, up to 4-8 mm) and a global anisotropic head scale (+-6 %), so
+  faces really differ;
 * pose (per study): rotation of a few degrees about each axis and a shift of a few mm,
   identical in the CT and the PET of a study, different between studies;
 * CT: 2.04 x 2.04 x 3 mm grid stored as in AutoPET files (anterior at high j, "LAS"),
@@ -57,16 +58,26 @@ TABLE_THICKNESS_MM = 8.0
 
 #: Face features of the base head (LPS mm), found on a frontal render of the shipped CT:
 #: name -> (centre, Gaussian radius mm, max displacement per axis mm (x, y, z)).
+#: In-plane (x, z) amplitudes matter most: they move the 2-D landmarks a frontal render
+#: shows (depth, y, mostly shades). Every displacement stays below 1.6 x the radius, so
+#: the warp stays one-to-one.
 FACE_FEATURES = {
-    "nose": ((99.0, 18.0, 69.0), 13.0, (2.0, 6.0, 3.0)),
-    "chin": ((99.0, 52.0, 8.0), 17.0, (2.5, 6.0, 5.0)),
-    "lips": ((99.0, 42.0, 40.0), 11.0, (1.5, 3.5, 2.0)),
-    "cheek_right": ((57.0, 44.0, 65.0), 18.0, (5.0, 4.0, 3.0)),
-    "cheek_left": ((141.0, 46.0, 65.0), 18.0, (5.0, 4.0, 3.0)),
-    "brow": ((99.0, 18.0, 118.0), 20.0, (1.5, 4.0, 3.0)),
-    "eye_right": ((73.0, 30.0, 106.0), 11.0, (2.0, 3.0, 2.0)),
-    "eye_left": ((126.0, 32.0, 106.0), 11.0, (2.0, 3.0, 2.0)),
+    "nose": ((99.0, 18.0, 69.0), 13.0, (2.5, 6.0, 5.0)),
+    "chin": ((99.0, 52.0, 8.0), 17.0, (2.5, 6.0, 8.0)),
+    "lips": ((99.0, 42.0, 40.0), 11.0, (1.5, 3.5, 4.0)),
+    "brow": ((99.0, 18.0, 118.0), 20.0, (1.5, 4.0, 5.0)),
+    "cheek_right": ((57.0, 44.0, 65.0), 18.0, (6.0, 4.0, 4.0)),
+    "cheek_left": ((141.0, 46.0, 65.0), 18.0, (6.0, 4.0, 4.0)),
+    "eye_right": ((73.0, 30.0, 106.0), 11.0, (4.0, 3.0, 4.0)),
+    "eye_left": ((126.0, 32.0, 106.0), 11.0, (4.0, 3.0, 4.0)),
+    "mouth_right": ((84.0, 44.0, 40.0), 9.0, (4.0, 2.0, 3.0)),
+    "mouth_left": ((114.0, 44.0, 40.0), 9.0, (4.0, 2.0, 3.0)),
+    "jaw_right": ((62.0, 80.0, 25.0), 20.0, (6.0, 3.0, 4.0)),
+    "jaw_left": ((136.0, 80.0, 25.0), 20.0, (6.0, 3.0, 4.0)),
 }
+#: Left/right features move as mirror images (wider or narrower face), up to 15 % asymmetry.
+SYMMETRIC_PAIRS = (("cheek_right", "cheek_left"), ("eye_right", "eye_left"),
+                   ("mouth_right", "mouth_left"), ("jaw_right", "jaw_left"))
 
 
 def _headsq_path() -> Path:
@@ -134,18 +145,19 @@ def draw_identity(rng: np.random.Generator) -> dict:
     """Random facial geometry of one patient: per-feature displacement (mm) and head scale."""
     features = {}
     for name, (_centre, _radius, amplitude) in FACE_FEATURES.items():
-        features[name] = (rng.uniform(-1.0, 1.0, 3) * np.asarray(amplitude)).round(2).tolist()
-    # mirror-ish cheeks so the face stays plausible: share most of the outward push
-    for side, sign in (("cheek_right", -1.0), ("cheek_left", 1.0)):
-        features[side][0] = round(sign * abs(features[side][0]), 2)
-    return {"features": features,
+        features[name] = rng.uniform(-1.0, 1.0, 3) * np.asarray(amplitude)
+    for right, left in SYMMETRIC_PAIRS:
+        amplitude = np.asarray(FACE_FEATURES[left][2])
+        shared = features[left]
+        features[right] = shared * np.array([-1.0, 1.0, 1.0]) + rng.uniform(-0.15, 0.15, 3) * amplitude
+    return {"features": {k: v.round(2).tolist() for k, v in features.items()},
             "scale_xyz": rng.uniform(0.94, 1.06, 3).round(3).tolist(),
             "brain_suv": round(float(rng.uniform(6.0, 11.0)), 2)}
 
 
 def draw_pose(rng: np.random.Generator) -> dict:
     """Small rigid pose change of a study: degrees about x, y, z and a shift in mm."""
-    return {"rotation_deg": np.clip(rng.normal(0.0, 2.5, 3), -6.0, 6.0).round(2).tolist(),
+    return {"rotation_deg": np.clip(rng.normal(0.0, 2.0, 3), -5.0, 5.0).round(2).tolist(),
             "shift_mm": np.clip(rng.normal(0.0, 3.0, 3), -8.0, 8.0).round(2).tolist()}
 
 
