@@ -30,7 +30,6 @@ the per-study ratio upstream / faceaudit, peak RSS. Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
