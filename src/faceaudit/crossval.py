@@ -65,6 +65,10 @@ DEFAULT_VAL_FRACTION = 0.15
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MSSSIM_WIN = 11
 
+#: Training images (the first ones, in id order) that set BatchNorm's running statistics
+#: after each epoch; caps that extra forward pass on large cohorts.
+BN_RECALIBRATION_IMAGES = 256
+
 METRIC_COLUMNS = ("fold", "id", "subject", "msssim_before", "msssim_after", "psnr_before",
                   "psnr_after")
 LOSS_COLUMNS = ("epoch", "train_loss", "val_loss")
@@ -469,7 +473,8 @@ def recalibrate_batchnorm(model, pet: np.ndarray, *, batch_size: int, device: st
     With few optimiser steps (small cohorts, demo epochs) the default exponential average
     (momentum 0.1, starting from mean 0 / var 1) is far from the statistics of the trained
     weights, and eval() outputs are wrong even when the training loss is low. One extra
-    forward pass over the training images after each epoch fixes that ("precise BN").
+    forward pass over (up to BN_RECALIBRATION_IMAGES) training images after each epoch
+    fixes that ("precise BN").
     Models without BatchNorm modules (the upstream network) are left as they are.
     """
     import torch
@@ -551,7 +556,8 @@ def train_denoiser(train_pet: np.ndarray, train_ct: np.ndarray, val_pet: np.ndar
             optimiser.step()
             total += float(loss.detach()) * len(x)
         train_loss = total / len(train_pet)
-        recalibrate_batchnorm(model, train_pet, batch_size=batch_size, device=device)
+        recalibrate_batchnorm(model, train_pet[:BN_RECALIBRATION_IMAGES], batch_size=batch_size,
+                              device=device)
         val_loss = _mean_loss(model, val_pet, val_ct, batch_size=batch_size, device=device)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         if val_loss < best.best_val_loss:
