@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +48,6 @@ class Volume:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     source: str = ""
-    #: the SimpleITK image whose buffer ``array`` may view; kept so the view stays valid
-    owner: object = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -68,7 +66,6 @@ class _Raw:
     spacing_xyz: tuple
     origin: tuple
     direction: np.ndarray          # (3, 3), column a = world direction of index axis a
-    owner: object = None           # keeps a SimpleITK image alive under a view of its buffer
 
 
 def _nifti_header(head: bytes, path: Path) -> tuple[tuple[int, int, int], np.dtype, int, float, float]:
@@ -147,7 +144,8 @@ def _read_nifti_gz_fast(path: Path, info) -> _Raw | None:
         return None
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         return None
-    array = sitk.GetArrayViewFromImage(image)
+    # a copy: a view would dangle once the SimpleITK image is freed
+    array = sitk.GetArrayFromImage(image)
     if array.dtype != dtype or array.shape != shape or not array.flags["C_CONTIGUOUS"]:
         return None
     crc = zlib.crc32(memoryview(array).cast("B"), zlib.crc32(head[:vox_offset]))
@@ -155,7 +153,7 @@ def _read_nifti_gz_fast(path: Path, info) -> _Raw | None:
         return None
     direction = np.asarray(info.GetDirection()).reshape(info.GetDimension(), -1)[:3, :3]
     return _Raw(array=array, spacing_xyz=tuple(info.GetSpacing()[:3]),
-                origin=tuple(info.GetOrigin()[:3]), direction=direction, owner=image)
+                origin=tuple(info.GetOrigin()[:3]), direction=direction)
 
 
 def _read_nifti(path: Path) -> _Raw:
@@ -275,11 +273,9 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
         raise InputError(f"expected a 3-D volume in {path}, found size {raw.array.shape[::-1]} "
                          f"(a 2-D slice)")
     array, spacing, origin = _to_canonical(raw)
-    owner = raw.owner
     del raw
     if array.dtype != dtype:
         array = array.astype(dtype)
-        owner = None
     # min and max propagate NaN and show inf, so two passes check finiteness and emptiness
     lo, hi = float(array.min()), float(array.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -287,7 +283,7 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
         raise InputError(f"volume {path} holds {n_bad} NaN/inf voxels of {array.size}")
     if lo == hi:
         raise InputError(f"volume {path} is empty: every voxel equals {lo}")
-    return Volume(array=array, spacing=spacing, origin=origin, source=str(path), owner=owner)
+    return Volume(array=array, spacing=spacing, origin=origin, source=str(path))
 
 
 def volume_from_array(array: np.ndarray, spacing: tuple[float, float, float],
