@@ -1,7 +1,6 @@
 """The report is built from stage outputs; its tables must hold their numbers."""
 
 import csv
-import json
 import shutil
 
 import numpy as np

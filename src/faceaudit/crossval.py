@@ -49,9 +49,8 @@ import numpy as np
 
 from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, InputError, ItemResult,
-                               Manifest, atomic_write_bytes, atomic_write_text,
-                               describe_exception, make_private_dir, map_items, read_manifest,
-                               write_json, write_png, write_run_json)
+                               Manifest, atomic_write_bytes, describe_exception, make_private_dir, map_items, read_manifest,
+                               write_json, write_png, write_run_json, write_csv)
 
 SCHEMES = ("kfold", "upstream")
 DENOISERS = ("unet", "wavelet")
@@ -645,16 +644,6 @@ def load_denoiser(pt_path: str | os.PathLike, device: str = "cpu", *,
 # Tables and figures
 # ----------------------------------------------------------------------------------------
 
-def _csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
 def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """metrics.csv rows with fold as int and the four metrics as float."""
     path = Path(path)
@@ -826,9 +815,9 @@ def run_fold(k: int, fold: Mapping[str, Any], data: RenderSet, options: Crossval
             train_pet, train_ct, val_pet, val_ct, arch=options.arch, n_epochs=options.n_epochs,
             batch_size=options.batch_size, lr=options.lr, seed=fold_seed(options.seed, k),
             device=device, progress=progress, desc=f"fold {k}")
-        atomic_write_text(save_dir / f"loss_fold{k}.csv", _csv_text(LOSS_COLUMNS, [
+        write_csv(save_dir / f"loss_fold{k}.csv", [
             {**row, "train_loss": "" if math.isnan(row["train_loss"]) else row["train_loss"]}
-            for row in result.history]))
+            for row in result.history], LOSS_COLUMNS)
         save_model(model, models_dir / f"best_model_fold{k}.pt", info={
             "fold": k, "crop": options.crop, "in_channels": 1, "out_channels": 1,
             "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
@@ -982,9 +971,9 @@ def _run_crossval(*, ct_files, pet_files, save_perfs_dir, n_epochs, n_folds, bat
                           "best_val_loss": info.get("best_val_loss"),
                           "seconds": info.get("seconds")})
 
-    atomic_write_text(save_dir / "metrics.csv", _csv_text(METRIC_COLUMNS, all_metrics))
+    write_csv(save_dir / "metrics.csv", all_metrics, METRIC_COLUMNS)
     summary = summarise_metrics(all_metrics)
-    atomic_write_text(save_dir / "summary.csv", _csv_text(SUMMARY_COLUMNS, summary))
+    write_csv(save_dir / "summary.csv", summary, SUMMARY_COLUMNS)
     if histories:
         atomic_write_bytes(save_dir / "loss_curves.png", plot_loss_curves(histories))
 

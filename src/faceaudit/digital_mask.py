@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import json
 import time
 from collections import Counter
@@ -34,9 +33,9 @@ import numpy as np
 
 from faceaudit import masking, selection
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
-                               atomic_write_bytes, atomic_write_text, describe_exception,
+                               atomic_write_bytes, describe_exception,
                                make_private_dir, map_items, read_npz, write_json, write_npz,
-                               write_png, write_run_json)
+                               write_png, write_run_json, write_csv)
 
 VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
 SELECTION_COLUMNS = ("identity", "video", "name", "source", "status", "reason", "role", "n_faces",
@@ -134,16 +133,6 @@ def _read_selection(save_dir: Path, options: selection.SelectionOptions) -> dict
         return {}
 
 
-def _write_selection(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(SELECTION_COLUMNS), extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
 def _load_mean_shape(model_dir: str | None) -> tuple[np.ndarray, str]:
     if model_dir is not None and (Path(model_dir) / MEANSHAPE_FILE).is_file():
         path = Path(model_dir) / MEANSHAPE_FILE
@@ -215,7 +204,7 @@ def run_digital_mask(input_dir: str | Path, save_dir: str | Path, *, backend: st
     roles, unpaired = selection.choose_pairs(rows, protocol=protocol, seed=seed)
     for row in rows:
         row["role"] = roles.get(f"{row['identity']}/{row['name']}", "")
-    _write_selection(out / "selection.csv", rows)
+    write_csv(out / "selection.csv", rows, SELECTION_COLUMNS)
     write_json(out / "selection.json", options.as_dict())
 
     # ---- masking

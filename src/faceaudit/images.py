@@ -14,20 +14,37 @@ import numpy as np
 from faceaudit.stageio import InputError
 
 
-def read_grey(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as float32 grey in [0, 1], shape (H, W)."""
-    from PIL import Image, UnidentifiedImageError
+def open_image(path: str | os.PathLike):
+    """A loaded PIL image; a missing or unreadable file is an InputError quoting the path."""
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"expected an image file at {path}, found nothing")
     try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise InputError(f"cannot read {path} as an image: {exc}") from exc
-    return arr
+        im = Image.open(path)
+        im.load()
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise InputError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    return im
+
+
+def read_grey(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as float32 grey in [0, 1], shape (H, W)."""
+    with open_image(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB uint8, shape (H, W, 3); 16-bit and float grey are
+    stretched to their own range (PIL's own conversion would clip them)."""
+    with open_image(path) as im:
+        if im.mode in ("I;16", "I;16B", "I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            span = max(float(np.ptp(arr)), 1e-12)
+            arr = ((arr - arr.min()) / span * 255).astype(np.uint8)
+            return np.repeat(arr[:, :, None], 3, axis=2)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ summary.json, manifest.csv (one row per fold x probe), run.json.
 
 from __future__ import annotations
 
-import csv
 import io
 import re
 import time
@@ -31,8 +30,8 @@ import numpy as np
 from faceaudit import ranking
 from faceaudit.alignment import ALIGN_MODES, align_to, icp_distance_matrix, pairwise_distances, procrustes_mean
 from faceaudit.stageio import (
-    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, atomic_write_text, make_private_dir,
-    read_npz, write_json, write_npz, write_run_json,
+    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, make_private_dir,
+    read_npz, write_json, write_npz, write_run_json, write_csv,
 )
 
 DEFAULT_KS = (1, 3, 5, 10, 15)
@@ -210,15 +209,6 @@ def default_probe_variant(landmarks_dir: Path, folds: list[tuple[int, Path]]) ->
     return "pet"
 
 
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
 def input_fingerprint(probe: LandmarkSet, gallery: LandmarkSet) -> str:
     """SHA-1 of the ids and landmark values a distance matrix was computed from."""
     import hashlib
@@ -385,7 +375,7 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
     columns = (["align", "k", "mean", "std"] + [f"fold{f}" for f in fold_ids]
                + ["gallery_size", "chance", "mean_probe_detected", "std_probe_detected", "mean_both_detected",
                   "n_probes", "n_miss_no_landmarks"])
-    _write_csv(save_dir / "topk.csv", rows, columns)
+    write_csv(save_dir / "topk.csv", rows, columns)
     if curves:
         chance_curve = np.array([np.mean([ranking.chance_topk(f["gallery_size"], r) for f in fold_info])
                                  for r in range(1, max_rank + 1)])

@@ -18,8 +18,6 @@ variant was computed here from models.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from collections.abc import Callable
@@ -32,8 +30,8 @@ import numpy as np
 from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
 from faceaudit.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch
 from faceaudit.stageio import (
-    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, atomic_write_text, describe_exception,
-    make_private_dir, map_items, read_manifest, read_npz, write_json, write_npz, write_png, write_run_json,
+    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, describe_exception,
+    make_private_dir, map_items, read_manifest, read_npz, write_json, write_npz, write_png, write_run_json, column_union, write_csv,
 )
 
 VARIANTS = ("ct", "pet", "pet_wavelet", "pet_unet")
@@ -207,18 +205,6 @@ def placement_table(mads: dict[str, dict[int, np.ndarray]], folds: list[int], *,
         row["folds_scored"] = len(scored)
         rows.append(row)
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns or ["variant"], lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
 
 
 def format_tables(det_rows: list[dict], place_rows: list[dict], *, upstream_mad: bool) -> str:
@@ -444,8 +430,8 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     # a variant is in the tables for the folds where it was scored (column folds_scored)
     det_rows = detection_table(detected, folds)
     place_rows = placement_table(mads, folds)
-    _write_csv(save_dir / "detection.csv", det_rows)
-    _write_csv(save_dir / "placement.csv", place_rows)
+    write_csv(save_dir / "detection.csv", det_rows, column_union(det_rows, first=["variant"]))
+    write_csv(save_dir / "placement.csv", place_rows, column_union(place_rows, first=["variant"]))
     write_json(save_dir / "placement.json", place_rows)
     scored = [v for v in VARIANTS if v in detected]
     summary = {"variants_scored": scored,

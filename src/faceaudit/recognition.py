@@ -26,7 +26,6 @@ matches; every number comes with the gallery size and the chance level.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -42,12 +41,13 @@ from typing import Any
 import numpy as np
 
 from faceaudit import ranking
-from faceaudit.embedding import (EmbeddingResult, as_rgb_uint8, cosine_distances, file_sha256,
+from faceaudit.embedding import (EmbeddingResult, cosine_distances, file_sha256,
                                  make_embedder)
+from faceaudit.images import read_rgb
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
-                               atomic_write_bytes, atomic_write_text, describe_exception,
+                               atomic_write_bytes, describe_exception,
                                make_private_dir, map_items, read_manifest, read_npz, write_json,
-                               write_npz, write_run_json)
+                               write_npz, write_run_json, write_csv)
 
 VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
 ROLES = ("database", "query")
@@ -208,21 +208,6 @@ def _infer_protocol(rows: Sequence[Mapping[str, str]]) -> str:
     if not any(shared):
         return "across-video"
     return "mixed"
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3); unreadable -> InputError quoting the path."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"expected an image file at {path}, found nothing")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return as_rgb_uint8(np.asarray(im.convert("RGB")))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"cannot read {path} as an image: {exc}") from exc
 
 
 def upstream_black_background(rgb: np.ndarray) -> np.ndarray:
@@ -693,13 +678,7 @@ def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend:
                   detection: Mapping[str, Any] | None = None) -> None:
     """results.csv / results.json, distances/<scenario>.npz and cmc.png."""
     rows = result_rows(results, backend=backend)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS + EXTRA_RESULT_COLUMNS),
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(save_dir / "results.csv", buf.getvalue())
+    write_csv(save_dir / "results.csv", rows, RESULT_COLUMNS + EXTRA_RESULT_COLUMNS)
     write_json(save_dir / "results.json", {
         "backend": backend, "detection": dict(detection or {}),
         "scenarios": [_json_row(row, r) for row, r in zip(rows, results)]})

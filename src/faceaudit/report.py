@@ -355,7 +355,7 @@ def render_markdown(run_dir: Path, sections: list[Section]) -> str:
             out += [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |",
                     "|" + "---|" * len(table.columns)]
             out += ["| " + " | ".join(row) + " |" for row in table.rows]
-            out += ([f"", f"_{table.note}_"] if table.note else []) + [""]
+            out += (["", f"_{table.note}_"] if table.note else []) + [""]
         out += [f"![{fig.name}]({os.path.relpath(fig, run_dir)})" for fig in sec.figures] + [""]
     return "\n".join(out)
 

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from faceaudit.images import read_rgb
 from faceaudit.stageio import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif",
@@ -165,23 +166,6 @@ def _unique(name: str, path: Path, used: set[str]) -> str:
 
 
 # --------------------------------------------------------------------------- per image
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Any Pillow-readable image -> (H, W, 3) uint8 RGB; unreadable -> InputError quoting the path."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                span = max(float(np.ptp(arr)), 1e-12)
-                arr = ((arr - arr.min()) / span * 255).astype(np.uint8)
-                return np.repeat(arr[:, :, None], 3, axis=2)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except Exception as exc:  # PIL raises many types for broken files
-        raise InputError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-
 
 def upscale_factor(height: int, width: int, min_side: int) -> int:
     """Smallest integer factor bringing the shorter side to >= ``min_side`` (1 if already)."""

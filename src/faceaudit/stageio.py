@@ -193,17 +193,8 @@ class Manifest:
         return self.rows.get(item_id)
 
     def write(self) -> Path:
-        columns = list(MANIFEST_COLUMNS)
-        for row in self.rows.values():
-            for key in row:
-                if key not in columns:
-                    columns.append(key)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for item_id in sorted(self.rows):
-            writer.writerow({k: _csv_cell(v) for k, v in self.rows[item_id].items()})
-        return atomic_write_text(self.path, buf.getvalue())
+        rows = [self.rows[item_id] for item_id in sorted(self.rows)]
+        return write_csv(self.path, rows, column_union(rows, first=MANIFEST_COLUMNS))
 
     def count(self, status: str) -> int:
         return sum(1 for row in self.rows.values() if row.get("status") == status)
@@ -212,10 +203,26 @@ class Manifest:
         return EXIT_ITEMS_FAILED if self.count(STATUS_FAILED) else EXIT_OK
 
 
-def _csv_cell(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
+def column_union(rows: Iterable[Mapping[str, Any]], *, first: Iterable[str] = ()) -> list[str]:
+    """``first``, then every other key of ``rows`` in the order it first appears."""
+    columns = list(first)
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    return columns
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+              columns: Iterable[str] | None = None) -> Path:
+    """A CSV table, atomically: floats with 6 significant digits; keys outside ``columns``
+    are left out, missing ones left empty. ``columns`` defaults to every key in order."""
+    rows = list(rows)
+    columns = list(columns) if columns is not None else column_union(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return atomic_write_text(path, buf.getvalue())
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
