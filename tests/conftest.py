@@ -18,3 +18,14 @@ def headsq_ct(headsq_ct_path):
     from faceaudit.volumes import load_volume
 
     return load_volume(headsq_ct_path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors run faster on one thread, and the test machine is shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

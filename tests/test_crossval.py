@@ -30,12 +30,8 @@ def _load_script(name):
 perform_crossval = _load_script("perform_crossval")
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny images train faster on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here, and the module's fixtures, run torch on one thread."""
 
 
 SIZE = 72   # rendered side (px); tests crop the central 64 px

@@ -8,12 +8,8 @@ from faceaudit.unet import (UPSTREAM_PARAMETERS, UNet, UpstreamUNet, build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors run faster on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here, and the module's fixtures, run torch on one thread."""
 
 
 def _images(n, size=32, seed=0):

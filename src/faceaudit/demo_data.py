@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.stageio import FILE_MODE, make_private_dir, write_json, atomic_write_text
+from faceaudit.stageio import atomic_path, atomic_write_text, make_private_dir, write_json
 
 SIMULATED_NOTE = "SIMULATED faceaudit demo data, not a patient"
 PET_GRID_MM = (2.04, 2.04, 3.0)          # (x, y, z) as in AutoPET
@@ -255,17 +254,8 @@ def _write_nifti(path: Path, volume_xyz: np.ndarray, origin_canonical: np.ndarra
     origin[1] += (ny - 1) * PET_GRID_MM[1]
     image.SetOrigin(tuple(float(v) for v in origin))
     image.SetMetaData("ITK_FileNotes", SIMULATED_NOTE)
-    make_private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, True)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        sitk.WriteImage(image, str(tmp), True)
 
 
 def _patient_names(rng: np.random.Generator, n: int) -> list[str]:
