@@ -114,9 +114,9 @@ class MediaPipeDetector:
     name = "mediapipe"
 
     def __init__(self, *, min_score: float = 0.1, model_selection: int = 1) -> None:
-        import mediapipe as mp
+        from faceaudit.facemesh import mediapipe_solutions
 
-        self._detector = mp.solutions.face_detection.FaceDetection(
+        self._detector = mediapipe_solutions().face_detection.FaceDetection(
             model_selection=model_selection, min_detection_confidence=min_score)
         self.min_score = float(min_score)
 

@@ -14,23 +14,33 @@ N_LANDMARKS = 478
 N_FACE_LANDMARKS = 468
 
 
+def mediapipe_solutions():
+    """``mediapipe.solutions`` (the legacy API that bundles its models in 0.10.14).
+
+    MediaPipe calls a protobuf function that protobuf 4 deprecates, once per image; the
+    warning says nothing a user can act on, so it is silenced here, for that message only.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)
+    import mediapipe as mp
+
+    return mp.solutions
+
+
 def _connection_indices(connections) -> np.ndarray:
     return np.array(sorted({i for edge in connections for i in edge}), dtype=np.int64)
 
 
 def eye_contour_indices() -> tuple[np.ndarray, np.ndarray]:
     """Landmark indices of the subject's left and right eye contours (MediaPipe's sets)."""
-    import mediapipe as mp
-
-    fm = mp.solutions.face_mesh
+    fm = mediapipe_solutions().face_mesh
     return _connection_indices(fm.FACEMESH_LEFT_EYE), _connection_indices(fm.FACEMESH_RIGHT_EYE)
 
 
 def tesselation_edges() -> np.ndarray:
     """(E, 2) edges of MediaPipe's face-mesh tesselation."""
-    import mediapipe as mp
-
-    return np.array(sorted(mp.solutions.face_mesh.FACEMESH_TESSELATION), dtype=np.int64)
+    return np.array(sorted(mediapipe_solutions().face_mesh.FACEMESH_TESSELATION), dtype=np.int64)
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -56,9 +66,7 @@ class FaceMesh:
 
     def __init__(self, *, min_detection_confidence: float = 0.5, max_num_faces: int = 1,
                  refine_landmarks: bool = True) -> None:
-        import mediapipe as mp
-
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
+        self._mesh = mediapipe_solutions().face_mesh.FaceMesh(
             static_image_mode=True, max_num_faces=max_num_faces,
             refine_landmarks=refine_landmarks, min_detection_confidence=min_detection_confidence)
 

@@ -703,12 +703,13 @@ def face_cut(landmarks: np.ndarray, width: int, height: int, *,
     Oval points above the eye line move up (along chin -> forehead-top) by up to
     ``forehead`` x face height, more the higher they are, then the convex hull is filled.
     """
-    import mediapipe as mp
     from scipy.spatial import ConvexHull
     from skimage.draw import polygon
 
+    from faceaudit.facemesh import mediapipe_solutions
+
     lm = np.asarray(landmarks, dtype=np.float64)[:, :2] * [width, height]
-    oval = sorted({i for e in mp.solutions.face_mesh.FACEMESH_FACE_OVAL for i in e})
+    oval = sorted({i for e in mediapipe_solutions().face_mesh.FACEMESH_FACE_OVAL for i in e})
     pts = lm[oval]
     lift = forehead * _forehead_ramp(pts, lm)[:, None] * (lm[10] - lm[152])
     pts = np.concatenate([pts, pts + lift])
