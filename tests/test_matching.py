@@ -249,3 +249,19 @@ def test_distractors_from_a_placement_folder_pool_the_other_folds(tmp_path):
     assert float(rows[("none", 1)]["mean"]) == 1.0
     d = read_npz(tmp_path / "MT" / "distances_fold0_none.npz")
     assert [g.split(":")[-1] for g in d["gallery_ids"][3:]] == ["f1_s0", "f1_s1", "f1_s2"]
+
+
+def test_a_fold_with_no_probes_is_counted_not_a_crash(tmp_path):
+    """Placement writes an empty landmarks file when every test image of a fold failed."""
+    faces = identities(3)
+    ids = ["a", "b", "c"]
+    root = tmp_path / "LM"
+    write_fold(root, 0, "pet", ids, faces)
+    write_fold(root, 0, "ct", ids, faces)
+    write_fold(root, 1, "pet", [], np.zeros((0, N_POINTS, 3)))
+    write_fold(root, 1, "ct", ids, faces)
+    assert run_landmark_matching(root, tmp_path / "MT", aligns=("none", "similarity"), quiet=True) == 0
+    d = read_npz(tmp_path / "MT" / "distances_fold1_similarity.npz")
+    assert d["distances"].shape == (0, 3)
+    summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
+    assert [f["n_probes"] for f in summary["folds"]] == [3, 0]

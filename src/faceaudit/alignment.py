@@ -214,8 +214,12 @@ def pairwise_distances(probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     Near-identical pairs (where the expansion cancels) are recomputed directly, so
     identical sets are exactly 0.
     """
-    p = np.asarray(probes, dtype=np.float64).reshape(len(probes), -1)
-    g = np.asarray(gallery, dtype=np.float64).reshape(len(gallery), -1)
+    probes = np.asarray(probes, dtype=np.float64)
+    gallery = np.asarray(gallery, dtype=np.float64)
+    # explicit width: reshape(0, -1) is undefined for an empty probe set or gallery
+    width = int(np.prod(gallery.shape[1:]))
+    p = probes.reshape(len(probes), width)
+    g = gallery.reshape(len(gallery), width)
     p_ok = np.isfinite(p).all(axis=1)
     g_ok = np.isfinite(g).all(axis=1)
     pz = np.where(p_ok[:, None], p, 0.0)
