@@ -140,3 +140,36 @@ def test_mediapipe_detector_option_selects_with_its_own_threshold():
     row = selection.select_one(selection.InputImage("s1", "", "1", str(ORL / "s1" / "1.pgm")), options)
     assert row["status"] == "accepted", row["reason"]
     assert 0.5 < row["det_score"] <= 1.0 and row["n_faces"] == 1
+
+
+class _FixedDetector:
+    """Reports the given detections in the given (not score) order."""
+
+    def __init__(self, *scores):
+        from faceaudit.facedetect import Detection
+
+        self.faces = [Detection((10.0 + 50 * i, 10.0, 50.0 + 50 * i, 60.0), s, np.zeros((5, 2)))
+                      for i, s in enumerate(scores)]
+
+    def detect(self, image):
+        return list(self.faces)
+
+
+class _NoMesh:
+    def detect(self, image):
+        return None
+
+
+def test_rules_use_the_best_face_whatever_the_detector_order():
+    image = np.zeros((300, 300, 3), np.uint8)
+    dec = selection.evaluate_image(image, _FixedDetector(0.05, 0.95), _NoMesh(), OPTIONS)
+    assert dec.n_faces == 1 and dec.det_score == 0.95 and dec.other_score == 0.0
+    assert dec.reason.startswith("no landmarks")  # got past the detector rules
+    dec = selection.evaluate_image(image, _FixedDetector(0.2, 0.97), _NoMesh(), OPTIONS)
+    assert dec.det_score == 0.97 and dec.other_score == 0.2
+    assert dec.reason.startswith("more than one face")
+    # upstream: the best face must score *above* 0.9, another face is one at >= 0.1
+    dec = selection.evaluate_image(image, _FixedDetector(0.9), _NoMesh(), OPTIONS)
+    assert dec.reason.startswith("low confidence")
+    dec = selection.evaluate_image(image, _FixedDetector(0.95, 0.1), _NoMesh(), OPTIONS)
+    assert dec.reason.startswith("more than one face")

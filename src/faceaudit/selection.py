@@ -208,8 +208,8 @@ def crop_face(image: np.ndarray, box: tuple[float, float, float, float], *,
 def evaluate_image(image: np.ndarray, detector, face_mesh, options: SelectionOptions) -> Decision:
     """Apply the selection rules to one RGB (or grey) uint8 image; order as in the module docstring.
 
-    detector: object with ``detect(rgb) -> [Detection]`` (faceaudit.facedetect), all faces
-    >= max_other_confidence; face_mesh: faceaudit.facemesh.FaceMesh.
+    detector: object with ``detect(rgb) -> [Detection]`` (faceaudit.facedetect) reporting
+    every face >= max_other_confidence, in any order; face_mesh: faceaudit.facemesh.FaceMesh.
     """
     from faceaudit.facemesh import as_rgb_uint8
     from faceaudit.headpose import estimate_pose
@@ -219,7 +219,8 @@ def evaluate_image(image: np.ndarray, detector, face_mesh, options: SelectionOpt
     factor = upscale_factor(h, w, options.min_side)
     work = upscale(image, factor)
     dec = Decision(status=REJECTED, upscale=factor, image_w=w, image_h=h)
-    faces = [d for d in detector.detect(work) if d.score >= options.max_other_confidence]
+    faces = sorted((d for d in detector.detect(work) if d.score >= options.max_other_confidence),
+                   key=lambda d: -d.score)  # the rules read faces[0] as the best face
     dec.n_faces = len(faces)
     if not faces:
         dec.reason = f"no face (no detection with confidence >= {options.max_other_confidence:g})"
