@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
-from faceaudit.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch
+from faceaudit.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch, well_placed
 from faceaudit.stageio import (
     STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, describe_exception,
     make_private_dir, map_items, read_manifest, read_npz, write_json, write_npz, write_png, write_run_json, column_union, write_csv,
@@ -190,7 +190,7 @@ def placement_table(mads: dict[str, dict[int, np.ndarray]], folds: list[int], *,
         scored = [k for k in folds if k in by_fold]
         medians = [float(np.nanmedian(by_fold[k])) if np.isfinite(by_fold[k]).any() else float("nan")
                    for k in scored]
-        wp = [float(np.mean(np.nan_to_num(by_fold[k], nan=np.inf) < threshold)) if len(by_fold[k])
+        wp = [float(np.mean(well_placed(by_fold[k], threshold=threshold))) if len(by_fold[k])
               else float("nan") for k in scored]
         any_mad = bool(np.isfinite(medians).any())
         row = {"variant": variant}
