@@ -160,3 +160,22 @@ def test_flat_layout_ids_and_subjects(tmp_path):
     row = _read_manifest(out)["p1"]
     assert row["subject"] == "p1" and row["status"] == "ok"
     assert (out / "cts" / "p1.png").is_file() and (out / "pets" / "p1.png").is_file()
+
+
+def test_a_volume_that_fails_on_overwrite_is_not_reported_ok_by_the_next_run(tmp_path):
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    options = ReconstructionOptions(head_height_mm=120.0)
+    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_OK
+    # the PET is replaced by a broken one and the study redone: the old PET render must go
+    _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", np.zeros((40, 36, 36), np.float32))
+    assert run_reconstruction(root, out, options=options, progress=False,
+                              overwrite=True) == EXIT_ITEMS_FAILED
+    assert not (out / "pets" / "PETCT_a_s1.png").exists()
+    assert not (out / "meshes" / "PETCT_a_s1_pet.ply").exists()
+    assert (out / "cts" / "PETCT_a_s1.png").is_file()
+    # a plain re-run retries the PET and still fails; it does not skip it as finished
+    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_ITEMS_FAILED
+    row = _read_manifest(out)["PETCT_a_s1"]
+    assert row["pet_status"] == "failed" and "empty" in row["reason"]
+    assert row["ct_status"] == "ok"

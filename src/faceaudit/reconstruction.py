@@ -130,7 +130,8 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     """CT and PET of one study, each on its own: returns per modality status/reason/numbers.
 
     A modality whose png, ply and depth files exist is skipped unless ``overwrite``.
-    Never raises for a bad volume: the error becomes that modality's reason. Both volumes
+    Never raises for a bad volume: the error becomes that modality's reason and its
+    output files are removed. Both volumes
     are read in two threads at once (decompression releases the GIL), so the PET is
     decompressed while the CT is processed; the CT is freed before the PET is processed.
     """
@@ -154,6 +155,10 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
                 record["status"], record["reason"] = STATUS_OK, ""
             except Exception as exc:  # one bad volume must not lose the other modality
                 record = {"status": STATUS_FAILED, "reason": describe_exception(exc)}
+                # outputs of an earlier run (--overwrite) or a partial write would make the
+                # next run skip this modality and report it ok
+                for path in output_paths(save_dir, study.id, modality).values():
+                    path.unlink(missing_ok=True)
             record["seconds"] = time.perf_counter() - t0
             out[modality] = record
     out["study_seconds"] = time.perf_counter() - started
