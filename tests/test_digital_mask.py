@@ -139,3 +139,19 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     code = run_digital_mask.main(["--input_dir", str(tmp_path / "nope"), "--save_dir",
                                   str(tmp_path / "o")])
     assert code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_rerun_reuses_selection_decisions_but_retries_failures(tmp_path):
+    from faceaudit import selection
+    from faceaudit.stageio import write_csv, write_json
+
+    options = selection.SelectionOptions()
+    rows = [{"source": "a.png", "status": "accepted", "reason": ""},
+            {"source": "b.png", "status": "rejected", "reason": "no face (none >= 0.1)"},
+            {"source": "c.jpg", "status": "rejected", "reason": "unreadable: cannot read image c.jpg"},
+            {"source": "d.png", "status": "rejected", "reason": "error: RuntimeError: boom"}]
+    write_csv(tmp_path / "selection.csv", rows)
+    write_json(tmp_path / "selection.json", options.as_dict())
+    assert sorted(digital_mask._read_selection(tmp_path, options)) == ["a.png", "b.png"]
+    other = selection.SelectionOptions(max_yaw=10.0)
+    assert digital_mask._read_selection(tmp_path, other) == {}  # other rules: decide again

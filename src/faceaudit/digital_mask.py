@@ -119,8 +119,13 @@ def mask_one(job: dict[str, Any], *, save_dir: str, backend: str, model_dir: str
 
 # --------------------------------------------------------------------------- stage
 
+#: Selection outcomes that are failures, not decisions: tried again on a re-run.
+RETRIED_REASONS = ("unreadable", "error")
+
+
 def _read_selection(save_dir: Path, options: selection.SelectionOptions) -> dict[str, dict]:
-    """Earlier selection rows keyed by source, when made with the same options."""
+    """Earlier selection decisions keyed by source, when made with the same options
+    (rows of unreadable files or errors are left out, so a re-run tries them again)."""
     csv_path, opt_path = save_dir / "selection.csv", save_dir / "selection.json"
     if not (csv_path.is_file() and opt_path.is_file()):
         return {}
@@ -128,7 +133,8 @@ def _read_selection(save_dir: Path, options: selection.SelectionOptions) -> dict
         if json.loads(opt_path.read_text()) != options.as_dict():
             return {}
         with open(csv_path, newline="", encoding="utf-8") as fh:
-            return {r["source"]: r for r in csv.DictReader(fh)}
+            return {r["source"]: r for r in csv.DictReader(fh)
+                    if selection.reason_code(r["reason"]) not in RETRIED_REASONS}
     except (OSError, ValueError, KeyError):
         return {}
 
@@ -141,8 +147,7 @@ def _load_mean_shape(model_dir: str | None) -> tuple[np.ndarray, str]:
 
 
 def _write_montage(save_dir: Path, manifest: Manifest, *, max_rows: int = 8) -> None:
-    from PIL import Image
-
+    from faceaudit.images import read_rgb
     from faceaudit.montage import montage
 
     ok = [r for r in sorted(manifest.rows.values(), key=lambda r: (r.get("subject", ""), r["id"]))
@@ -150,8 +155,7 @@ def _write_montage(save_dir: Path, manifest: Manifest, *, max_rows: int = 8) -> 
     images, labels = [], []
     for row in ok[:max_rows]:
         for variant in VARIANTS:
-            with Image.open(save_dir / row[variant]) as im:
-                images.append(np.asarray(im.convert("RGB")))
+            images.append(read_rgb(save_dir / row[variant]))
             labels.append(f"{row['subject']} {row['role'][0]} {variant}")
     if images:
         write_png(save_dir / "montage.png", montage(images, labels=labels, ncols=len(VARIANTS)))
