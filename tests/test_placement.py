@@ -169,6 +169,25 @@ def test_a_broken_model_costs_only_its_folds_unet_variant(cohort, tmp_path):
     assert unet["folds_scored"] == 1 and unet["n"] == 2
 
 
+def test_a_model_that_fails_when_run_costs_only_its_folds_unet_variant(cohort, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "best_model_fold0.pt").write_bytes(b"x")
+
+    def loader(pt_path):
+        def run(batch):
+            raise RuntimeError("CUDA out of memory")
+        return run
+
+    out = tmp_path / "LM"
+    assert _run(cohort, out, models_path=models, load_denoiser=loader, n_qa=0) == 1
+    rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert rows["fold0/denoiser"]["status"] == "failed"
+    assert "RuntimeError: CUDA out of memory" in rows["fold0/denoiser"]["reason"]
+    assert rows[f"fold0/{IDS[0]}"]["status"] == "ok"  # the other variants were still scored
+    assert (out / "fold0" / "landmarks_pet.npz").is_file()
+
+
 def test_missing_and_truncated_renders_are_failed_rows(cohort, tmp_path):
     import shutil
 

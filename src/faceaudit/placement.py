@@ -362,9 +362,9 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
             try:
                 written = denoise_fold(pre, model, save_dir / "denoised" / f"fold{k}", crop=crop,
                                        load_denoiser=load_denoiser, overwrite=overwrite)
-            except InputError as exc:  # a bad model costs this fold its U-Net variant, not the run
-                unet_errors[k] = str(exc)
-                manifest.add(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, str(exc), {"fold": k}))
+            except Exception as exc:  # a bad model costs this fold its U-Net variant, not the run
+                unet_errors[k] = describe_exception(exc)
+                manifest.add(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, unet_errors[k], {"fold": k}))
                 written = None
             if written is not None:
                 manifest.rows.pop(f"fold{k}/denoiser", None)  # a failure of an earlier run is mended
