@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from faceaudit.crossval import DEFAULT_CROP
+from faceaudit.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
 from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
 from faceaudit.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch, well_placed
 from faceaudit.stageio import (
@@ -35,7 +37,6 @@ from faceaudit.stageio import (
 )
 
 VARIANTS = ("ct", "pet", "pet_wavelet", "pet_unet")
-DEFAULT_CROP = 208
 
 
 # --------------------------------------------------------------------------- inputs
@@ -119,7 +120,7 @@ def place_task(task: PlacementTask, *, crop: int | None, framing: Framing,
 
 
 def _default_denoiser_loader(pt_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    from faceaudit.crossval import load_denoiser  # written in parallel (issue 3); imported only when needed
+    from faceaudit.crossval import load_denoiser  # imports torch: only when a fold needs its model
 
     return load_denoiser(pt_path, device="cpu")
 
@@ -275,7 +276,7 @@ def qa_montage(tasks: list[PlacementTask], landmarks: dict[tuple[int, str], dict
             labels.append(f"{v} {tag}")
     if not tiles:
         return None
-    return montage(tiles, labels=labels, ncols=len(variants), tile=2 * (crop or 208))
+    return montage(tiles, labels=labels, ncols=len(variants), tile=2 * (crop or DEFAULT_CROP))
 
 
 # --------------------------------------------------------------------------- stage
@@ -404,7 +405,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         ok_tasks = [t for t in tasks if t.id in results]
         ok_ids = [t.id for t in ok_tasks]  # split order
         for v in variants:
-            lm = np.full((len(ok_ids), 478, 3), np.nan)
+            lm = np.full((len(ok_ids), N_LANDMARKS, 3), np.nan)
             det = np.zeros(len(ok_ids), dtype=bool)
             for j, i in enumerate(ok_ids):
                 found = results[i].get(v)
@@ -417,7 +418,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
             detected.setdefault(v, {})[k] = det
             if v != "ct":
                 ct_lm = np.stack([results[i]["ct"] if results[i].get("ct") is not None
-                                  else np.full((478, 3), np.nan) for i in ok_ids]) if ok_ids else lm
+                                  else np.full((N_LANDMARKS, 3), np.nan) for i in ok_ids]) if ok_ids else lm
                 mads.setdefault(v, {})[k] = np.asarray(landmark_mad(ct_lm, lm, upstream=upstream_mad)).reshape(-1)
         for j, t in enumerate(ok_tasks):
             res = results[t.id]
@@ -439,7 +440,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
                                           "for any fold" for v in VARIANTS if v not in detected},
                "pet_unet_source": unet_sources, "pet_unet_errors": unet_errors, "crop": crop, "folds": folds,
                "mad": {"definition": "100 * sum(|dx|+|dy|) / (IOD_ct * n)",
-                       "n": 468 if upstream_mad else 478, "well_placed_below": WELL_PLACED_MAD},
+                       "n": N_FACE_LANDMARKS if upstream_mad else N_LANDMARKS, "well_placed_below": WELL_PLACED_MAD},
                "framing": {"upscale": framing.upscale, "pad": framing.pad},
                "detection": det_rows, "placement": place_rows, "n_failed": n_failed}
     write_json(save_dir / "summary.json", summary)
