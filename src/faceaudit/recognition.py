@@ -41,19 +41,20 @@ from typing import Any
 import numpy as np
 
 from faceaudit import ranking
+from faceaudit.digital_mask import VARIANTS
 from faceaudit.embedding import (EmbeddingResult, cosine_distances, file_sha256,
                                  make_embedder)
 from faceaudit.images import read_rgb
+from faceaudit.selection import IMAGE_EXTENSIONS
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
                                atomic_write_bytes, describe_exception,
-                               make_private_dir, map_items, read_manifest, read_npz, write_json,
+                               make_private_dir, map_items, read_json_file, read_manifest,
+                               read_npz, write_json,
                                write_npz, write_run_json, write_csv)
 
-VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
 ROLES = ("database", "query")
 DM_COLUMNS = ("role", *VARIANTS)
 KS = (1, 5, 10)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 RESULT_COLUMNS = ("scenario", "protocol", "rank1", "rank1_ci_lo", "rank1_ci_hi", "rank5",
                   "rank10", "mean_rank", "n_queries", "gallery_size", "chance", "n_no_face")
@@ -175,22 +176,13 @@ def read_mask_run(folder: str | os.PathLike) -> MaskRun:
         raise InputError(f"{folder / 'manifest.csv'}: role must be database or query, "
                          f"found {bad_roles}")
     ok = [r for r in rows if r["status"] == STATUS_OK]
-    run_info = _read_run_json(folder / "run.json")
+    run_json = folder / "run.json"
+    run_info = read_json_file(run_json) if run_json.is_file() else {}
     args = run_info.get("args", {}) if isinstance(run_info.get("args"), dict) else {}
     protocol = str(args.get("protocol") or run_info.get("protocol") or _infer_protocol(ok))
     backends = sorted({r.get("backend", "") for r in ok if r.get("backend")})
     backend = str(args.get("backend") or ",".join(backends) or "unknown")
     return MaskRun(folder, ok, protocol, backend, len(rows) - len(ok))
-
-
-def _read_run_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path} as JSON: {exc}") from exc
-    return data if isinstance(data, dict) else {}
 
 
 def _infer_protocol(rows: Sequence[Mapping[str, str]]) -> str:
@@ -780,7 +772,7 @@ def identify_folder(photos_dir: str | os.PathLike, *, backend: str = "dlib",
     queries, gallery = [], []
     for folder in folders:
         images = sorted((p for p in folder.iterdir()
-                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+                         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
         for role, chunk in (("database", images[:n_database]),
                             ("query", images[n_database:n_database + n_query])):
             for p in chunk:
