@@ -30,7 +30,7 @@ import numpy as np
 from faceaudit import ranking
 from faceaudit.alignment import ALIGN_MODES, align_to, icp_distance_matrix, pairwise_distances, procrustes_mean
 from faceaudit.stageio import (
-    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, make_private_dir,
+    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, atomic_write_bytes, make_private_dir,
     read_npz, write_json, write_npz, write_run_json, write_csv,
 )
 
@@ -181,9 +181,14 @@ def match_fold(probe: LandmarkSet, gallery: LandmarkSet, *, align: str,
         d = np.full((len(probe.ids), 0), np.nan)
     else:
         d = distance_matrix(probe.landmarks, full_gallery.landmarks, align=align, progress=progress)
-    ranks = ranking.true_match_ranks(d, probe.subjects, full_gallery.subjects, probe_valid=probe.detected)
+    return _ranked(align, probe, full_gallery, d)
+
+
+def _ranked(align: str, probe: LandmarkSet, full_gallery: LandmarkSet, distances: np.ndarray) -> FoldMatch:
+    ranks = ranking.true_match_ranks(distances, probe.subjects, full_gallery.subjects,
+                                     probe_valid=probe.detected)
     return FoldMatch(align, probe.ids, probe.subjects, probe.detected.copy(), full_gallery.ids,
-                     full_gallery.subjects, d, ranks)
+                     full_gallery.subjects, distances, ranks)
 
 
 def _fold_dirs(landmarks_dir: Path, n_folds: int | None) -> list[tuple[int, Path]]:
@@ -202,7 +207,7 @@ def _fold_dirs(landmarks_dir: Path, n_folds: int | None) -> list[tuple[int, Path
     return [(k, found.get(k, landmarks_dir / f"fold{k}")) for k in range(n_folds)]
 
 
-def default_probe_variant(landmarks_dir: Path, folds: list[tuple[int, Path]]) -> str:
+def default_probe_variant(folds: list[tuple[int, Path]]) -> str:
     """pet_unet when every fold has it, else pet."""
     if folds and all((d / "landmarks_pet_unet.npz").is_file() for _, d in folds):
         return "pet_unet"
@@ -256,8 +261,6 @@ def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, t
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    from faceaudit.stageio import atomic_write_bytes
-
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -278,7 +281,7 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
     if bad or not aligns:
         raise InputError(f"--align: expected a comma-separated list of {ALIGN_MODES}, got {list(aligns)}")
     folds = _fold_dirs(landmarks_dir, n_folds)
-    probe_variant = probe_variant or default_probe_variant(landmarks_dir, folds)
+    probe_variant = probe_variant or default_probe_variant(folds)
     distractor_sets = read_distractors(distractors, variant=gallery_variant) if distractors else None
     make_private_dir(save_dir)
     manifest = Manifest(save_dir / "manifest.csv")
@@ -297,17 +300,14 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
             continue
         extra = distractors_for(distractor_sets, probe.source, gallery.source)
         ct_detected = dict(zip(gallery.ids.tolist(), gallery.detected.tolist()))
+        full_gallery = concat_sets(gallery.subset(gallery.detected), extra)
+        fingerprint = input_fingerprint(probe, full_gallery)
         results = {}
         for align in aligns:
             out = save_dir / f"distances_fold{k}_{align}.npz"
-            full_gallery = concat_sets(gallery.subset(gallery.detected), extra)
-            fingerprint = input_fingerprint(probe, full_gallery)
             cached = None if overwrite else _load_cached(out, fingerprint)
             if cached is not None:
-                ranks = ranking.true_match_ranks(cached, probe.subjects, full_gallery.subjects,
-                                                 probe_valid=probe.detected)
-                fm = FoldMatch(align, probe.ids, probe.subjects, probe.detected.copy(), full_gallery.ids,
-                               full_gallery.subjects, cached, ranks)
+                fm = _ranked(align, probe, full_gallery, cached)
             else:
                 fm = match_fold(probe, gallery, align=align, distractors=extra, progress=progress)
                 write_npz(out, probe_ids=fm.probe_ids, gallery_ids=fm.gallery_ids,
