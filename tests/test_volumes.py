@@ -213,3 +213,38 @@ def test_simpleitk_fast_path_is_used_only_when_the_gzip_crc_matches(tmp_path):
     info.ReadImageInformation()
     assert _read_nifti_gz_fast(tmp_path / "nan.nii.gz", info) is None
     np.testing.assert_array_equal(load_volume(tmp_path / "clean.nii.gz").array, clean)
+
+
+def _owner(array: np.ndarray):
+    """The object at the end of ``array``'s chain of bases (the memory's owner)."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array
+
+
+@pytest.mark.parametrize("name", ["fast.nii.gz", "scaled.nii.gz", "plain.nii", "image.mha"])
+def test_loaded_voxels_outlive_simpleitk_and_are_read_only(tmp_path, name):
+    """Every decoder (SimpleITK's .nii.gz fast path, the careful NIfTI decoder, other
+    SimpleITK formats): the array must not view a SimpleITK buffer, which is freed with its
+    image (a view once read freed memory), and must be read-only."""
+    import gc
+
+    array = np.random.default_rng(5).normal(size=(6, 7, 8)).astype(np.float32)
+    path = tmp_path / name
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    if name == "scaled.nii.gz":          # non-unit slope: CRC path refused, decoded here
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "x.nii"))
+        data = bytearray((tmp_path / "x.nii").read_bytes())
+        data[112:120] = np.array([2.0, 1.0], "<f4").tobytes()
+        path.write_bytes(gzip.compress(bytes(data)))
+        array = array * 2.0 + 1.0
+    loaded = load_volume(path).array
+    gc.collect()
+    churn = [np.full(array.shape, 7.0, np.float32) for _ in range(8)]   # reuse freed memory
+    np.testing.assert_array_equal(loaded, array)
+    owner = _owner(loaded)
+    assert isinstance(owner, (np.ndarray, bytes)), type(owner)
+    assert not loaded.flags.writeable
+    with pytest.raises(ValueError):
+        loaded[0, 0, 0] = 1.0
+    del churn

@@ -38,8 +38,9 @@ class Volume:
     """A 3-D scalar volume in the canonical LPS frame.
 
     array: (nz, ny, nx) float32, axis 0 superior, axis 1 posterior, axis 2 patient's left.
-        From ``load_volume`` it may be a read-only strided view of the decoded file
+        From ``load_volume`` it is read-only and often a strided view of the decoded voxels
         (reorienting by transpose and flips costs no copy); copy it before writing to it.
+        It never views memory SimpleITK owns, so it outlives every SimpleITK image.
     spacing: (sz, sy, sx) voxel size in mm, in array-axis order.
     origin: LPS world position (x, y, z) in mm of voxel [0, 0, 0].
     """
@@ -183,7 +184,7 @@ def _read_nifti(path: Path) -> _Raw:
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(f"cannot read volume {path}: truncated or corrupt file "
                          f"({type(exc).__name__}: {exc})") from exc
-    shape, dtype, vox_offset, slope, inter = _nifti_header(raw[:max(540, 348)], path)
+    shape, dtype, vox_offset, slope, inter = _nifti_header(raw[:540], path)
     n_voxels = int(np.prod(shape))
     if len(raw) < vox_offset + n_voxels * dtype.itemsize:
         raise InputError(f"cannot read volume {path}: truncated, {len(raw) - vox_offset} bytes of voxel "
@@ -283,6 +284,9 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
         raise InputError(f"volume {path} holds {n_bad} NaN/inf voxels of {array.size}")
     if lo == hi:
         raise InputError(f"volume {path} is empty: every voxel equals {lo}")
+    # read-only whichever decoder ran (a bytes view already is, a converted copy is not),
+    # so a caller writing into a shared volume fails at once instead of corrupting it
+    array.flags.writeable = False
     return Volume(array=array, spacing=spacing, origin=origin, source=str(path))
 
 
