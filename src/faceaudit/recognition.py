@@ -260,7 +260,6 @@ class EmbeddingRecord:
     vector: np.ndarray | None = None
     det_score: float = float("nan")
     detector: str = ""
-    cached: bool = False
 
     @property
     def found(self) -> bool:
@@ -359,7 +358,6 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
         else:
             todo.append((digest, str(group[0].path)))
     n_cached = len(computed)
-    fresh = {digest for digest, _ in todo}
     if todo:
         fn = partial(_embed_pair, config=config)
         for (digest, _), result, error in map_items(fn, todo, jobs=jobs, desc="embed",
@@ -378,7 +376,7 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
             else:
                 records[ref.id] = EmbeddingRecord(
                     STATUS_OK, outcome.reason, digest, outcome.vector, outcome.det_score,
-                    outcome.detector, cached=digest not in fresh)
+                    outcome.detector)
     info = {"embedder": description, "n_images": len(refs), "n_unique": len(by_hash),
             "n_from_cache": n_cached, "n_embedded": len(todo),
             "cache": str(cache.path) if cache else None,
