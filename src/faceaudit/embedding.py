@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceaudit.facemesh import as_rgb_uint8
 from faceaudit.stageio import InputError
 
 BACKENDS = ("dlib", "insightface", "arcface-onnx")
@@ -71,20 +72,6 @@ class EmbeddingResult:
     @property
     def found(self) -> bool:
         return self.vector is not None
-
-
-def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Grey (H, W), RGB (H, W, 3) or RGBA (H, W, 4) uint8 -> contiguous RGB (H, W, 3)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise TypeError(f"embedders expect uint8 pixels, got {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
-    elif not (image.ndim == 3 and image.shape[2] == 3):
-        raise ValueError(f"expected a grey (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
-    return np.ascontiguousarray(image)
 
 
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
