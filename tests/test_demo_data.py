@@ -75,6 +75,14 @@ def test_identities_differ_in_the_face():
     assert changed > 2000                     # voxels that are skin in one face, air in the other
 
 
+def test_cached_base_anatomy_cannot_be_altered_by_a_caller():
+    base = demo_data.base_anatomy()
+    assert demo_data.base_anatomy() is base
+    for array in (base.hu, base.brain, base.lo):
+        with pytest.raises(ValueError):
+            array[(0,) * array.ndim] = 1.0
+
+
 @pytest.mark.slow
 def test_demo_ct_renders_are_faces_for_mediapipe(demo_cohort, tmp_path):
     from PIL import Image

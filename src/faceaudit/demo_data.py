@@ -100,7 +100,7 @@ class BaseAnatomy:
 
 @lru_cache(maxsize=1)
 def base_anatomy() -> BaseAnatomy:
-    """Build the shared base anatomy (about a second; cached per process)."""
+    """Build the shared base anatomy (about a second; cached per process, arrays read-only)."""
     import SimpleITK as sitk
     from scipy.ndimage import map_coordinates
 
@@ -135,7 +135,11 @@ def base_anatomy() -> BaseAnatomy:
     hu[inside & spine] = 400.0
     brain = ((((gx - 99.0) / 70.0) ** 2 + ((gy - 106.0) / 76.0) ** 2 + ((gz - 122.0) / 76.0) ** 2) <= 1.0)
     brain &= (hu > -60.0) & (hu < 150.0)
-    return BaseAnatomy(hu=hu, brain=brain.astype(np.float32), lo=BASE_LO.copy(), step=BASE_STEP_MM)
+    base = BaseAnatomy(hu=hu, brain=brain.astype(np.float32), lo=BASE_LO.copy(), step=BASE_STEP_MM)
+    # every caller shares the cached arrays: a write into one would alter all later patients
+    for array in (base.hu, base.brain, base.lo):
+        array.flags.writeable = False
+    return base
 
 
 # --------------------------------------------------------------------------- per patient / study
