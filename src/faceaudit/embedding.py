@@ -241,17 +241,14 @@ class InsightFaceEmbedder:
                 "channel_order": "RGB (upstream)" if self.rgb_to_model else "BGR"}
 
     def embed(self, image: np.ndarray) -> EmbeddingResult:
-        from insightface.app.common import Face
-
         pixels = _bgr_or_rgb(as_rgb_uint8(image), self.rgb_to_model)
         boxes, keypoints = self.detector.detect(pixels, max_num=0)
         if boxes.shape[0] == 0:
             return EmbeddingResult(None, float("nan"),
                                    f"no face found by SCRFD (score >= {self.det_thresh:g})", "")
         best = int(np.argmax(boxes[:, 4]))  # the highest score, not faces[0] (B7.7)
-        face = Face(bbox=boxes[best, :4], kps=keypoints[best], det_score=boxes[best, 4])
         # what ArcFaceONNX.get(img, face) does, through the warning-free norm_crop
-        crop = _norm_crop(pixels, face.kps, int(self.recognizer.input_size[0]))
+        crop = _norm_crop(pixels, keypoints[best], int(self.recognizer.input_size[0]))
         vector = np.asarray(self.recognizer.get_feat(crop), dtype=np.float32).ravel()
         return EmbeddingResult(vector, float(boxes[best, 4]), "", "scrfd")
 
