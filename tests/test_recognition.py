@@ -322,3 +322,27 @@ def test_missing_model_dir_stops_the_stage_with_the_documented_error(mask_run, t
     assert err.startswith("error: ") and "det_10g.onnx" in err and "w600k_r50.onnx" in err
     assert "insightface model zoo" in err and str(tmp_path / "no_buffalo_l") in err
     assert not (tmp_path / "FR").exists()  # nothing written before the model is found
+
+
+def test_embedding_cache_round_trip_and_stale_or_corrupt_files(tmp_path):
+    from faceaudit.embedding import EmbeddingResult
+    from faceaudit.recognition import EmbeddingCache
+
+    path = tmp_path / "dlib.npz"
+    cache = EmbeddingCache(path, "model A", 4)
+    cache.put("h1", EmbeddingResult(np.arange(4, dtype=np.float32), 0.9, "", "hog"))
+    cache.put("h2", EmbeddingResult(None, float("nan"), "no face found", ""))
+    cache.save()
+    again = EmbeddingCache(path, "model A", 4)
+    again.load()
+    vec, score, reason, det = again.get("h1")
+    assert np.array_equal(vec, np.arange(4)) and score == 0.9 and det == "hog"
+    vec, _, reason, _ = again.get("h2")
+    assert vec is None and reason == "no face found"  # a no-face result is cached as such
+    other = EmbeddingCache(path, "model B", 4)
+    other.load()
+    assert other.entries == {} and "another model" in other.discarded_reason
+    path.write_bytes(b"PK\x03\x04 truncated")
+    broken = EmbeddingCache(path, "model A", 4)
+    broken.load()
+    assert broken.entries == {} and "unreadable cache ignored" in broken.discarded_reason
