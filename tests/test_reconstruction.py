@@ -179,3 +179,18 @@ def test_a_volume_that_fails_on_overwrite_is_not_reported_ok_by_the_next_run(tmp
     row = _read_manifest(out)["PETCT_a_s1"]
     assert row["pet_status"] == "failed" and "empty" in row["reason"]
     assert row["ct_status"] == "ok"
+
+
+def test_qa_montage_shows_missing_and_unreadable_renders_as_black(tmp_path):
+    from faceaudit.reconstruction import qa_montage
+    from faceaudit.stageio import write_png
+
+    write_png(tmp_path / "cts" / "a.png", np.full((512, 512), 200, np.uint8))
+    (tmp_path / "pets").mkdir()
+    (tmp_path / "pets" / "a.png").write_bytes(b"\x89PNG broken")
+    sheet = qa_montage(tmp_path, ["a", "b"])
+    assert sheet.ndim == 3 and sheet.shape[2] == 3
+    assert sheet.shape[1] == 2 * 160                      # two studies: two columns
+    ct_a, pet_a = sheet[80, 80], sheet[160 + 14 + 80, 80]  # cell centres (label rows 14 px)
+    assert tuple(ct_a) == (200, 200, 200) and tuple(pet_a) == (0, 0, 0)
+    assert qa_montage(tmp_path, []) is None

@@ -202,32 +202,34 @@ def _manifest_row(result: dict, previous: dict | None) -> ItemResult:
 def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int = 24,
                ncols: int = 8, crop: int = 256) -> np.ndarray | None:
     """RGB sheet: for each block of ``ncols`` studies, a row of CT renders above their PET
-    renders (central ``crop`` pixels of each render, where the head is); black = missing."""
-    from PIL import Image
-
-    from faceaudit.images import center_crop
+    renders (central ``crop`` pixels of each render, where the head is); black = missing
+    or unreadable."""
+    from faceaudit.images import center_crop, read_grey
     from faceaudit.montage import montage
 
     save_dir = Path(save_dir)
     ids = ids[:max_studies]
     if not ids:
         return None
+    ncols = min(ncols, len(ids))
     images, labels = [], []
     blank = np.zeros((64, 64), dtype=np.uint8)
     for start in range(0, len(ids), ncols):
         block = ids[start: start + ncols]
         for modality in MODALITIES:
             for study_id in block:
-                path = output_paths(save_dir, study_id, modality)["png"]
-                image = np.asarray(Image.open(path)) if path.is_file() else blank
+                try:
+                    image = read_grey(output_paths(save_dir, study_id, modality)["png"])
+                except InputError:          # missing or unreadable: a QA sheet never stops the run
+                    image = blank
                 if min(image.shape[:2]) > crop:
                     image = center_crop(image, crop)
                 images.append(image)
                 labels.append(f"{modality.upper()} {study_id.removeprefix('PETCT_')[:8]}"
                               f"..{study_id[-5:]}")
-            images.extend([blank] * (min(ncols, len(ids)) - len(block)))
-            labels.extend([""] * (min(ncols, len(ids)) - len(block)))
-    return montage(images, labels=labels, ncols=min(ncols, len(ids)), tile=160)
+            images.extend([blank] * (ncols - len(block)))
+            labels.extend([""] * (ncols - len(block)))
+    return montage(images, labels=labels, ncols=ncols, tile=160)
 
 
 def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLike, *,
