@@ -41,7 +41,9 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,9 @@ import numpy as np
 
 from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, InputError, ItemResult,
-                               Manifest, atomic_write_bytes, describe_exception, make_private_dir, map_items, read_manifest,
-                               write_json, write_png, write_run_json, write_csv)
+                               Manifest, atomic_write_bytes, describe_exception, make_private_dir,
+                               map_items, read_json_file, read_manifest, write_csv, write_json,
+                               write_png, write_run_json)
 
 SCHEMES = ("kfold", "upstream")
 DENOISERS = ("unet", "wavelet")
@@ -145,10 +148,6 @@ def load_pair(pair: RenderPair, *, crop: int) -> tuple[np.ndarray, np.ndarray]:
     return to_uint8(center_crop(ct, crop)), to_uint8(center_crop(pet, crop))
 
 
-def _load_one(pair: RenderPair, crop: int) -> tuple[np.ndarray, np.ndarray]:
-    return load_pair(pair, crop=crop)
-
-
 @dataclass
 class RenderSet:
     """Cropped renders in memory, indexed by id."""
@@ -166,11 +165,9 @@ class RenderSet:
 def load_renders(pairs: Sequence[RenderPair], *, crop: int, progress: bool = True
                  ) -> tuple[RenderSet, list[ItemResult]]:
     """Load every pair; one bad file becomes a ``failed`` row, the rest load."""
-    from functools import partial
-
     data = RenderSet([], {}, {}, {})
     problems = []
-    for pair, result, error in map_items(partial(_load_one, crop=crop), pairs,
+    for pair, result, error in map_items(partial(load_pair, crop=crop), pairs,
                                          desc="load renders", progress=progress):
         if error is not None:
             problems.append(ItemResult(pair.id, pair.subject, STATUS_FAILED,
@@ -463,7 +460,6 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float
     history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def recalibrate_batchnorm(model, pet: np.ndarray, *, batch_size: int, device: str) -> None:
@@ -529,7 +525,6 @@ def train_denoiser(train_pet: np.ndarray, train_ct: np.ndarray, val_pet: np.ndar
     if len(train_pet) == 0 or len(val_pet) == 0:
         raise InputError(f"training needs non-empty train and val sets, got {len(train_pet)} "
                          f"and {len(val_pet)} images")
-    started = time.time()
     torch.manual_seed(seed)
     if device == "cuda":
         torch.backends.cudnn.deterministic = True
@@ -567,7 +562,6 @@ def train_denoiser(train_pet: np.ndarray, train_ct: np.ndarray, val_pet: np.ndar
     bar.close()
     model.load_state_dict(best.state_dict)
     model.eval()
-    best.seconds = time.time() - started
     return model, best
 
 
@@ -776,21 +770,21 @@ def _fold_record(options: CrossvalOptions, fold: Mapping[str, Any]) -> dict[str,
     return record
 
 
-def _fold_done(save_dir: Path, models_dir: Path, k: int, record: Mapping[str, Any]) -> bool:
-    marker = save_dir / f"fold{k}.json"
-    if not marker.is_file():
-        return False
+def _finished_fold(save_dir: Path, models_dir: Path, k: int, record: Mapping[str, Any]
+                   ) -> dict[str, Any] | None:
+    """What fold{k}.json says about an earlier run of this fold (best epoch, seconds ...),
+    or None unless that run had the same ``record`` and all its outputs are still there."""
     try:
-        previous = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    if previous.get("record") != dict(record):
-        return False
+        previous = read_json_file(save_dir / f"fold{k}.json")
+    except InputError:
+        return None
+    if previous.pop("record", None) != dict(record):
+        return None
     needed = [save_dir / "denoised" / f"fold{k}" / f"{i}.png" for i in record["test"]]
     if record["denoiser"] == "unet":
         needed += [save_dir / f"loss_fold{k}.csv", models_dir / f"best_model_fold{k}.pt",
                    models_dir / f"best_model_fold{k}.json"]
-    return all(path.is_file() for path in needed)
+    return previous if all(path.is_file() for path in needed) else None
 
 
 def run_fold(k: int, fold: Mapping[str, Any], data: RenderSet, options: CrossvalOptions, *,
@@ -882,136 +876,132 @@ def run_crossval(*, ct_files: str | os.PathLike, pet_files: str | os.PathLike,
 
     if threads is not None and threads < 0:
         raise InputError(f"--threads must be >= 0, got {threads}")
-    previous_threads = torch.get_num_threads()
+    with _torch_threads(threads):
+        started = time.time()
+        options = CrossvalOptions(n_epochs=n_epochs, n_folds=n_folds, batch_size=batch_size, lr=lr,
+                                  seed=seed, arch=arch, denoiser=denoiser,
+                                  split_scheme=split_scheme, crop=crop, val_fraction=val_fraction,
+                                  device=device)
+        options.check()
+        progress = not quiet
+        save_dir = Path(save_perfs_dir)
+        for folder in (Path(ct_files), Path(pet_files)):
+            if folder.exists() and save_dir.resolve() == folder.resolve():
+                raise InputError(f"--save_perfs_dir {save_dir} is an input folder; choose another")
+        run_device = resolve_device(device) if denoiser == "unet" else "cpu"
+
+        pairs, problems = pair_renders(ct_files, pet_files)
+        data, load_problems = load_renders(pairs, crop=crop, progress=progress)
+        problems += load_problems
+        for problem in problems:
+            print(f"warning: {problem.id}: {problem.status}: {problem.reason}", file=sys.stderr)
+        if not data.ids:
+            raise InputError(f"no readable CT/PET render pairs (<id>.png in both) in {ct_files} "
+                             f"and {pet_files}")
+
+        save_dir = make_private_dir(save_dir)
+        models_dir = Path(models_path) if models_path else save_dir / "models"
+        if denoiser == "unet":
+            make_private_dir(models_dir)
+        failed_ids = [p.id for p in problems]
+        if splits_file is not None:
+            splits = load_splits(splits_file, usable_ids=data.ids, failed_ids=failed_ids)
+            splits["crop"] = crop
+        else:
+            splits = make_splits(data, scheme=split_scheme, n_folds=n_folds, seed=seed, crop=crop,
+                                 val_fraction=val_fraction)
+        write_json(save_dir / "splits.json", splits)
+
+        manifest = Manifest(save_dir / "manifest.csv")
+        manifest.rows.clear()  # rebuilt from this run's pairing; finished folds are re-read below
+        for problem in problems:
+            manifest.add(problem)
+
+        all_metrics: list[dict[str, Any]] = []
+        histories: dict[int, list[dict[str, float]]] = {}
+        fold_info: list[dict[str, Any]] = []
+        for fold in splits["folds"]:
+            k = int(fold["fold"])
+            record = _fold_record(options, fold)
+            info = None if overwrite else _finished_fold(save_dir, models_dir, k, record)
+            reused = info is not None
+            if reused:
+                if progress:
+                    print(f"fold {k}: outputs exist, skipped (use --overwrite to redo)",
+                          file=sys.stderr)
+                if denoiser == "unet":
+                    info["history"] = _read_loss_csv(save_dir / f"loss_fold{k}.csv")
+            else:
+                info = run_fold(k, fold, data, options, save_dir=save_dir, models_dir=models_dir,
+                                device=run_device, progress=progress)
+                write_json(save_dir / f"fold{k}.json", {
+                    "record": record, "best_epoch": info["best_epoch"],
+                    "best_val_loss": info["best_val_loss"], "seconds": info["seconds"],
+                    "device": run_device})
+            if info.get("history"):
+                histories[k] = info["history"]
+            rows = fold_metrics(k, fold["test"], data, save_dir / "denoised" / f"fold{k}")
+            all_metrics += rows
+            fold_info.append({"fold": k, "reused": reused, "n_train": len(fold["train"]),
+                              "n_val": len(fold["val"]), "n_test": len(fold["test"]),
+                              "best_epoch": info.get("best_epoch"),
+                              "best_val_loss": info.get("best_val_loss"),
+                              "seconds": info.get("seconds")})
+
+        write_csv(save_dir / "metrics.csv", all_metrics, METRIC_COLUMNS)
+        summary = summarise_metrics(all_metrics)
+        write_csv(save_dir / "summary.csv", summary, SUMMARY_COLUMNS)
+        if histories:
+            atomic_write_bytes(save_dir / "loss_curves.png", plot_loss_curves(histories))
+
+        qa = qa_montage(splits, data, save_dir / "denoised")
+        if qa is not None:
+            write_png(save_dir / "qa_montage.png", qa)
+
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        for row in all_metrics:
+            by_id.setdefault(row["id"], []).append(row)
+        for item_id in data.ids:
+            rows = by_id.get(item_id, [])
+            values: dict[str, Any] = {"test_folds": ";".join(str(r["fold"]) for r in rows)}
+            for key in METRIC_COLUMNS[3:]:
+                values[key] = float(np.mean([r[key] for r in rows])) if rows else ""
+            manifest.add(ItemResult(item_id, data.subjects[item_id], STATUS_OK,
+                                    "" if rows else "not in any fold's test set", values))
+        manifest.write()
+
+        if progress:
+            print(format_summary(summary), file=sys.stderr)
+        write_run_json(save_dir, stage="crossval", args=dict(args) if args is not None else {
+            "ct_files": str(ct_files), "pet_files": str(pet_files),
+            "save_perfs_dir": str(save_perfs_dir), "n_epochs": n_epochs, "n_folds": n_folds,
+            "batch_size": batch_size, "lr": lr, "splits_file": splits_file,
+            "models_path": models_path, "device": device, "seed": seed, "arch": arch,
+            "denoiser": denoiser, "split_scheme": split_scheme, "crop": crop,
+            "overwrite": overwrite}, seed=seed, started=started, extra={
+            "device_used": run_device, "torch_threads": torch.get_num_threads(),
+            "models_dir": str(models_dir) if denoiser == "unet" else None,
+            "n_pairs": len(data.ids), "n_failed": manifest.count(STATUS_FAILED),
+            "n_skipped": manifest.count(STATUS_SKIPPED),
+            "scheme": splits["scheme"], "folds": fold_info, "summary": summary,
+            "leakage": split_leakage(splits, data.subjects),
+            "msssim": {"win_size": msssim_window(crop), "weights": list(MSSSIM_WEIGHTS),
+                       "data_range": 1.0, "implementation": "pytorch_msssim.ms_ssim"}})
+        return manifest.exit_code()
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    """torch's CPU thread count set to ``threads`` (None/0: unchanged) for the block."""
+    import torch
+
+    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run_crossval(
-            ct_files=ct_files, pet_files=pet_files, save_perfs_dir=save_perfs_dir,
-            n_epochs=n_epochs, n_folds=n_folds, batch_size=batch_size, lr=lr,
-            splits_file=splits_file, models_path=models_path, device=device, seed=seed,
-            arch=arch, denoiser=denoiser, split_scheme=split_scheme, crop=crop,
-            val_fraction=val_fraction, overwrite=overwrite, quiet=quiet, args=args)
+        yield
     finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _run_crossval(*, ct_files, pet_files, save_perfs_dir, n_epochs, n_folds, batch_size, lr,
-                  splits_file, models_path, device, seed, arch, denoiser, split_scheme, crop,
-                  val_fraction, overwrite, quiet, args) -> int:
-    started = time.time()
-    options = CrossvalOptions(n_epochs=n_epochs, n_folds=n_folds, batch_size=batch_size, lr=lr,
-                              seed=seed, arch=arch, denoiser=denoiser,
-                              split_scheme=split_scheme, crop=crop, val_fraction=val_fraction,
-                              device=device)
-    options.check()
-    progress = not quiet
-    save_dir = Path(save_perfs_dir)
-    for folder in (Path(ct_files), Path(pet_files)):
-        if folder.exists() and save_dir.resolve() == folder.resolve():
-            raise InputError(f"--save_perfs_dir {save_dir} is an input folder; choose another")
-    run_device = resolve_device(device) if denoiser == "unet" else "cpu"
-
-    pairs, problems = pair_renders(ct_files, pet_files)
-    data, load_problems = load_renders(pairs, crop=crop, progress=progress)
-    problems += load_problems
-    for problem in problems:
-        print(f"warning: {problem.id}: {problem.status}: {problem.reason}", file=sys.stderr)
-    if not data.ids:
-        raise InputError(f"no readable CT/PET render pairs (<id>.png in both) in {ct_files} "
-                         f"and {pet_files}")
-
-    save_dir = make_private_dir(save_dir)
-    models_dir = Path(models_path) if models_path else save_dir / "models"
-    if denoiser == "unet":
-        make_private_dir(models_dir)
-    failed_ids = [p.id for p in problems]
-    if splits_file is not None:
-        splits = load_splits(splits_file, usable_ids=data.ids, failed_ids=failed_ids)
-        splits["crop"] = crop
-    else:
-        splits = make_splits(data, scheme=split_scheme, n_folds=n_folds, seed=seed, crop=crop,
-                             val_fraction=val_fraction)
-    write_json(save_dir / "splits.json", splits)
-
-    manifest = Manifest(save_dir / "manifest.csv")
-    manifest.rows.clear()  # rebuilt from this run's pairing; finished folds are re-read below
-    for problem in problems:
-        manifest.add(problem)
-
-    all_metrics: list[dict[str, Any]] = []
-    histories: dict[int, list[dict[str, float]]] = {}
-    fold_info: list[dict[str, Any]] = []
-    for fold in splits["folds"]:
-        k = int(fold["fold"])
-        record = _fold_record(options, fold)
-        reused = not overwrite and _fold_done(save_dir, models_dir, k, record)
-        if reused:
-            if progress:
-                print(f"fold {k}: outputs exist, skipped (use --overwrite to redo)",
-                      file=sys.stderr)
-            info = json.loads((save_dir / f"fold{k}.json").read_text(encoding="utf-8"))
-            info.pop("record", None)
-            if denoiser == "unet":
-                info["history"] = _read_loss_csv(save_dir / f"loss_fold{k}.csv")
-        else:
-            info = run_fold(k, fold, data, options, save_dir=save_dir, models_dir=models_dir,
-                            device=run_device, progress=progress)
-            write_json(save_dir / f"fold{k}.json", {
-                "record": record, "best_epoch": info["best_epoch"],
-                "best_val_loss": info["best_val_loss"], "seconds": info["seconds"],
-                "device": run_device})
-        if info.get("history"):
-            histories[k] = info["history"]
-        rows = fold_metrics(k, fold["test"], data, save_dir / "denoised" / f"fold{k}")
-        all_metrics += rows
-        fold_info.append({"fold": k, "reused": reused, "n_train": len(fold["train"]),
-                          "n_val": len(fold["val"]), "n_test": len(fold["test"]),
-                          "best_epoch": info.get("best_epoch"),
-                          "best_val_loss": info.get("best_val_loss"),
-                          "seconds": info.get("seconds")})
-
-    write_csv(save_dir / "metrics.csv", all_metrics, METRIC_COLUMNS)
-    summary = summarise_metrics(all_metrics)
-    write_csv(save_dir / "summary.csv", summary, SUMMARY_COLUMNS)
-    if histories:
-        atomic_write_bytes(save_dir / "loss_curves.png", plot_loss_curves(histories))
-
-    qa = qa_montage(splits, data, save_dir / "denoised")
-    if qa is not None:
-        write_png(save_dir / "qa_montage.png", qa)
-
-    by_id: dict[str, list[dict[str, Any]]] = {}
-    for row in all_metrics:
-        by_id.setdefault(row["id"], []).append(row)
-    for item_id in data.ids:
-        rows = by_id.get(item_id, [])
-        values: dict[str, Any] = {"test_folds": ";".join(str(r["fold"]) for r in rows)}
-        for key in METRIC_COLUMNS[3:]:
-            values[key] = float(np.mean([r[key] for r in rows])) if rows else ""
-        manifest.add(ItemResult(item_id, data.subjects[item_id], STATUS_OK,
-                                "" if rows else "not in any fold's test set", values))
-    manifest.write()
-
-    if progress:
-        print(format_summary(summary), file=sys.stderr)
-    write_run_json(save_dir, stage="crossval", args=dict(args) if args is not None else {
-        "ct_files": str(ct_files), "pet_files": str(pet_files),
-        "save_perfs_dir": str(save_perfs_dir), "n_epochs": n_epochs, "n_folds": n_folds,
-        "batch_size": batch_size, "lr": lr, "splits_file": splits_file,
-        "models_path": models_path, "device": device, "seed": seed, "arch": arch,
-        "denoiser": denoiser, "split_scheme": split_scheme, "crop": crop,
-        "overwrite": overwrite}, seed=seed, started=started, extra={
-        "device_used": run_device, "torch_threads": __import__("torch").get_num_threads(),
-        "models_dir": str(models_dir) if denoiser == "unet" else None,
-        "n_pairs": len(data.ids), "n_failed": manifest.count(STATUS_FAILED),
-        "n_skipped": manifest.count(STATUS_SKIPPED),
-        "scheme": splits["scheme"], "folds": fold_info, "summary": summary,
-        "leakage": split_leakage(splits, data.subjects),
-        "msssim": {"win_size": msssim_window(crop), "weights": list(MSSSIM_WEIGHTS),
-                   "data_range": 1.0, "implementation": "pytorch_msssim.ms_ssim"}})
-    return manifest.exit_code()
-
+        torch.set_num_threads(previous)
 
 def qa_montage(splits: Mapping[str, Any], data: RenderSet, denoised_root: Path, *,
                per_fold: int = 2, tile: int = 208) -> np.ndarray | None:
