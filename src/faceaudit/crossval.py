@@ -74,6 +74,8 @@ BN_RECALIBRATION_IMAGES = 256
 METRIC_COLUMNS = ("fold", "id", "subject", "msssim_before", "msssim_after", "psnr_before",
                   "psnr_after")
 LOSS_COLUMNS = ("epoch", "train_loss", "val_loss")
+SUMMARY_COLUMNS = ("fold", "n_test", "msssim_before", "msssim_after", "msssim_gain",
+                   "psnr_before", "psnr_after", "n_improved")
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,13 +288,8 @@ def load_splits(path: str | os.PathLike, *, usable_ids: Sequence[str],
     train or val set.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"expected a splits JSON file at {path}, found nothing")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path} as JSON: {exc}") from exc
-    folds = record.get("folds") if isinstance(record, dict) else None
+    record = read_json_file(path)
+    folds = record.get("folds")
     if not isinstance(folds, list) or not folds:
         raise InputError(f"{path} has no non-empty 'folds' list; expected "
                          '{"folds": [{"fold": 0, "train": [...], "val": [...], "test": [...]}]}')
@@ -678,10 +675,6 @@ def summarise_metrics(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     return summary
 
 
-SUMMARY_COLUMNS = ("fold", "n_test", "msssim_before", "msssim_after", "msssim_gain",
-                   "psnr_before", "psnr_after", "n_improved")
-
-
 def summarise_metrics_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """:func:`summarise_metrics` of a crossval run's metrics.csv (for the report)."""
     return summarise_metrics(read_metrics_csv(path))
@@ -719,6 +712,42 @@ def _read_loss_csv(path: Path) -> list[dict[str, float]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return [{"epoch": int(r["epoch"]), "train_loss": float(r["train_loss"] or "nan"),
                  "val_loss": float(r["val_loss"])} for r in csv.DictReader(fh)]
+
+
+def qa_montage(splits: Mapping[str, Any], data: RenderSet, denoised_root: Path, *,
+               per_fold: int = 2, tile: int = 208) -> np.ndarray | None:
+    """RGB montage, one row per shown test image: PET | denoised PET | CT, with MS-SSIM to CT.
+
+    Shows the first ``per_fold`` test ids of every fold; None when no fold has a test set.
+    """
+    from faceaudit.montage import montage
+
+    images, labels = [], []
+    for fold in splits["folds"]:
+        for item_id in fold["test"][:per_fold]:
+            path = denoised_root / f"fold{fold['fold']}" / f"{item_id}.png"
+            if not path.is_file():
+                continue
+            pet = data.pet[item_id].astype(np.float32) / 255.0
+            ct = data.ct[item_id].astype(np.float32) / 255.0
+            denoised = read_grey(path)
+            scores, _ = image_metrics(np.stack([pet, denoised]), np.stack([ct, ct]))
+            images += [to_uint8(pet), to_uint8(denoised), to_uint8(ct)]
+            labels += [f"f{fold['fold']} PET {scores[0]:.3f}", f"denoised {scores[1]:.3f}",
+                       f"CT {item_id[:22]}"]
+    if not images:
+        return None
+    return montage(images, labels=labels, ncols=3, tile=tile)
+
+
+def format_summary(summary: Sequence[Mapping[str, Any]]) -> str:
+    """A small text table of :func:`summarise_metrics` for the terminal."""
+    lines = ["fold  n_test  MS-SSIM before -> after  PSNR before -> after  improved"]
+    for row in summary:
+        lines.append(f"{row['fold']:>4}  {row['n_test']:>6}  {row['msssim_before']:>14.4f} -> "
+                     f"{row['msssim_after']:.4f}  {row['psnr_before']:>11.2f} -> "
+                     f"{row['psnr_after']:.2f}  {row['n_improved']}/{row['n_test']}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1002,38 +1031,3 @@ def _torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
-
-def qa_montage(splits: Mapping[str, Any], data: RenderSet, denoised_root: Path, *,
-               per_fold: int = 2, tile: int = 208) -> np.ndarray | None:
-    """RGB montage, one row per shown test image: PET | denoised PET | CT, with MS-SSIM to CT.
-
-    Shows the first ``per_fold`` test ids of every fold; None when no fold has a test set.
-    """
-    from faceaudit.montage import montage
-
-    images, labels = [], []
-    for fold in splits["folds"]:
-        for item_id in fold["test"][:per_fold]:
-            path = denoised_root / f"fold{fold['fold']}" / f"{item_id}.png"
-            if not path.is_file():
-                continue
-            pet = data.pet[item_id].astype(np.float32) / 255.0
-            ct = data.ct[item_id].astype(np.float32) / 255.0
-            denoised = read_grey(path)
-            scores, _ = image_metrics(np.stack([pet, denoised]), np.stack([ct, ct]))
-            images += [to_uint8(pet), to_uint8(denoised), to_uint8(ct)]
-            labels += [f"f{fold['fold']} PET {scores[0]:.3f}", f"denoised {scores[1]:.3f}",
-                       f"CT {item_id[:22]}"]
-    if not images:
-        return None
-    return montage(images, labels=labels, ncols=3, tile=tile)
-
-
-def format_summary(summary: Sequence[Mapping[str, Any]]) -> str:
-    """A small text table of :func:`summarise_metrics` for the terminal."""
-    lines = ["fold  n_test  MS-SSIM before -> after  PSNR before -> after  improved"]
-    for row in summary:
-        lines.append(f"{row['fold']:>4}  {row['n_test']:>6}  {row['msssim_before']:>14.4f} -> "
-                     f"{row['msssim_after']:.4f}  {row['psnr_before']:>11.2f} -> "
-                     f"{row['psnr_after']:.2f}  {row['n_improved']}/{row['n_test']}")
-    return "\n".join(lines)
