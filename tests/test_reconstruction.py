@@ -194,3 +194,15 @@ def test_qa_montage_shows_missing_and_unreadable_renders_as_black(tmp_path):
     ct_a, pet_a = sheet[80, 80], sheet[160 + 14 + 80, 80]  # cell centres (label rows 14 px)
     assert tuple(ct_a) == (200, 200, 200) and tuple(pet_a) == (0, 0, 0)
     assert qa_montage(tmp_path, []) is None
+
+
+def test_missing_side_names_the_file_expected_in_each_layout(tmp_path):
+    out = tmp_path / "out"
+    _write(tmp_path / "flat" / "p2_ct.nii.gz", _phantom("ct"))
+    _write(tmp_path / "auto" / "PETCT_b" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    options = ReconstructionOptions(head_height_mm=120.0)
+    for root, sid, expected in ((tmp_path / "flat", "p2", "expected p2_pet.nii.gz"),
+                                (tmp_path / "auto", "PETCT_b_s1", "expected CTres.nii.gz")):
+        assert run_reconstruction(root, out, options=options, progress=False) == EXIT_ITEMS_FAILED
+        row = _read_manifest(out)[sid]
+        assert expected in row["reason"], row["reason"]

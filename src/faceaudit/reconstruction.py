@@ -97,11 +97,15 @@ def _modality_done(save_dir: Path, study_id: str, modality: str) -> bool:
     return all(p.is_file() for p in output_paths(save_dir, study_id, modality).values())
 
 
-def _load(path: Path | None, study_id: str, modality: str):
-    """(volume, seconds); a missing side is an InputError naming what was expected."""
+def _load(study: Study, modality: str):
+    """(volume, seconds); a missing side is an InputError naming the file expected."""
+    path = study.ct if modality == "ct" else study.pet
     if path is None:
-        raise InputError(f"study {study_id} has no {modality.upper()} volume "
-                         f"(expected {'CTres/CT' if modality == 'ct' else 'SUV/PET'}.nii.gz)")
+        if study.layout == "flat":
+            expected = f"{study.id}_{modality}.nii.gz"
+        else:
+            expected = f"{'CTres' if modality == 'ct' else 'SUV'}.nii.gz (or {modality.upper()}.nii.gz)"
+        raise InputError(f"study {study.id} has no {modality.upper()} volume (expected {expected})")
     t0 = time.perf_counter()
     volume = load_volume(path)
     return volume, time.perf_counter() - t0
@@ -142,7 +146,7 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     todo = [m for m in MODALITIES if overwrite or not _modality_done(save_dir, study.id, m)]
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        loads = {m: pool.submit(_load, study.ct if m == "ct" else study.pet, study.id, m) for m in todo}
+        loads = {m: pool.submit(_load, study, m) for m in todo}
         for modality in MODALITIES:
             if modality not in todo:
                 out[modality] = {"status": STATUS_SKIPPED, "reason": "outputs exist"}
@@ -250,7 +254,7 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
     manifest = Manifest(save_dir / "manifest.csv")
     worker = functools.partial(process_study, save_dir=str(save_dir), options=options,
                                overwrite=overwrite)
-    by_id = {s.id: s for s in studies}
+    ids = {s.id for s in studies}
     for study, result, error in map_items(worker, studies, jobs=jobs, desc="reconstruct",
                                           progress=progress):
         if error is not None:   # a crash outside the per-modality guard (e.g. worker died)
@@ -259,10 +263,10 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
             continue
         manifest.add(_manifest_row(result, manifest.get(result["id"])))
         for modality in MODALITIES:
-            source = by_id[study.id].ct if modality == "ct" else by_id[study.id].pet
+            source = study.ct if modality == "ct" else study.pet
             manifest.rows[study.id][f"{modality}_source"] = str(source) if source else ""
     # rows of studies no longer present in the input stay out of this run's manifest
-    manifest.rows = {k: v for k, v in manifest.rows.items() if k in by_id}
+    manifest.rows = {k: v for k, v in manifest.rows.items() if k in ids}
     manifest.write()
     rendered = sorted(k for k in manifest.rows
                       if any(output_paths(save_dir, k, m)["png"].is_file() for m in MODALITIES))
