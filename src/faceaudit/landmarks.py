@@ -170,18 +170,12 @@ def place_landmarks(image: np.ndarray, mesh, *, framing: Framing = Framing()) ->
     return framing.to_original(lm, img.shape)
 
 
-_MESH_CACHE: dict[float, object] = {}
-
-
+@lru_cache(maxsize=None)
 def _cached_mesh(min_detection_confidence: float):
     """One FaceMesh per process and confidence (static mode: images are independent)."""
-    mesh = _MESH_CACHE.get(min_detection_confidence)
-    if mesh is None:
-        from faceaudit.facemesh import FaceMesh
+    from faceaudit.facemesh import FaceMesh
 
-        mesh = FaceMesh(min_detection_confidence=min_detection_confidence)
-        _MESH_CACHE[min_detection_confidence] = mesh
-    return mesh
+    return FaceMesh(min_detection_confidence=min_detection_confidence)
 
 
 def place_landmarks_batch(images, *, framing: Framing = Framing(),
