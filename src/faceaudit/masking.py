@@ -171,18 +171,22 @@ def orient_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     is clockwise in (x, y) pixel space; pyrender needs it counter-clockwise in its
     y-up frame, which is the same winding, so the area test is done in (x, -y).
     """
-    p = np.stack([vertices[:, 0], -vertices[:, 1], vertices[:, 2]], axis=1)
+    p = flip_y(vertices)
     normals = np.cross(p[faces[:, 1]] - p[faces[:, 0]], p[faces[:, 2]] - p[faces[:, 0]])
     area_weighted_z = normals[:, 2].sum()
     return faces if area_weighted_z >= 0 else faces[:, ::-1].copy()
 
 
+def flip_y(points: np.ndarray) -> np.ndarray:
+    """Image geometry (column, row down, depth) <-> headpose's viewer frame (x, y up, depth):
+    the two differ only in the sign of y, so the map is its own inverse."""
+    return np.asarray(points, dtype=np.float64) * [1.0, -1.0, 1.0]
+
+
 def landmarks_to_image(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
     """(478, 3) normalised MediaPipe landmarks -> (479, 3) mesh vertices in image geometry
     (column px, row px, depth px towards the viewer), with the mouth-fill centre appended."""
-    lm = np.asarray(landmarks, dtype=np.float64)
-    verts = np.stack([lm[:, 0] * width, lm[:, 1] * height, -lm[:, 2] * width], axis=1)
-    return _append_mouth_centre(verts)
+    return _append_mouth_centre(flip_y(landmarks_to_viewer(landmarks, width, height)))
 
 
 def _append_mouth_centre(verts: np.ndarray) -> np.ndarray:
@@ -257,7 +261,7 @@ class MeanShapeBackend:
         target = landmarks_to_viewer(landmarks, w, h)
         rot, s, t = similarity_fit(self.mean_shape[:468], target[:468])
         placed = s * self.mean_shape @ rot.T + t  # viewer frame: x, -row, depth
-        verts = _append_mouth_centre(np.stack([placed[:, 0], -placed[:, 1], placed[:, 2]], axis=1))
+        verts = _append_mouth_centre(flip_y(placed))
         verts, faces = add_forehead(verts, face_triangles())
         resid = np.sqrt(((placed[:468] - target[:468]) ** 2).sum(1).mean())
         return MaskResult(self.name, verts, faces, np.asarray(landmarks), {
@@ -480,7 +484,7 @@ class FlameBackend:
         from scipy.spatial.transform import Rotation
 
         model, layer = self.model, self.layer
-        target_view = np.stack([target_img[:, 0], -target_img[:, 1], target_img[:, 2]], 1)
+        target_view = flip_y(target_img)
         template = model.landmark_template()
         rot0, s0, _ = similarity_fit(template, target_view)
         # work in units of the landmarks' RMS radius so the data term is O(1) next to the priors
@@ -541,7 +545,7 @@ class FlameBackend:
         if not np.all(np.isfinite(fit["vertices_view"])):
             raise MaskError("FLAME fit diverged (non-finite vertices)")
         vv = fit.pop("vertices_view")
-        verts = np.stack([vv[:, 0], -vv[:, 1], vv[:, 2]], 1)
+        verts = flip_y(vv)
         faces = orient_faces(verts, self.model.faces)
         params = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in fit.items()}
         params["device"] = self.device
