@@ -107,14 +107,18 @@ def build_phantom(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_las_nifti(path: Path, array_zyx: np.ndarray) -> None:
-    """Store like AutoPET: j grows anterior (direction diag(1, -1, 1) in LPS)."""
+    """Store like AutoPET: j grows anterior (direction diag(1, -1, 1) in LPS). Atomic, so an
+    interrupted generation never leaves a truncated file that ``ensure_study`` would reuse."""
     import SimpleITK as sitk
+
+    from faceaudit.stageio import atomic_path
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx[:, ::-1, :]))
     image.SetSpacing(SPACING_XYZ)
     image.SetDirection((1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     image.SetOrigin((-408.0, 408.0, 0.0))
-    sitk.WriteImage(image, str(path), True, 1)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        sitk.WriteImage(image, str(tmp), True, 1)
 
 
 def ensure_study(work_dir: Path) -> tuple[Path, Path]:
