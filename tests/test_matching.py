@@ -41,6 +41,15 @@ def write_fold(root, k, variant, ids, landmarks, detected=None, subjects=None):
               subjects=np.array(subjects or ids, dtype=str), landmarks=landmarks, detected=detected)
 
 
+def same_faces_fold(root, n=4):
+    """Fold 0 where every PET probe holds exactly its CT's landmarks: (faces, ids)."""
+    faces = identities(n)
+    ids = [f"s{i}" for i in range(n)]
+    write_fold(root, 0, "pet", ids, faces)
+    write_fold(root, 0, "ct", ids, faces)
+    return faces, ids
+
+
 def topk_rows(path):
     return {(r["align"], int(r["k"])): r for r in csv.DictReader(open(path))}
 
@@ -142,10 +151,7 @@ def test_similarity_alignment_removes_pose_and_unaligned_exploits_it(tmp_path):
 
 
 def test_distractors_enlarge_the_gallery_and_never_match(tmp_path):
-    faces = identities(4)
-    ids = [f"s{i}" for i in range(4)]
-    write_fold(tmp_path / "LM", 0, "pet", ids, faces)
-    write_fold(tmp_path / "LM", 0, "ct", ids, faces)
+    same_faces_fold(tmp_path / "LM")
     # other people's landmarks, with colliding ids/subjects and one undetected face
     others = tmp_path / "others"
     write_fold(others, 0, "ct", ["s0", "s1", "x"], identities(3, seed=9), detected=[True, True, False])
@@ -197,10 +203,7 @@ def load_script(name):
 
 
 def test_script_icp_flag_adds_the_icp_rows(tmp_path, capsys):
-    faces = identities(4)
-    ids = [f"s{i}" for i in range(4)]
-    write_fold(tmp_path / "LM", 0, "pet", ids, faces)
-    write_fold(tmp_path / "LM", 0, "ct", ids, faces)
+    same_faces_fold(tmp_path / "LM")
     script = load_script("perform_landmark_matching")
     assert script.main(["--landmarks_files", str(tmp_path / "LM"), "--n_folds", "1",
                         "--save_dir", str(tmp_path / "MT"), "--icp"]) == 0
@@ -219,10 +222,7 @@ def test_distance_matrix_rejects_unknown_alignment():
 def test_rerun_reuses_distances_only_for_unchanged_inputs(tmp_path):
     import os
 
-    faces = identities(4)
-    ids = [f"s{i}" for i in range(4)]
-    write_fold(tmp_path / "LM", 0, "pet", ids, faces)
-    write_fold(tmp_path / "LM", 0, "ct", ids, faces)
+    faces, ids = same_faces_fold(tmp_path / "LM")
     out = tmp_path / "MT"
     assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
     path = out / "distances_fold0_none.npz"
