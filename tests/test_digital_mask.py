@@ -155,3 +155,13 @@ def test_rerun_reuses_selection_decisions_but_retries_failures(tmp_path):
     assert sorted(digital_mask._read_selection(tmp_path, options)) == ["a.png", "b.png"]
     other = selection.SelectionOptions(max_yaw=10.0)
     assert digital_mask._read_selection(tmp_path, other) == {}  # other rules: decide again
+
+
+def test_a_bad_mean_shape_stops_before_selection(tmp_path):
+    from faceaudit.stageio import InputError
+
+    src = _photos(tmp_path, ids=("s9",), n=2)
+    write_npz(tmp_path / "meanshape.npz", mean_shape=np.zeros((468, 3)))
+    with pytest.raises(InputError, match=r"meanshape\.npz: mean_shape must be \(478, 3\).*\(468, 3\)"):
+        digital_mask.run_digital_mask(src, tmp_path / "o", backend="meanshape", model_dir=tmp_path)
+    assert not (tmp_path / "o").exists()

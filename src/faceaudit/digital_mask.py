@@ -142,7 +142,11 @@ def _read_selection(save_dir: Path, options: selection.SelectionOptions) -> dict
 def _load_mean_shape(model_dir: str | None) -> tuple[np.ndarray, str]:
     if model_dir is not None and (Path(model_dir) / MEANSHAPE_FILE).is_file():
         path = Path(model_dir) / MEANSHAPE_FILE
-        return read_npz(path, required=("mean_shape",))["mean_shape"], str(path)
+        mean = read_npz(path, required=("mean_shape",))["mean_shape"]
+        if mean.shape != (478, 3):
+            raise InputError(f"{path}: mean_shape must be (478, 3), one row per MediaPipe "
+                             f"landmark; found shape {mean.shape}")
+        return mean, str(path)
     return masking.bundled_mean_shape(), "bundled ORL faces (400 photos, 40 people)"
 
 
@@ -179,8 +183,11 @@ def run_digital_mask(input_dir: str | Path, save_dir: str | Path, *, backend: st
         raise InputError(f"unknown detector {detector!r}; expected retinaface or mediapipe")
     model_dir = None if model_dir is None else str(model_dir)
     mean_shape, mean_source = None, ""
+    # a missing or broken model fails here, before selection
     if backend == "flame":
-        masking.load_flame(masking.find_flame(model_dir))  # fail early, before selection
+        masking.load_flame(masking.find_flame(model_dir))
+    elif backend == "meanshape":
+        mean_shape, mean_source = _load_mean_shape(model_dir)
     images = selection.discover_images(input_dir)
     out = make_private_dir(save_dir)
     options = selection.SelectionOptions(detector, float(min_confidence), float(max_other_confidence),
@@ -212,8 +219,7 @@ def run_digital_mask(input_dir: str | Path, save_dir: str | Path, *, backend: st
     write_json(out / "selection.json", options.as_dict())
 
     # ---- masking
-    if backend == "meanshape":
-        mean_shape, mean_source = _load_mean_shape(model_dir)
+    if mean_shape is not None:
         write_npz(out / MEANSHAPE_FILE, mean_shape=mean_shape)
     manifest = Manifest(out / "manifest.csv")
     chosen = [r for r in rows if r["role"]]
