@@ -97,3 +97,15 @@ def test_demo_ct_renders_are_faces_for_mediapipe(demo_cohort, tmp_path):
         found = [mesh.detect(center_crop(np.asarray(Image.open(tmp_path / "rec" / "cts" / f"{e['id']}.png")),
                                          208)) is not None for e in plan]
     assert all(found)
+
+
+def test_an_interrupted_regeneration_leaves_no_done_marker(tmp_path, monkeypatch):
+    (tmp_path / "SIMULATED.txt").write_text("an earlier, complete cohort")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_data, "warp_anatomy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo_data.generate_cohort(tmp_path, n=1, seed=0, progress=False)
+    assert not (tmp_path / "SIMULATED.txt").exists()

@@ -303,6 +303,8 @@ def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
     from tqdm.auto import tqdm
 
     out = make_private_dir(out_dir)
+    # the done marker of an earlier cohort here must not vouch for a half-rewritten one
+    (out / "SIMULATED.txt").unlink(missing_ok=True)
     plan = plan_cohort(n=n, seed=seed, second_study_fraction=second_study_fraction)
     origin = output_grid_origin()
     for entry in tqdm(plan, desc="simulate", disable=not progress, file=sys.stderr):
