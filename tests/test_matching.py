@@ -265,3 +265,7 @@ def test_a_fold_with_no_probes_is_counted_not_a_crash(tmp_path):
     assert d["distances"].shape == (0, 3)
     summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
     assert [f["n_probes"] for f in summary["folds"]] == [3, 0]
+    rows = topk_rows(tmp_path / "MT" / "topk.csv")
+    assert rows[("similarity", 1)]["fold1"] == "nan"
+    assert float(rows[("similarity", 1)]["mean"]) == 1.0  # the mean of the folds that had probes
+    assert float(rows[("similarity", 1)]["std"]) == 0.0

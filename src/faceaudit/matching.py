@@ -360,7 +360,8 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
             both = [_subset_topk(fm.ranks, fm.probe_valid & np.isin(fm.probe_subjects, fm.gallery_subjects), kk)
                     for fm in fms]
             chance = np.array([ranking.chance_topk(fm.gallery_size, kk) for fm in fms])
-            row = {"align": align, "k": kk, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+            # a fold without probes (all its placements failed) has no accuracy: left out
+            row = {"align": align, "k": kk, "mean": _nanmean(accs), "std": _nanstd(accs),
                    **{f"fold{f}": float(a) for f, a in zip(fold_ids, accs)},
                    "gallery_size": float(np.mean([fm.gallery_size for fm in fms])),
                    "chance": float(np.mean(chance)),
