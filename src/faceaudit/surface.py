@@ -45,7 +45,6 @@ import numpy as np
 
 from faceaudit.stageio import InputError
 
-CT_THRESHOLDS = ("otsu",)
 PET_THRESHOLDS = ("adaptive", "percentile")
 
 
@@ -61,7 +60,7 @@ def otsu_threshold(values: np.ndarray, *, max_samples: int = 2_000_000, bins: in
     """Otsu level of ``values`` (any shape) from a deterministic strided sample."""
     from skimage.filters import threshold_otsu
 
-    sample = _strided_sample(np.asarray(values), max_samples).astype(np.float32, copy=False)
+    sample = _strided_sample(values, max_samples).astype(np.float32, copy=False)
     if sample.min() == sample.max():
         raise InputError(f"cannot threshold a constant volume (every voxel {sample.min()})")
     return float(threshold_otsu(sample, nbins=bins))

@@ -290,16 +290,6 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
     return Volume(array=array, spacing=spacing, origin=origin, source=str(path))
 
 
-def volume_from_array(array: np.ndarray, spacing: tuple[float, float, float],
-                      origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Volume:
-    """Wrap an array already in the canonical frame (axis 0 superior, 1 posterior, 2 left)."""
-    array = np.asarray(array)
-    if array.ndim != 3:
-        raise InputError(f"expected a 3-D array, found shape {array.shape}")
-    return Volume(array=array.astype(np.float32, copy=False),
-                  spacing=tuple(float(s) for s in spacing), origin=tuple(float(o) for o in origin))
-
-
 # --------------------------------------------------------------------------- discovery
 
 @dataclass
