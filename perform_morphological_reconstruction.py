@@ -36,12 +36,15 @@ def main(argv=None) -> int:
     parser.add_argument("--pet-threshold", choices=PET_THRESHOLDS, default=defaults.pet_threshold,
                         help="'adaptive' = fraction of the body's median SUV (default); "
                              "'percentile' = upstream 95th percentile of the whole volume")
-    parser.add_argument("--pet-percentile", type=float, default=defaults.pet_percentile)
-    parser.add_argument("--pet-body-fraction", type=float, default=defaults.pet_body_fraction)
+    parser.add_argument("--pet-percentile", type=float, default=defaults.pet_percentile,
+                        help="percentile used by --pet-threshold percentile (upstream: 95)")
+    parser.add_argument("--pet-body-fraction", type=float, default=defaults.pet_body_fraction,
+                        help="adaptive PET level as a fraction of the body's median SUV (default 0.5)")
     parser.add_argument("--head-height-mm", type=float, default=defaults.head_height_mm,
                         help="head crop: this many mm down from the top of the head")
     parser.add_argument("--no-fill-holes", action="store_true", help="upstream: no hole filling")
-    parser.add_argument("--smoothing-iterations", type=int, default=defaults.smoothing_iterations)
+    parser.add_argument("--smoothing-iterations", type=int, default=defaults.smoothing_iterations,
+                        help="Laplacian smoothing steps of the mesh (upstream: 5)")
     parser.add_argument("--shading", choices=SHADINGS, default=defaults.shading)
     parser.add_argument("--projection", choices=PROJECTIONS, default=defaults.projection)
     parser.add_argument("--head-px", type=int, default=defaults.head_px,
