@@ -343,6 +343,23 @@ def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsy
     assert not (other / "models").exists()
 
 
+def test_rerun_redoes_only_folds_whose_settings_or_outputs_changed(tmp_path):
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    out = tmp_path / "cv"
+
+    def reused(*extra):
+        assert _run(ct_dir, pet_dir, out, "--denoiser", "wavelet", *extra) == EXIT_OK
+        return [f["reused"] for f in json.loads((out / "run.json").read_text())["folds"]]
+
+    assert reused() == [False, False, False]
+    assert reused() == [True, True, True]
+    assert reused("--overwrite") == [False, False, False]
+    test_id = json.loads((out / "splits.json").read_text())["folds"][1]["test"][0]
+    (out / "denoised" / "fold1" / f"{test_id}.png").unlink()
+    assert reused() == [True, False, True]  # a lost output redoes its fold only
+    assert reused("--crop", "56") == [False, False, False]  # another crop: new outputs
+
+
 def test_stage_rejects_bad_inputs_with_a_message(tmp_path, capsys):
     ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=2, two_studies=())
     assert _run(ct_dir, pet_dir, tmp_path / "cv") == EXIT_USAGE  # 2 patients, 3 folds
