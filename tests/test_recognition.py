@@ -335,10 +335,10 @@ def test_embedding_cache_round_trip_and_stale_or_corrupt_files(tmp_path):
     cache.save()
     again = EmbeddingCache(path, "model A", 4)
     again.load()
-    vec, score, reason, det = again.get("h1")
-    assert np.array_equal(vec, np.arange(4)) and score == 0.9 and det == "hog"
-    vec, _, reason, _ = again.get("h2")
-    assert vec is None and reason == "no face found"  # a no-face result is cached as such
+    hit = again.get("h1")
+    assert np.array_equal(hit.vector, np.arange(4)) and hit.det_score == 0.9 and hit.detector == "hog"
+    miss = again.get("h2")
+    assert miss.vector is None and miss.reason == "no face found"  # cached as a no-face result
     other = EmbeddingCache(path, "model B", 4)
     other.load()
     assert other.entries == {} and "another model" in other.discarded_reason

@@ -278,7 +278,7 @@ class EmbeddingCache:
         self.path = Path(path)
         self.model_tag = model_tag
         self.dim = dim
-        self.entries: dict[str, tuple[np.ndarray | None, float, str, str]] = {}
+        self.entries: dict[str, EmbeddingResult] = {}
         self.discarded_reason = ""
 
     def load(self) -> None:
@@ -296,27 +296,27 @@ class EmbeddingCache:
         for key, vec, score, reason, det in zip(data["keys"], data["vectors"], data["det_score"],
                                                 data["reason"], data["detector"]):
             vector = None if np.isnan(vec).any() else np.asarray(vec, dtype=np.float32)
-            self.entries[str(key)] = (vector, float(score), str(reason), str(det))
+            self.entries[str(key)] = EmbeddingResult(vector, float(score), str(reason), str(det))
 
-    def get(self, key: str):
+    def get(self, key: str) -> EmbeddingResult | None:
         return self.entries.get(key)
 
     def put(self, key: str, result: EmbeddingResult) -> None:
-        self.entries[key] = (result.vector, float(result.det_score), result.reason,
-                             result.detector)
+        self.entries[key] = result
 
     def save(self) -> None:
         keys = sorted(self.entries)
-        dims = {len(v[0]) for v in self.entries.values() if v[0] is not None}
+        results = [self.entries[k] for k in keys]
+        dims = {len(r.vector) for r in results if r.found}
         dim = dims.pop() if len(dims) == 1 else self.dim
         vectors = np.full((len(keys), max(dim, 1)), np.nan, dtype=np.float32)
-        for i, key in enumerate(keys):
-            if self.entries[key][0] is not None:
-                vectors[i] = self.entries[key][0]
+        for i, r in enumerate(results):
+            if r.found:
+                vectors[i] = r.vector
         write_npz(self.path, keys=np.array(keys, dtype=str), vectors=vectors,
-                  det_score=np.array([self.entries[k][1] for k in keys], dtype=np.float64),
-                  reason=np.array([self.entries[k][2] for k in keys], dtype=str),
-                  detector=np.array([self.entries[k][3] for k in keys], dtype=str),
+                  det_score=np.array([r.det_score for r in results], dtype=np.float64),
+                  reason=np.array([r.reason for r in results], dtype=str),
+                  detector=np.array([r.detector for r in results], dtype=str),
                   model=np.array(self.model_tag))
 
 
@@ -354,7 +354,7 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
     for digest, group in by_hash.items():
         hit = cache.get(digest) if cache is not None else None
         if hit is not None:
-            computed[digest] = EmbeddingResult(*hit)
+            computed[digest] = hit
         else:
             todo.append((digest, str(group[0].path)))
     n_cached = len(computed)
