@@ -586,10 +586,6 @@ class Denoiser:
         self.device = device
         self.batch_size = batch_size
 
-    @property
-    def arch(self) -> str:
-        return self.config["arch"]
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
         if images.ndim == 2:
