@@ -126,7 +126,7 @@ def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str,
               image_plane_y_mm=np.float64(camera["image_plane_y_mm"]),
               projection=np.str_(camera["projection"]))
     timings = {"load": t_load, **result.timings, "write": time.perf_counter() - t0}
-    return {"numbers": result.numbers, "timings": timings, "source": volume.source}
+    return {"numbers": result.numbers, "timings": timings}
 
 
 def process_study(study: Study, *, save_dir: str | os.PathLike, options: ReconstructionOptions,
@@ -135,9 +135,9 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
 
     A modality whose png, ply and depth files exist is skipped unless ``overwrite``.
     Never raises for a bad volume: the error becomes that modality's reason and its
-    output files are removed. Both volumes
-    are read in two threads at once (decompression releases the GIL), so the PET is
-    decompressed while the CT is processed; the CT is freed before the PET is processed.
+    output files are removed. Both volumes are read in two threads at once (decompression
+    releases the GIL), so the PET is decompressed while the CT is processed; the CT is
+    freed before the PET is processed.
     """
     from concurrent.futures import ThreadPoolExecutor
 
