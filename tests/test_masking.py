@@ -190,3 +190,12 @@ def test_viewer_and_image_geometry_agree(face):
     img = masking.landmarks_to_image(lm, 224, 224)
     view = landmarks_to_viewer(lm, 224, 224)
     assert np.allclose(img[:478, 0], view[:, 0]) and np.allclose(img[:478, 1], -view[:, 1])
+
+
+def test_flame_indices_out_of_range_name_the_limits(flame_file, tmp_path):
+    raw = read_npz(flame_file)
+    raw["lmk_mediapipe_idx"] = raw["lmk_mediapipe_idx"].copy()
+    raw["lmk_mediapipe_idx"][0] = 500
+    write_npz(tmp_path / "flame_model.npz", **raw)
+    with pytest.raises(InputError, match=r"lmk_mediapipe_idx < 478; found maxima .*, 500"):
+        masking.load_flame(tmp_path / "flame_model.npz")

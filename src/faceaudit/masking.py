@@ -352,7 +352,9 @@ def load_flame(path: str | os.PathLike) -> FlameModel:
     lmk_face_idx = np.asarray(data["lmk_face_idx"], np.int64)
     lmk_mp = np.asarray(data["lmk_mediapipe_idx"], np.int64)
     if faces.max() >= n_v or lmk_face_idx.max() >= len(faces) or lmk_mp.max() >= 478:
-        raise InputError(f"{path}: face or landmark indices out of range")
+        raise InputError(f"{path}: indices out of range: expected f < {n_v} vertices, "
+                         f"lmk_face_idx < {len(faces)} faces, lmk_mediapipe_idx < 478; found "
+                         f"maxima {faces.max()}, {lmk_face_idx.max()}, {lmk_mp.max()}")
     return FlameModel(v, shapedirs, posedirs, jreg, weights, parents, faces, lmk_face_idx,
                       np.asarray(data["lmk_b_coords"], np.float64), lmk_mp, n_shape, n_expr)
 
