@@ -167,6 +167,10 @@ def test_a_broken_model_costs_only_its_folds_unet_variant(cohort, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     unet = next(r for r in summary["detection"] if r["variant"] == "pet_unet")
     assert unet["folds_scored"] == 1 and unet["n"] == 2
+    # the CV's own images mend fold 1 in a re-run: its old failure does not linger
+    assert _run(cohort, out, denoised_dir=cohort / "cv" / "denoised", n_qa=0) == 0
+    rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert "fold1/denoiser" not in rows and all(r["status"] == "ok" for r in rows.values())
 
 
 def test_a_model_that_fails_when_run_costs_only_its_folds_unet_variant(cohort, tmp_path):

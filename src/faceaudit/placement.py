@@ -331,6 +331,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     load_denoiser = load_denoiser or _default_denoiser_loader
     make_private_dir(save_dir)
     manifest = Manifest(save_dir / "manifest.csv")
+    manifest.rows.clear()  # every row is re-derived below, reused folds included: none goes stale
 
     folds = [int(f["fold"]) for f in splits["folds"]]
     detected: dict[str, dict[int, np.ndarray]] = {}
@@ -368,7 +369,6 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
                 manifest.add(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, unet_errors[k], {"fold": k}))
                 written = None
             if written is not None:
-                manifest.rows.pop(f"fold{k}/denoiser", None)  # a failure of an earlier run is mended
                 unet_paths = {i: written.get(i, str(save_dir / "denoised" / f"fold{k}" / f"{i}.png"))
                               for i in ids}
                 unet_sources[k] = str(model)
