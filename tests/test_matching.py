@@ -183,6 +183,11 @@ def test_corrupt_and_missing_landmark_files_are_reported(tmp_path):
     assert man["fold0/a"]["status"] == "ok"
     summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
     assert [f["fold"] for f in summary["failed_folds"]] == [1, 2]
+    # once the files are back, a re-run into the same folder reports no failure
+    write_fold(root, 1, "ct", ids, faces)
+    write_fold(root, 2, "pet", ids, faces)
+    assert run_landmark_matching(root, tmp_path / "MT", n_folds=3, aligns=("none",), quiet=True) == 0
+    assert all(r["status"] == "ok" for r in read_manifest(tmp_path / "MT" / "manifest.csv"))
     with pytest.raises(InputError, match="found no such folder"):
         run_landmark_matching(tmp_path / "absent", tmp_path / "MT2", quiet=True)
     wrong = tmp_path / "wrong.npz"

@@ -285,6 +285,7 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_
     distractor_sets = read_distractors(distractors, variant=gallery_variant) if distractors else None
     make_private_dir(save_dir)
     manifest = Manifest(save_dir / "manifest.csv")
+    manifest.rows.clear()  # every fold is re-read each run: an old failure must not linger
     progress = not quiet
 
     per_fold: dict[str, list[FoldMatch]] = {a: [] for a in aligns}
