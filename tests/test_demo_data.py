@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -40,6 +41,9 @@ def test_cohort_layout_and_simulated_labels(demo_cohort):
     with gzip.open(studies[0].ct, "rb") as fh:
         header = fh.read(348)
     assert header[148:228].rstrip(b"\0").decode() == demo_data.SIMULATED_NOTE
+    for path in (out, studies[0].ct.parent.parent, studies[0].ct.parent):
+        assert os.stat(path).st_mode & 0o777 == 0o700, path
+    assert os.stat(studies[0].ct).st_mode & 0o777 == 0o600
 
 
 def test_ct_and_pet_are_realistic_and_share_the_pose(demo_cohort):
