@@ -165,3 +165,11 @@ def test_a_bad_mean_shape_stops_before_selection(tmp_path):
     with pytest.raises(InputError, match=r"meanshape\.npz: mean_shape must be \(478, 3\).*\(468, 3\)"):
         digital_mask.run_digital_mask(src, tmp_path / "o", backend="meanshape", model_dir=tmp_path)
     assert not (tmp_path / "o").exists()
+
+
+def test_worker_tools_follow_the_mean_shape_they_are_given():
+    mean = masking.bundled_mean_shape()
+    _, _, first = digital_mask._mask_tools("meanshape", None, mean)
+    _, _, second = digital_mask._mask_tools("meanshape", None, mean * 1.1)
+    assert np.array_equal(first.mean_shape, mean) and np.array_equal(second.mean_shape, mean * 1.1)
+    assert digital_mask._mask_tools("meanshape", None, mean.copy())[2] is first

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import time
 from collections import Counter
@@ -60,7 +61,9 @@ def _mask_tools(backend: str, model_dir: str | None, mean_shape: np.ndarray | No
         _STATE["mesh"] = FaceMesh()
     if "renderer" not in _STATE:
         _STATE["renderer"] = masking.MaskRenderer(224, 224)
-    key = f"backend:{backend}:{model_dir}"
+    # keyed by the mean shape's content too: one process may mask with several means
+    shape_tag = "" if mean_shape is None else hashlib.sha1(np.ascontiguousarray(mean_shape)).hexdigest()
+    key = f"backend:{backend}:{model_dir}:{shape_tag}"
     if key not in _STATE:
         _STATE[key] = masking.make_backend(backend, model_dir=model_dir, mean_shape=mean_shape)
     return _STATE["mesh"], _STATE["renderer"], _STATE[key]
