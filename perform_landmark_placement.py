@@ -31,10 +31,14 @@ def main(argv=None) -> int:
     parser.add_argument("--n_qa", type=int, default=6, help="test images drawn in qa_landmarks.png")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    try:
+        framing = Framing(upscale=args.upscale, pad=args.pad)
+    except ValueError as exc:
+        parser.error(f"--upscale/--pad: {exc}")
     return run_guarded(
         run_landmark_placement, args.ct_files, args.pet_files, args.splits_file, args.save_dir,
         models_path=args.models_path, denoised_dir=args.denoised_dir, upstream_mad=args.upstream_mad,
-        framing=Framing(upscale=args.upscale, pad=args.pad),
+        framing=framing,
         min_detection_confidence=args.min_detection_confidence, n_qa=args.n_qa, jobs=args.jobs,
         overwrite=args.overwrite, seed=args.seed, quiet=args.quiet, args=vars(args))
 

@@ -112,3 +112,9 @@ def test_mediapipe_places_478_points_and_framing_agrees():
     assert det_p[0]
     # the same face framed differently: landmarks agree within a few % of the IOD
     assert landmark_mad(lm[0], padded[0]) < 10.0
+
+
+@pytest.mark.parametrize("options", [{"upscale": 0}, {"upscale": -2.0}, {"pad": -1}, {"upscale": float("nan")}])
+def test_framing_rejects_impossible_settings_when_built(options):
+    with pytest.raises(ValueError, match="must be"):
+        Framing(**options)

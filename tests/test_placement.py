@@ -236,3 +236,14 @@ def test_script_main_exit_codes(cohort, tmp_path, capsys):
                         "--splits_file", str(cohort / "cv" / "splits.json"), "--save_dir", str(out)])
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_script_rejects_a_bad_framing_before_any_work(cohort, tmp_path, capsys):
+    script = load_script("perform_landmark_placement")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--ct_files", str(cohort / "recon" / "cts"), "--pet_files", str(cohort / "recon" / "pets"),
+                     "--splits_file", str(cohort / "cv" / "splits.json"), "--save_dir", str(tmp_path / "LM"),
+                     "--upscale", "0"])
+    assert exit_info.value.code == 2
+    assert "upscale must be > 0, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "LM").exists()

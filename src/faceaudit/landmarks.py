@@ -111,18 +111,20 @@ class Framing:
     upscale: float = 1.0
     pad: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.upscale > 0:
+            raise ValueError(f"upscale must be > 0, got {self.upscale}")
+        if not self.pad >= 0:
+            raise ValueError(f"pad must be >= 0, got {self.pad}")
+
     def pad_pixels(self, shape: tuple[int, int]) -> tuple[int, int]:
         h, w = shape
-        if self.pad < 0:
-            raise ValueError(f"pad must be >= 0, got {self.pad}")
         if 0 < self.pad < 1:
             return int(round(self.pad * h)), int(round(self.pad * w))
         return int(self.pad), int(self.pad)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """(H, W) grey float [0, 1] -> framed grey float image."""
-        if self.upscale <= 0:
-            raise ValueError(f"upscale must be > 0, got {self.upscale}")
         img = np.asarray(image, dtype=np.float32)
         ph, pw = self.pad_pixels(img.shape[:2])
         if ph or pw:
