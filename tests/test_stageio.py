@@ -21,6 +21,15 @@ def test_outputs_are_private(tmp_path):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_every_folder_created_is_private_and_existing_parents_are_left_alone(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    make_private_dir(tmp_path / "a" / "b" / "c")
+    assert [_mode(tmp_path / p) for p in ("a", "a/b", "a/b/c")] == [0o700] * 3
+    assert _mode(tmp_path) == 0o755
+    with pytest.raises(FileExistsError):
+        make_private_dir(atomic_write_text(tmp_path / "file", "x") / "sub")
+
+
 def test_manifest_round_trip_keeps_rows_of_earlier_runs(tmp_path):
     m = Manifest(tmp_path / "manifest.csv")
     m.add(ItemResult("b", "p2", values={"n_vertices": 10}))

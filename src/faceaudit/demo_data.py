@@ -312,8 +312,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
         hu, brain, world_y = warp_anatomy(entry["identity"], entry["pose"])
         ct = simulate_ct(hu, world_y, study_rng)
         pet = simulate_pet(hu, brain, entry["identity"], study_rng)
-        # one level at a time: mkdir(parents=True) gives the patient folder the umask's mode
-        folder = make_private_dir(make_private_dir(out / entry["patient"]) / entry["study"])
+        folder = make_private_dir(out / entry["patient"] / entry["study"])
         _write_nifti(folder / "CTres.nii.gz", ct, origin)
         _write_nifti(folder / "SUV.nii.gz", pet, origin)
     write_json(out / "cohort.json", {

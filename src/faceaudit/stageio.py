@@ -53,9 +53,18 @@ class InputError(ValueError):
 
 
 def make_private_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) with mode 0700 and return it."""
+    """Create ``path`` with mode 0700 and return it. Every parent folder it has to create is
+    0700 too (``mkdir(parents=True)`` would give those the umask's mode); folders that
+    already exist, other than ``path`` itself, are left as they are."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(folder, DIR_MODE)
     os.chmod(path, DIR_MODE)
     return path
 
