@@ -752,10 +752,10 @@ def format_summary(summary: Sequence[Mapping[str, Any]]) -> str:
 
 @dataclass
 class CrossvalOptions:
-    """Settings of one run (defaults = the paper's)."""
+    """What a fold is trained and checked with (defaults = the paper's); the fold count,
+    validation share and device act before the folds and stay arguments of run_crossval."""
 
     n_epochs: int = 50
-    n_folds: int = 5
     batch_size: int = 32
     lr: float = 1e-2
     seed: int = 0
@@ -763,8 +763,6 @@ class CrossvalOptions:
     denoiser: str = "unet"
     split_scheme: str = "kfold"
     crop: int = DEFAULT_CROP
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    device: str = "auto"
 
     def check(self) -> None:
         from faceaudit.unet import ARCHS, SPATIAL_MULTIPLE
@@ -903,10 +901,9 @@ def run_crossval(*, ct_files: str | os.PathLike, pet_files: str | os.PathLike,
         raise InputError(f"--threads must be >= 0, got {threads}")
     with _torch_threads(threads):
         started = time.time()
-        options = CrossvalOptions(n_epochs=n_epochs, n_folds=n_folds, batch_size=batch_size, lr=lr,
-                                  seed=seed, arch=arch, denoiser=denoiser,
-                                  split_scheme=split_scheme, crop=crop, val_fraction=val_fraction,
-                                  device=device)
+        options = CrossvalOptions(n_epochs=n_epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                  arch=arch, denoiser=denoiser, split_scheme=split_scheme,
+                                  crop=crop)
         options.check()
         progress = not quiet
         save_dir = Path(save_perfs_dir)
