@@ -36,13 +36,12 @@ class Step:
 
 
 def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int,
-               n_epochs: int, overwrite: bool) -> list[Step]:
+               n_epochs: int, overwrite: bool, photos: Path) -> list[Step]:
     py = sys.executable
     again = ["--overwrite"] if overwrite else []
     common = ["--seed", str(seed)] + again
     recon, cv, lm, mt = out / "reconstruction", out / "crossval", out / "landmarks", out / "matching"
     dm, dm2, fr = out / "digital_mask", out / "digital_mask_meanshape", out / "face_recognition"
-    orl = PACKAGE_DATA / "orl_faces"
     cohort = out / "cohort"
 
     def script(name: str) -> str:
@@ -70,10 +69,10 @@ def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int
              [py, script("perform_landmark_matching.py"), "--landmarks_files", str(lm),
               "--n_folds", str(n_folds), "--distractors", str(lm), "--save_dir", str(mt)] + again),
         Step("digital mask (mediapipe mesh)",
-             [py, script("run_digital_mask.py"), "--input_dir", str(orl), "--save_dir", str(dm),
+             [py, script("run_digital_mask.py"), "--input_dir", str(photos), "--save_dir", str(dm),
               "--backend", "mediapipe", "--jobs", str(jobs)] + common),
         Step("digital mask (mean shape)",
-             [py, script("run_digital_mask.py"), "--input_dir", str(orl), "--save_dir", str(dm2),
+             [py, script("run_digital_mask.py"), "--input_dir", str(photos), "--save_dir", str(dm2),
               "--backend", "meanshape", "--jobs", str(jobs)] + common),
         Step("face recognition (dlib)",
              [py, script("run_face_recognition.py"), "--masks_dir", str(dm), "--save_dir", str(fr),
@@ -82,7 +81,7 @@ def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int
 
 
 def run_demo(out: str | Path, *, jobs: int = 2, n_patients: int = 20, seed: int = 0, n_folds: int = 5,
-             n_epochs: int = 8, overwrite: bool = False) -> int:
+             n_epochs: int = 8, overwrite: bool = False, photos: str | Path | None = None) -> int:
     """Run every step; a step that fails outright (exit >= 2) stops the demo."""
     from faceaudit.report import write_report
 
@@ -101,7 +100,8 @@ def run_demo(out: str | Path, *, jobs: int = 2, n_patients: int = 20, seed: int 
     first_run, last_run = timings.get("first_run", {}), {}
     worst = EXIT_OK
     for step in demo_steps(out, jobs=jobs, n_patients=n_patients, seed=seed, n_folds=n_folds,
-                           n_epochs=n_epochs, overwrite=overwrite):
+                           n_epochs=n_epochs, overwrite=overwrite,
+                           photos=Path(photos) if photos else PACKAGE_DATA / "orl_faces"):
         if step.done_marker is not None and step.done_marker.exists():
             print(f"== {step.name}: already done, skipped", flush=True)
             last_run[step.name] = 0.0
@@ -139,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-folds", type=int, default=5)
     parser.add_argument("--n-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--photos", default=None,
+                        help="<Identity>/<image> photos for the mask audit (default: the bundled ORL faces)")
     parser.add_argument("--overwrite", action="store_true", help="redo every stage")
     args = parser.parse_args(argv)
     return run_demo(args.out, jobs=args.jobs, n_patients=args.n_patients, seed=args.seed,
-                    n_folds=args.n_folds, n_epochs=args.n_epochs, overwrite=args.overwrite)
+                    n_folds=args.n_folds, n_epochs=args.n_epochs, overwrite=args.overwrite,
+                    photos=args.photos)
 
 
 if __name__ == "__main__":
