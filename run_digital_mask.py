@@ -17,7 +17,7 @@ def main(argv=None) -> int:
                         help="<Identity>/<video>/<frame>.jpg (YouTube Faces) or <Identity>/<photo>")
     parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
     parser.add_argument("--backend", default="mediapipe", choices=("mediapipe", "flame", "meanshape"))
-    parser.add_argument("--model_dir", default=None,
+    parser.add_argument("--model_dir", "--model-dir", default=None,
                         help="flame: holds flame_model.npz; meanshape: may hold meanshape.npz")
     parser.add_argument("--protocol", default="same-video", choices=("same-video", "across-video"))
     parser.add_argument("--detector", default="retinaface", choices=("retinaface", "mediapipe"))

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
     parser.add_argument("--backend", choices=BACKENDS, default="dlib",
                         help="embedding model (default: dlib, bundled, offline)")
-    parser.add_argument("--model_dir", default=None,
+    parser.add_argument("--model_dir", "--model-dir", default=None,
                         help="insightface: a buffalo_l-style folder (det_10g.onnx, "
                              "w600k_r50.onnx); arcface-onnx: an ArcFace .onnx or its folder")
     parser.add_argument("--cross_masks_dir", default=None,
