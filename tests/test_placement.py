@@ -11,7 +11,7 @@ import pytest
 from faceaudit.images import to_uint8
 from faceaudit.landmarks import Framing
 from faceaudit.placement import read_splits, run_landmark_placement
-from faceaudit.stageio import InputError, read_manifest, read_npz, write_png
+from faceaudit.stageio import InputError, read_manifest, read_npz, write_npz, write_png
 
 IDS = ["PETCT_a_s1", "PETCT_a_s2", "PETCT_b_s1", "PETCT_c_s1"]
 SUBJECTS = {"PETCT_a_s1": "PETCT_a", "PETCT_a_s2": "PETCT_a", "PETCT_b_s1": "PETCT_b", "PETCT_c_s1": "PETCT_c"}
@@ -211,6 +211,101 @@ def test_missing_and_truncated_renders_are_failed_rows(cohort, tmp_path):
     assert "cannot read" in rows[f"fold1/{IDS[2]}"]["reason"]
     assert rows[f"fold0/{IDS[0]}"]["status"] == "ok"
     assert read_npz(out / "fold0" / "landmarks_ct.npz")["ids"].tolist() == [IDS[0]]
+
+
+def _npz_state(out):
+    """(mtime, input_sha1) of every landmark file, keyed by fold/variant."""
+    return {f"{f.parent.name}/{f.stem}": (os.stat(f).st_mtime_ns, str(read_npz(f)["input_sha1"]))
+            for f in sorted(out.glob("fold*/landmarks_*.npz"))}
+
+
+def test_rerun_recomputes_only_the_variants_whose_input_images_changed(cohort, tmp_path):
+    import shutil
+
+    shutil.copytree(cohort / "recon", tmp_path / "recon")
+    shutil.copytree(cohort / "cv", tmp_path / "cv")
+    denoised = tmp_path / "cv" / "denoised"
+    out = tmp_path / "LM"
+    assert _run(tmp_path, out, denoised_dir=denoised, n_qa=0) == 0
+    first = _npz_state(out)
+    assert len(first) == 8 and len({sha for _, sha in first.values()}) == 8
+    unet_before = read_npz(out / "fold1" / "landmarks_pet_unet.npz")
+
+    # the denoiser was re-trained: fold 1's U-Net image of IDS[3] is a different (shifted) face
+    write_png(denoised / "fold1" / f"{IDS[3]}.png", to_uint8(_face((40, 30))[24:232, 24:232]))
+    assert _run(tmp_path, out, denoised_dir=denoised, n_qa=0) == 0
+    second = _npz_state(out)
+    changed = {key for key in first if first[key] != second[key]}
+    assert changed == {"fold1/landmarks_pet_unet"}
+    assert second["fold1/landmarks_pet_unet"][1] != first["fold1/landmarks_pet_unet"][1]
+    unet_after = read_npz(out / "fold1" / "landmarks_pet_unet.npz")
+    assert unet_after["ids"].tolist() == IDS[2:] and unet_after["detected"].all()
+    assert np.abs(unet_after["landmarks"][1] - unet_before["landmarks"][1]).max() > 0.02  # face moved
+    np.testing.assert_array_equal(unet_after["landmarks"][0], unet_before["landmarks"][0])  # image unchanged
+
+    # a new CT render of IDS[0]: fold 0's CT landmarks only
+    write_png(tmp_path / "recon" / "cts" / f"{IDS[0]}.png", to_uint8(_face((40, 30))))
+    assert _run(tmp_path, out, denoised_dir=denoised, n_qa=0) == 0
+    third = _npz_state(out)
+    assert {key for key in second if second[key] != third[key]} == {"fold0/landmarks_ct"}
+
+    # a landmark file from before fingerprints existed is not trusted
+    old = read_npz(out / "fold0" / "landmarks_pet.npz")
+    del old["input_sha1"]
+    write_npz(out / "fold0" / "landmarks_pet.npz", **old)
+    assert _run(tmp_path, out, denoised_dir=denoised, n_qa=0) == 0
+    fourth = _npz_state(out)
+    assert {key for key in third if third[key] != fourth[key]} == {"fold0/landmarks_pet"}
+    assert fourth["fold0/landmarks_pet"][1] == third["fold0/landmarks_pet"][1]
+
+    # a changed image that can no longer be read fails its item, and the fold's reused
+    # variants are rewritten without it (every variant of a fold holds the same ids) ...
+    png = (denoised / "fold1" / f"{IDS[3]}.png").read_bytes()
+    (denoised / "fold1" / f"{IDS[3]}.png").write_bytes(png[: len(png) // 3])
+    assert _run(tmp_path, out, denoised_dir=denoised, n_qa=0) == 1
+    for variant in ("ct", "pet", "pet_wavelet", "pet_unet"):
+        assert read_npz(out / "fold1" / f"landmarks_{variant}.npz")["ids"].tolist() == [IDS[2]]
+    assert read_npz(out / "fold0" / "landmarks_pet.npz")["ids"].tolist() == IDS[:2]
+    # ... and mended by the next run once the image is good again
+    (denoised / "fold1" / f"{IDS[3]}.png").write_bytes(png)
+    assert _run(tmp_path, out, denoised_dir=denoised, n_qa=0) == 0
+    for variant in ("ct", "pet", "pet_wavelet", "pet_unet"):
+        assert read_npz(out / "fold1" / f"landmarks_{variant}.npz")["ids"].tolist() == IDS[2:]
+    assert _npz_state(out)["fold1/landmarks_pet_unet"][1] == second["fold1/landmarks_pet_unet"][1]
+
+
+def test_rerun_after_retraining_redenoises_and_replaces_only_that_folds_unet(cohort, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for k in (0, 1):
+        (models / f"best_model_fold{k}.pt").write_bytes(b"1.0")
+    seen = []
+
+    def loader(pt_path):
+        """A "denoiser" whose output depends on the model file's bytes (a gain)."""
+        seen.append(pt_path.name)
+        gain = float(pt_path.read_bytes())
+        return lambda batch: np.clip(batch * gain, 0, 1)
+
+    out = tmp_path / "LM"
+    assert _run(cohort, out, models_path=models, load_denoiser=loader, n_qa=0) == 0
+    assert seen == ["best_model_fold0.pt", "best_model_fold1.pt"]
+    first = _npz_state(out)
+    png_fold0 = (out / "denoised" / "fold0" / f"{IDS[0]}.png").read_bytes()
+    png_fold1 = (out / "denoised" / "fold1" / f"{IDS[2]}.png").read_bytes()
+
+    seen.clear()  # nothing changed: no model is even loaded
+    assert _run(cohort, out, models_path=models, load_denoiser=loader, n_qa=0) == 0
+    assert seen == [] and _npz_state(out) == first
+
+    (models / "best_model_fold0.pt").write_bytes(b"0.6")  # fold 0 re-trained
+    assert _run(cohort, out, models_path=models, load_denoiser=loader, n_qa=0) == 0
+    assert seen == ["best_model_fold0.pt"]
+    assert (out / "denoised" / "fold0" / f"{IDS[0]}.png").read_bytes() != png_fold0
+    assert (out / "denoised" / "fold1" / f"{IDS[2]}.png").read_bytes() == png_fold1
+    second = _npz_state(out)
+    assert {key for key in first if first[key] != second[key]} == {"fold0/landmarks_pet_unet"}
+    assert second["fold0/landmarks_pet_unet"][1] != first["fold0/landmarks_pet_unet"][1]
 
 
 def test_bad_splits_file_is_an_input_error(tmp_path):

@@ -10,19 +10,26 @@ crops); the wavelet variant is BayesShrink on the PET crop.
 
 Outputs (``save_dir``): fold{k}/landmarks_{variant}.npz (ids, subjects,
 landmarks (n, 478, 3) NaN where not detected, detected (n,), settings: JSON of the
-crop and framing used), detection.csv,
+crop and framing used, input_sha1: SHA-1 of the ids, subjects and image bytes the
+variant was placed on), detection.csv,
 placement.csv + placement.json, summary.json, qa_landmarks.png, manifest.csv
 (one row per fold x id), run.json; denoised/fold{k}/<id>.png when the U-Net
-variant was computed here from models.
+variant was computed here from models (with sources.json: per id, the SHA-1 of the
+model and PET render it was denoised from).
+
+A re-run without ``overwrite`` reuses a fold's variant only when its ids, settings
+and input fingerprint all match; a new render, a re-trained denoiser or new
+denoised images therefore recompute exactly the variants they feed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +40,7 @@ from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
 from faceaudit.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch, well_placed
 from faceaudit.stageio import (
     STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, describe_exception,
-    make_private_dir, map_items, read_manifest, read_npz, write_json, write_npz, write_png, write_run_json, column_union, write_csv,
+    make_private_dir, map_items, read_json_file, read_manifest, read_npz, write_json, write_npz, write_png, write_run_json, column_union, write_csv,
 )
 
 VARIANTS = ("ct", "pet", "pet_wavelet", "pet_unet")
@@ -85,10 +92,13 @@ class PlacementTask:
     ct_path: str
     pet_path: str
     unet_path: str | None  # None: the U-Net variant is not scored in this fold
+    variants: tuple[str, ...] | None = None  # to place; None: every variant it has images for
 
 
-def variant_images(task: PlacementTask, *, crop: int | None) -> dict[str, np.ndarray]:
-    """The (crop, crop) float [0, 1] grey image of every variant scored for this task."""
+def variant_images(task: PlacementTask, *, crop: int | None,
+                   variants: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The (crop, crop) float [0, 1] grey image of every variant scored for this task
+    (of those in ``variants`` when given; CT and PET are always read, to check them)."""
     ct = read_grey(task.ct_path)
     pet = read_grey(task.pet_path)
     if ct.shape != pet.shape:
@@ -97,23 +107,64 @@ def variant_images(task: PlacementTask, *, crop: int | None) -> dict[str, np.nda
     if size > min(ct.shape):
         raise InputError(f"crop {size} from splits.json exceeds the render size {ct.shape} of {task.ct_path}")
     images = {"ct": center_crop(ct, size), "pet": center_crop(pet, size)}
-    images["pet_wavelet"] = wavelet_denoise(images["pet"])
-    if task.unet_path is not None:
+    if variants is None or "pet_wavelet" in variants:
+        images["pet_wavelet"] = wavelet_denoise(images["pet"])
+    if task.unet_path is not None and (variants is None or "pet_unet" in variants):
         unet = read_grey(task.unet_path)
         if min(unet.shape) < size:
             raise InputError(f"denoised image {task.unet_path} is {unet.shape}, smaller than the crop {size}")
         images["pet_unet"] = center_crop(unet, size)
+    if variants is not None:
+        images = {v: im for v, im in images.items() if v in variants}
     return images
 
 
 def place_task(task: PlacementTask, *, crop: int | None, framing: Framing,
                min_detection_confidence: float) -> dict[str, np.ndarray | None]:
     """Landmarks of every variant of one task: variant -> (478, 3) or None."""
-    images = variant_images(task, crop=crop)
+    images = variant_images(task, crop=crop, variants=task.variants)
     names = list(images)
     lm, det = place_landmarks_batch([images[v] for v in names], framing=framing,
                                     min_detection_confidence=min_detection_confidence)
     return {v: (lm[i] if det[i] else None) for i, v in enumerate(names)}
+
+
+# --------------------------------------------------------------------------- input fingerprints
+
+
+def file_sha1(path: str | Path) -> str:
+    """SHA-1 of a file's bytes; a fixed marker when there is no such file (so a file
+    appearing or disappearing changes the fingerprints it feeds)."""
+    h = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        return "missing"
+    return h.hexdigest()
+
+
+#: the image each variant's landmarks are placed on
+_VARIANT_SOURCE = {"ct": "ct_path", "pet": "pet_path", "pet_wavelet": "pet_path", "pet_unet": "unet_path"}
+
+
+def variant_fingerprint(tasks: list[PlacementTask], variant: str, *,
+                        sha1: Callable[[str], str] = file_sha1) -> str:
+    """SHA-1 of what one fold's landmarks of ``variant`` were computed from: per id
+    (in id order) the id, subject and the bytes of the image file placed on.
+
+    The matching stage fingerprints its landmark inputs the same way
+    (``faceaudit.matching.input_fingerprint``); here the inputs are image files.
+    A U-Net image computed from a model is refreshed by ``denoise_fold`` when the
+    model or PET changes, so hashing the image covers the model too.
+    """
+    attr = _VARIANT_SOURCE[variant]
+    h = hashlib.sha1(variant.encode())
+    for t in sorted(tasks, key=lambda t: t.id):
+        path = getattr(t, attr)
+        h.update(f"\0{t.id}\0{t.subject}\0{'none' if path is None else sha1(path)}".encode())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- U-Net variant
@@ -127,15 +178,26 @@ def _default_denoiser_loader(pt_path: Path) -> Callable[[np.ndarray], np.ndarray
 
 def denoise_fold(tasks: list[PlacementTask], model_path: Path, out_dir: Path, *, crop: int | None,
                  load_denoiser: Callable[[Path], Callable[[np.ndarray], np.ndarray]],
-                 batch_size: int = 32, overwrite: bool = False) -> dict[str, str]:
+                 batch_size: int = 32, overwrite: bool = False,
+                 sha1: Callable[[str], str] = file_sha1) -> dict[str, str]:
     """Apply a fold's denoiser to its test PET crops; write out_dir/<id>.png; id -> path.
 
-    Items whose PET cannot be read are left out (the placement reports them).
+    An image written before is reused only when out_dir/sources.json says it came
+    from this model's and this PET's exact bytes at this crop (a re-trained model or
+    a new render is denoised again). Items whose PET cannot be read are left out
+    (the placement reports them).
     """
+    model_sha1 = sha1(str(model_path))
+    sources_path = out_dir / "sources.json"
+    try:
+        sources = {str(i): str(s) for i, s in read_json_file(sources_path).items()} if sources_path.is_file() else {}
+    except (InputError, AttributeError):
+        sources = {}  # unreadable: nothing written before is trusted
+    wanted = {t.id: hashlib.sha1(f"{model_sha1}\0{crop}\0{sha1(t.pet_path)}".encode()).hexdigest() for t in tasks}
     todo, done = [], {}
     for t in tasks:
         target = out_dir / f"{t.id}.png"
-        if target.is_file() and not overwrite:
+        if target.is_file() and not overwrite and sources.get(t.id) == wanted[t.id]:
             done[t.id] = str(target)
         else:
             todo.append(t)
@@ -160,6 +222,8 @@ def denoise_fold(tasks: list[PlacementTask], model_path: Path, out_dir: Path, *,
             path = out_dir / f"{ids[start + i]}.png"
             write_png(path, to_uint8(img))
             done[ids[start + i]] = str(path)
+            sources[ids[start + i]] = wanted[ids[start + i]]
+        write_json(sources_path, sources)  # per batch: an interrupted run keeps what it finished
     return done
 
 
@@ -288,22 +352,20 @@ def _settings(crop: int | None, framing: Framing, min_detection_confidence: floa
                        "min_detection_confidence": min_detection_confidence}, sort_keys=True)
 
 
-def _stored_fold(fold_dir: Path, variants: list[str], ids: list[str], settings: str) -> dict[str, dict] | None:
-    """Landmarks of an earlier run of this fold, if every variant was stored for exactly
-    these ids with the same settings."""
-    out = {}
-    for v in variants:
-        path = fold_dir / f"landmarks_{v}.npz"
-        if not path.is_file():
-            return None
-        try:
-            data = read_npz(path, required=("ids", "landmarks", "detected", "settings"))
-        except InputError:
-            return None
-        if sorted(data["ids"].astype(str).tolist()) != sorted(ids) or str(data["settings"]) != settings:
-            return None
-        out[v] = data
-    return out
+def _stored_variant(path: Path, ids: list[str], settings: str, fingerprint: str) -> dict | None:
+    """Landmarks of an earlier run of one fold's variant, if they were stored for exactly
+    these ids with the same settings from the same input files (an older file
+    without a fingerprint is not trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_npz(path, required=("ids", "landmarks", "detected", "settings", "input_sha1"))
+    except InputError:
+        return None
+    if (sorted(data["ids"].astype(str).tolist()) != sorted(ids) or str(data["settings"]) != settings
+            or str(data["input_sha1"]) != fingerprint):
+        return None
+    return data
 
 
 def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_file: str | Path,
@@ -342,7 +404,8 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     unet_errors: dict[int, str] = {}
     n_failed = 0
     settings = _settings(crop, framing, min_detection_confidence)
-    # pass 1: each fold's tasks, its U-Net source, and whether an earlier run finished it
+    sha1 = lru_cache(maxsize=None)(file_sha1)  # a PET feeds three fingerprints: read it once
+    # pass 1: each fold's tasks, its U-Net source, and which variants an earlier run finished
     plan = []
     for fold in splits["folds"]:
         k = int(fold["fold"])
@@ -363,7 +426,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
             model = models_dir / f"best_model_fold{k}.pt"
             try:
                 written = denoise_fold(pre, model, save_dir / "denoised" / f"fold{k}", crop=crop,
-                                       load_denoiser=load_denoiser, overwrite=overwrite)
+                                       load_denoiser=load_denoiser, overwrite=overwrite, sha1=sha1)
             except Exception as exc:  # a bad model costs this fold its U-Net variant, not the run
                 unet_errors[k] = describe_exception(exc)
                 manifest.add(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, unet_errors[k], {"fold": k}))
@@ -377,13 +440,20 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         all_tasks += tasks
         variants = [v for v in VARIANTS if v != "pet_unet" or unet_paths is not None]
         fold_dir = make_private_dir(save_dir / f"fold{k}")
-        stored = None if overwrite else _stored_fold(fold_dir, variants, ids, settings)
-        plan.append((k, tasks, variants, fold_dir, stored))
+        fingerprints = {v: variant_fingerprint(tasks, v, sha1=sha1) for v in variants}
+        stored = {} if overwrite else {
+            v: data for v in variants
+            if (data := _stored_variant(fold_dir / f"landmarks_{v}.npz", ids, settings, fingerprints[v])) is not None}
+        missing = tuple(v for v in variants if v not in stored)
+        to_place = [PlacementTask(t.fold, t.id, t.subject, t.ct_path, t.pet_path, t.unet_path, missing)
+                    for t in tasks] if missing else []
+        plan.append((k, tasks, to_place, variants, fold_dir, stored, fingerprints))
 
     # pass 2: one pool over every unfinished fold's images (a pool per fold would
-    # pay the process start-up and model load again for each fold)
+    # pay the process start-up and model load again for each fold), placing only
+    # the variants whose stored landmarks are absent or stale
     computed: dict[tuple[int, str], dict[str, np.ndarray | None]] = {}
-    todo = [t for k, tasks, _, _, stored in plan if stored is None for t in tasks]
+    todo = [t for _, _, to_place, *_ in plan for t in to_place]
     fn = partial(place_task, crop=crop, framing=framing, min_detection_confidence=min_detection_confidence)
     for task, res, err in map_items(fn, todo, jobs=jobs, desc="landmarks", progress=not quiet):
         if err is not None:
@@ -394,15 +464,17 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         computed[(task.fold, task.id)] = res
 
     # pass 3: per fold, the landmark files and the numbers
-    for k, tasks, variants, fold_dir, stored in plan:
+    for k, tasks, to_place, variants, fold_dir, stored, fingerprints in plan:
         results: dict[str, dict[str, np.ndarray | None]] = {}
-        if stored is not None:
-            for v, data in stored.items():
-                for i, lm, det in zip(data["ids"].astype(str), data["landmarks"], data["detected"]):
-                    results.setdefault(i, {})[v] = lm if det else None
-        else:
-            results = {t.id: computed[(k, t.id)] for t in tasks if (k, t.id) in computed}
-        ok_tasks = [t for t in tasks if t.id in results]
+        for v, data in stored.items():
+            for i, lm, det in zip(data["ids"].astype(str), data["landmarks"], data["detected"]):
+                results.setdefault(i, {})[v] = lm if det else None
+        # an item whose placement failed now is left out of every variant of the fold
+        placed = {t.id for t in to_place if (k, t.id) in computed} if to_place else {t.id for t in tasks}
+        for i in placed:
+            if (k, i) in computed:
+                results.setdefault(i, {}).update(computed[(k, i)])
+        ok_tasks = [t for t in tasks if t.id in placed]
         ok_ids = [t.id for t in ok_tasks]  # split order
         for v in variants:
             lm = np.full((len(ok_ids), N_LANDMARKS, 3), np.nan)
@@ -411,10 +483,12 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
                 found = results[i].get(v)
                 if found is not None:
                     lm[j], det[j] = found, True
-            if stored is None:
+            # a reused file is left untouched unless a failure elsewhere shrank the fold's ids
+            if v not in stored or stored[v]["ids"].astype(str).tolist() != ok_ids:
                 write_npz(fold_dir / f"landmarks_{v}.npz", ids=np.array(ok_ids, dtype=str),
                           subjects=np.array([t.subject for t in ok_tasks], dtype=str),
-                          landmarks=lm, detected=det, settings=np.array(settings))
+                          landmarks=lm, detected=det, settings=np.array(settings),
+                          input_sha1=np.array(fingerprints[v]))
             detected.setdefault(v, {})[k] = det
             if v != "ct":
                 ct_lm = np.stack([results[i]["ct"] if results[i].get("ct") is not None
