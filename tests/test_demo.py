@@ -3,7 +3,6 @@ wiring (arguments, folder contracts, report) end to end."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
