@@ -44,7 +44,7 @@ class ReconstructionOptions:
     fill_holes: bool = True                     # upstream: no hole filling
     smoothing_iterations: int = 5               # as upstream (Laplacian, lambda 0.5)
     core_radius_mm: float = 10.0                # body vs table: depth of the component core
-    opening_radius_mm: float = 6.0              # cut a touching table off the body; 0: upstream (off)
+    opening_radius_mm: float = 4.0              # cut a touching table off the body; 0: upstream (off)
     shading: str = "normals"                    # upstream: grey of |face normal|; or "lambert"
     projection: str = "orthographic"            # or "pinhole"
     head_px: int = 208                          # head box size in pixels (fits the 208 crop)

@@ -25,7 +25,7 @@ thin shell (a few mm to 2 cm), so its core is ~0 however many voxels it has; the
 patient's body has the largest core.
 
 When the body *touches* the table (the patient lies on it, a headrest touches the skull),
-thresholding + labelling gives ONE component. ``opening_radius_mm`` (default 6 mm, 0 = the
+thresholding + labelling gives ONE component. ``opening_radius_mm`` (default 4 mm, 0 = the
 plain component, upstream-style) then splits it by opening-by-reconstruction
 (separate_touching): erode the component by a box of that physical radius (per axis from
 the voxel spacing), which breaks thin contacts and deletes thin table shells while the
@@ -43,10 +43,6 @@ At full resolution the head box holds only a small piece of the table, so a resi
 mostly inside the table cut on the coarse grid is table whatever its size.
 Limit: a table thicker than 2 x the radius resting against the body along a contact
 wider than ~2 x the radius is not split (no erosion breaks it without eating the body).
-Why 6 mm: a solid 10 mm table touching the back of the head over a wide patch is cut off
-whole at 6 mm but only in part at 4 mm (the AutoPET-sized phantom: framing width 149 mm
-as without the table at 6 mm, 171 mm at 4 mm, 448 mm with the cut off); the price is a
-few body voxels at wide contacts (the back, never the face), and ~0.05 s per volume.
 
 Two resolutions
 ---------------
@@ -195,7 +191,7 @@ def _fill_gaps_axis0(mask: np.ndarray, max_gap: int) -> np.ndarray:
     return ~mask & (following - last - 1 <= max_gap)
 
 
-def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm: float = 6.0,
+def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm: float = 4.0,
                       table_reach_mm: float = 30.0, table_gap_mm: float = 100.0,
                       known_table: np.ndarray | None = None) -> np.ndarray:
     """Cut what touches the body (a table, a headrest) off one connected ``component``.
@@ -282,14 +278,14 @@ def _core_volumes(labels: np.ndarray, n: int, spacing, *, core_radius_mm: float,
 
 def select_body_component(mask: np.ndarray, spacing, *, core_radius_mm: float = 10.0,
                           grid_mm: float = 8.0, max_candidates: int = 4,
-                          min_fraction: float = 0.05, opening_radius_mm: float = 6.0,
+                          min_fraction: float = 0.05, opening_radius_mm: float = 4.0,
                           table_reach_mm: float = 30.0) -> BodySelection:
     """Keep the 26-connected component of ``mask`` that is the body (largest core), not a table.
 
     mask: (nz, ny, nx) bool; spacing: (sz, sy, sx) mm. The ``max_candidates`` largest
     components (cc3d.largest_k) with at least ``min_fraction`` of the largest one's voxels
     are scored by their core volume on a ``grid_mm`` grid (a strided view of the labels).
-    ``opening_radius_mm`` > 0 (default 6 mm) then cuts a table or headrest that *touches*
+    ``opening_radius_mm`` > 0 (default 4 mm) then cuts a table or headrest that *touches*
     the chosen component off it (separate_touching: the eroded core with the largest core
     volume is the body; residue pieces reaching over ``table_reach_mm`` from it are table);
     0 keeps the plain
@@ -445,7 +441,7 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
                          pet_body_fraction: float = 0.5, head_height_mm: float = 240.0,
                          fill_holes: bool = True, smoothing_iterations: int = 5,
                          core_radius_mm: float = 10.0, coarse_mm: float = 6.0,
-                         opening_radius_mm: float = 6.0, table_reach_mm: float = 30.0) -> HeadSurface:
+                         opening_radius_mm: float = 4.0, table_reach_mm: float = 30.0) -> HeadSurface:
     """Canonical volume (nz, ny, nx) with spacing (sz, sy, sx) mm -> head skin mesh.
 
     modality: "ct" (HU, kept where >= level) or "pet" (SUV, kept where > level).
@@ -457,7 +453,7 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     ``head_height_mm``, plus a margin) is thresholded and labelled at full resolution and
     the component that overlaps the coarse body most is kept.
 
-    ``opening_radius_mm`` (default 6 mm; 0 = off, upstream-style) cuts a table or headrest
+    ``opening_radius_mm`` (default 4 mm; 0 = off, upstream-style) cuts a table or headrest
     that touches the body off it, on the coarse grid (so it neither sets the top of the
     head nor widens the head box) and again on the full-resolution head box (so it is not
     in the mesh); see separate_touching. ``table_reach_mm``: residue pieces reaching farther from the opened body are table.
