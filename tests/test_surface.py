@@ -206,15 +206,3 @@ def test_head_surface_of_a_body_touching_nothing_is_unchanged():
     np.testing.assert_array_equal(new.mesh.vertices, old.mesh.vertices)
     np.testing.assert_array_equal(new.mesh.faces, old.mesh.faces)
     assert new.crop == old.crop
-
-
-def test_table_hole_filling_is_along_axis_0_and_bounded():
-    from faceaudit.surface import _fill_gaps_axis0
-
-    column = np.zeros((12, 2, 1), bool)
-    column[[1, 5, 11], 0, 0] = True                       # gaps of 3 (2..4) and 5 (6..10) voxels
-    column[3, 1, 0] = True                                # a lone voxel: nothing to fill
-    np.testing.assert_array_equal(np.flatnonzero(_fill_gaps_axis0(column, 3)[:, 0, 0]), [2, 3, 4])
-    filled = _fill_gaps_axis0(column, 5)[:, 0, 0]
-    np.testing.assert_array_equal(np.flatnonzero(filled), [2, 3, 4, 6, 7, 8, 9, 10])
-    assert not _fill_gaps_axis0(column, 5)[:, 1, 0].any()

@@ -183,9 +183,8 @@ def _fill_gaps_axis0(mask: np.ndarray, max_gap: int) -> np.ndarray:
     at most ``max_gap`` voxels apart (gap length, exclusive). Bool, same shape."""
     if max_gap <= 0 or mask.shape[0] < 3:
         return np.zeros_like(mask)
-    kind = np.int16 if 4 * mask.shape[0] + 2 < np.iinfo(np.int16).max else np.int32
-    index = np.arange(mask.shape[0], dtype=kind).reshape((-1,) + (1,) * (mask.ndim - 1))
-    big = kind(2 * mask.shape[0])
+    index = np.arange(mask.shape[0], dtype=np.int32).reshape((-1,) + (1,) * (mask.ndim - 1))
+    big = np.int32(1 << 30)
     last = np.maximum.accumulate(np.where(mask, index, -big), axis=0)
     following = np.minimum.accumulate(np.where(mask, index, big)[::-1], axis=0)[::-1]
     return ~mask & (following - last - 1 <= max_gap)
@@ -227,10 +226,10 @@ def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm:
     counts = np.bincount(residue_labels.ravel(), minlength=n_residue + 1)
     near_body = _dilate_box(opened, _box_steps(spacing, table_reach_mm))
     foreign = np.zeros(n_residue + 1, dtype=bool)
-    foreign |= np.bincount(residue_labels[~near_body], minlength=n_residue + 1) > 0  # far: table
+    foreign[np.unique(residue_labels[~near_body])] = True          # reaches far: table
     del near_body
     other_cores = (core_labels > 0) & (core_labels != body_label)
-    foreign |= np.bincount(residue_labels[other_cores], minlength=n_residue + 1) > 0
+    foreign[np.unique(residue_labels[other_cores])] = True
     if known_table is not None:
         known = np.bincount(residue_labels[known_table], minlength=n_residue + 1)
         foreign |= known > 0.5 * counts
@@ -243,8 +242,7 @@ def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm:
     # table residue. A table is an extrusion along the body axis (axis 0), so the hole is a gap
     # between table voxels of the same (y, x) column: fill gaps up to ``table_gap_mm`` along
     # axis 0 (body voxels never lie between two table voxels of one column elsewhere).
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(table))
-    table[box] |= _fill_gaps_axis0(table[box], max(0, int(round(table_gap_mm / float(spacing[0])))))
+    table |= _fill_gaps_axis0(table, max(0, int(round(table_gap_mm / float(spacing[0])))))
     kept = component & ~table
     # the body is what stays connected to its opened core
     kept_labels, n_kept = cc3d.connected_components(kept, connectivity=26, return_N=True)
