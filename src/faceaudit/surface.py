@@ -24,26 +24,6 @@ deeper than ``core_radius_mm`` inside the component. A scanner table or a mattre
 thin shell (a few mm to 2 cm), so its core is ~0 however many voxels it has; the
 patient's body has the largest core.
 
-When the body *touches* the table (the patient lies on it, a headrest touches the skull),
-thresholding + labelling gives ONE component. ``opening_radius_mm`` (default 4 mm, 0 = the
-plain component, upstream-style) then splits it by opening-by-reconstruction
-(separate_touching): erode the component by a box of that physical radius (per axis from
-the voxel spacing), which breaks thin contacts and deletes thin table shells while the
-body survives; choose the body's eroded core (core volume on the coarse grid, overlap
-with the coarse body at full resolution); dilate it back by the same box within the
-component. What that opening leaves out (the residue) is table where a connected piece of
-it reaches farther than ``table_reach_mm`` (default 30 mm) from the opened body (a table
-is much wider than the body) or holds another eroded core (a thick table); the rest
-(surface staircase and noise, ears, a thin nose tip: all near the body) is given back, so the body surface is
-unchanged away from the contact, and a body touching nothing comes out exactly as before.
-The table that the body's dilation reached under the contact patch (a hole in the table
-residue) is removed too: a table is an extrusion along the body axis, so the hole is filled
-along axis 0 between table voxels of the same column (gaps up to ``table_gap_mm``).
-At full resolution the head box holds only a small piece of the table, so a residue piece
-mostly inside the table cut on the coarse grid is table whatever its size.
-Limit: a table thicker than 2 x the radius resting against the body along a contact
-wider than ~2 x the radius is not split (no erosion breaks it without eating the body).
-
 Two resolutions
 ---------------
 The body is chosen on a strided ~6 mm view of the thresholded volume (2.9 M voxels for an
@@ -125,8 +105,6 @@ class BodySelection:
     label: int
     n_components: int          # components considered (the largest k)
     candidates: list[dict] = field(default_factory=list)   # per scored label: voxels, core_ml
-    table_voxels_removed: int = 0   # voxels of the chosen component cut off as touching table
-    table_mask: np.ndarray | None = None   # (nz, ny, nx) bool: those voxels (None: none cut)
 
 
 def _depth_inside(component: np.ndarray, sampling) -> np.ndarray:
@@ -143,151 +121,14 @@ def _depth_inside(component: np.ndarray, sampling) -> np.ndarray:
     return distance_transform_edt(np.pad(box, 1), sampling=sampling)
 
 
-def _box_steps(spacing, radius_mm: float) -> list[int]:
-    """Half-widths (voxels per axis) of a box of ``radius_mm`` on a grid of ``spacing`` mm."""
-    return [int(np.floor(radius_mm / float(s) + 0.5)) for s in spacing]
-
-
-def _erode_box(mask: np.ndarray, steps) -> np.ndarray:
-    """Binary erosion by a (2 s0 + 1, 2 s1 + 1, 2 s2 + 1) box, separable (one-voxel shifts
-    per axis, a few ms for millions of voxels). Outside the array counts as foreground, so a
-    structure cut by the array's border (the neck at the crop plane) is not eroded there."""
-    out = np.array(mask, dtype=bool, copy=True)
-    for axis, n in enumerate(steps):
-        for _ in range(n):
-            prev = out.copy()
-            lo = [slice(None)] * out.ndim
-            hi = [slice(None)] * out.ndim
-            lo[axis], hi[axis] = slice(1, None), slice(None, -1)
-            out[tuple(lo)] &= prev[tuple(hi)]
-            out[tuple(hi)] &= prev[tuple(lo)]
-    return out
-
-
-def _dilate_box(mask: np.ndarray, steps) -> np.ndarray:
-    """Binary dilation by the same box as ``_erode_box`` (nothing grows in from outside)."""
-    out = np.array(mask, dtype=bool, copy=True)
-    for axis, n in enumerate(steps):
-        for _ in range(n):
-            prev = out.copy()
-            lo = [slice(None)] * out.ndim
-            hi = [slice(None)] * out.ndim
-            lo[axis], hi[axis] = slice(1, None), slice(None, -1)
-            out[tuple(lo)] |= prev[tuple(hi)]
-            out[tuple(hi)] |= prev[tuple(lo)]
-    return out
-
-
-def _fill_gaps_axis0(mask: np.ndarray, max_gap: int) -> np.ndarray:
-    """Voxels not in ``mask`` lying between two ``mask`` voxels of the same axis-0 column
-    at most ``max_gap`` voxels apart (gap length, exclusive). Bool, same shape."""
-    if max_gap <= 0 or mask.shape[0] < 3:
-        return np.zeros_like(mask)
-    index = np.arange(mask.shape[0], dtype=np.int32).reshape((-1,) + (1,) * (mask.ndim - 1))
-    big = np.int32(1 << 30)
-    last = np.maximum.accumulate(np.where(mask, index, -big), axis=0)
-    following = np.minimum.accumulate(np.where(mask, index, big)[::-1], axis=0)[::-1]
-    return ~mask & (following - last - 1 <= max_gap)
-
-
-def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm: float = 4.0,
-                      table_reach_mm: float = 30.0, table_gap_mm: float = 100.0,
-                      known_table: np.ndarray | None = None) -> np.ndarray:
-    """Cut what touches the body (a table, a headrest) off one connected ``component``.
-
-    component: (nz, ny, nx) bool, one 26-connected component; spacing (sz, sy, sx) mm.
-    choose_core(labels, n) -> label: which of the n 26-connected components of the eroded
-    component (labels: uint array, 0 = background) is the body's core.
-    known_table: optional bool mask (same shape) of voxels already known to be table (the
-    coarse grid's cut, sampled): a residue piece mostly inside it is table whatever its size
-    (a box cropped to the head holds only a small piece of the table).
-    Returns a bool mask of the same shape, a subset of ``component``; ``component`` itself
-    (same object) when nothing was cut: the erosion left nothing, or every residue piece is
-    a small part of the body. See the module docstring (Body, not table).
-    """
-    import cc3d
-
-    steps = _box_steps(spacing, radius_mm)
-    if radius_mm <= 0 or not any(steps):
-        return component
-    core = _erode_box(component, steps)
-    core_labels, n_cores = cc3d.connected_components(core, connectivity=26, return_N=True)
-    del core
-    if n_cores == 0:
-        return component                       # too thin everywhere to tell body from table
-    body_label = int(choose_core(core_labels, n_cores))
-    if not 1 <= body_label <= n_cores:
-        return component
-    opened = _dilate_box(core_labels == body_label, steps) & component
-    residue_labels, n_residue = cc3d.connected_components(component & ~opened, connectivity=26,
-                                                          return_N=True)
-    if n_residue == 0:
-        return component
-    counts = np.bincount(residue_labels.ravel(), minlength=n_residue + 1)
-    near_body = _dilate_box(opened, _box_steps(spacing, table_reach_mm))
-    foreign = np.zeros(n_residue + 1, dtype=bool)
-    foreign[np.unique(residue_labels[~near_body])] = True          # reaches far: table
-    del near_body
-    other_cores = (core_labels > 0) & (core_labels != body_label)
-    foreign[np.unique(residue_labels[other_cores])] = True
-    if known_table is not None:
-        known = np.bincount(residue_labels[known_table], minlength=n_residue + 1)
-        foreign |= known > 0.5 * counts
-    foreign[0] = False
-    if not foreign.any():
-        return component
-    table = foreign[residue_labels]
-    del residue_labels, core_labels
-    # the body's dilation reached into the table under the contact patch, leaving a hole in the
-    # table residue. A table is an extrusion along the body axis (axis 0), so the hole is a gap
-    # between table voxels of the same (y, x) column: fill gaps up to ``table_gap_mm`` along
-    # axis 0 (body voxels never lie between two table voxels of one column elsewhere).
-    table |= _fill_gaps_axis0(table, max(0, int(round(table_gap_mm / float(spacing[0])))))
-    kept = component & ~table
-    # the body is what stays connected to its opened core
-    kept_labels, n_kept = cc3d.connected_components(kept, connectivity=26, return_N=True)
-    overlap = np.bincount(kept_labels[opened & (kept_labels > 0)], minlength=n_kept + 1)
-    if n_kept == 0 or overlap.max() == 0:
-        return component
-    return kept_labels == int(np.argmax(overlap))
-
-
-def _core_volumes(labels: np.ndarray, n: int, spacing, *, core_radius_mm: float, grid_mm: float,
-                  min_fraction: float) -> list[dict]:
-    """Per label of ``labels`` (1..n): voxels and core volume (ml deeper than ``core_radius_mm``),
-    measured on a ``grid_mm`` strided view; labels under ``min_fraction`` of the largest skipped."""
-    strides = [max(1, int(round(grid_mm / s))) for s in spacing]
-    sampling = [s * st for s, st in zip(spacing, strides)]
-    coarse = labels[:: strides[0], :: strides[1], :: strides[2]]
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(coarse.ravel(), minlength=n + 1)
-    largest = max(int(counts[1:].max()), 1)
-    candidates = []
-    for lab in range(1, n + 1):
-        count = int(counts[lab])
-        if count == 0 or count < min_fraction * largest:
-            continue
-        depth = _depth_inside(coarse == lab, sampling)
-        core = float(np.count_nonzero(depth > core_radius_mm) * np.prod(sampling) / 1000.0)
-        candidates.append({"label": lab, "voxels": int(count * np.prod(strides)),
-                           "core_ml": core, "volume_ml": count * np.prod(strides) * voxel_ml})
-    return candidates
-
-
 def select_body_component(mask: np.ndarray, spacing, *, core_radius_mm: float = 10.0,
                           grid_mm: float = 8.0, max_candidates: int = 4,
-                          min_fraction: float = 0.05, opening_radius_mm: float = 4.0,
-                          table_reach_mm: float = 30.0) -> BodySelection:
+                          min_fraction: float = 0.05) -> BodySelection:
     """Keep the 26-connected component of ``mask`` that is the body (largest core), not a table.
 
     mask: (nz, ny, nx) bool; spacing: (sz, sy, sx) mm. The ``max_candidates`` largest
     components (cc3d.largest_k) with at least ``min_fraction`` of the largest one's voxels
     are scored by their core volume on a ``grid_mm`` grid (a strided view of the labels).
-    ``opening_radius_mm`` > 0 (default 4 mm) then cuts a table or headrest that *touches*
-    the chosen component off it (separate_touching: the eroded core with the largest core
-    volume is the body; residue pieces reaching over ``table_reach_mm`` from it are table);
-    0 keeps the plain
-    component (upstream-style). A body that touches nothing is returned unchanged.
     """
     import cc3d
 
@@ -300,32 +141,22 @@ def select_body_component(mask: np.ndarray, spacing, *, core_radius_mm: float = 
         best = 1
         candidates.append({"label": 1, "voxels": None, "core_ml": None})
     else:
-        candidates = _core_volumes(labels, n, spacing, core_radius_mm=core_radius_mm,
-                                   grid_mm=grid_mm, min_fraction=min_fraction)
+        strides = [max(1, int(round(grid_mm / s))) for s in spacing]
+        sampling = [s * st for s, st in zip(spacing, strides)]
+        coarse = labels[:: strides[0], :: strides[1], :: strides[2]]
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        counts = {lab: int(np.count_nonzero(coarse == lab)) for lab in range(1, n + 1)}
+        largest = max(counts.values())
+        for lab, count in counts.items():
+            if count < min_fraction * largest:
+                continue
+            depth = _depth_inside(coarse == lab, sampling)
+            core = float(np.count_nonzero(depth > core_radius_mm) * np.prod(sampling) / 1000.0)
+            candidates.append({"label": lab, "voxels": int(count * np.prod(strides)),
+                               "core_ml": core, "volume_ml": count * np.prod(strides) * voxel_ml})
         best = max(candidates, key=lambda c: (c["core_ml"], c["voxels"]))["label"]
-    chosen = labels == best
-    del labels
-    removed = 0
-    table_mask = None
-    if opening_radius_mm > 0:
-        def largest_core(core_labels, n_cores):
-            if n_cores == 1:
-                return 1
-            scored = _core_volumes(core_labels, n_cores, spacing, core_radius_mm=core_radius_mm,
-                                   grid_mm=grid_mm, min_fraction=0.0)
-            if not scored:                   # every core missed by the strided view: tiny
-                return int(np.argmax(np.bincount(core_labels.ravel())[1:])) + 1
-            return max(scored, key=lambda c: (c["core_ml"], c["voxels"]))["label"]
-
-        body = separate_touching(chosen, spacing, largest_core, radius_mm=opening_radius_mm,
-                                 table_reach_mm=table_reach_mm)
-        if body is not chosen:
-            table_mask = chosen & ~body
-            removed = int(np.count_nonzero(table_mask))
-            chosen = body
-    return BodySelection(mask=chosen, label=int(best), n_components=int(n),
-                         candidates=candidates, table_voxels_removed=removed,
-                         table_mask=table_mask)
+    return BodySelection(mask=labels == best, label=int(best), n_components=int(n),
+                         candidates=candidates)
 
 
 def head_crop_slices(body: np.ndarray, spacing, *, head_height_mm: float = 240.0) -> tuple[slice, slice, slice]:
@@ -438,8 +269,7 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
                          pet_threshold_method: str = "adaptive", pet_percentile: float = 95.0,
                          pet_body_fraction: float = 0.5, head_height_mm: float = 240.0,
                          fill_holes: bool = True, smoothing_iterations: int = 5,
-                         core_radius_mm: float = 10.0, coarse_mm: float = 6.0,
-                         opening_radius_mm: float = 4.0, table_reach_mm: float = 30.0) -> HeadSurface:
+                         core_radius_mm: float = 10.0, coarse_mm: float = 6.0) -> HeadSurface:
     """Canonical volume (nz, ny, nx) with spacing (sz, sy, sx) mm -> head skin mesh.
 
     modality: "ct" (HU, kept where >= level) or "pet" (SUV, kept where > level).
@@ -450,11 +280,6 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     volume, which also gives the top of the head; then the head box (top of the head down
     ``head_height_mm``, plus a margin) is thresholded and labelled at full resolution and
     the component that overlaps the coarse body most is kept.
-
-    ``opening_radius_mm`` (default 4 mm; 0 = off, upstream-style) cuts a table or headrest
-    that touches the body off it, on the coarse grid (so it neither sets the top of the
-    head nor widens the head box) and again on the full-resolution head box (so it is not
-    in the mesh); see separate_touching. ``table_reach_mm``: residue pieces reaching farther from the opened body are table.
     """
     from scipy.ndimage import binary_fill_holes
 
@@ -477,8 +302,7 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     coarse_spacing = tuple(float(s * st) for s, st in zip(spacing, strides))
     coarse = _above(array[:: strides[0], :: strides[1], :: strides[2]], level, strict)
     body = select_body_component(coarse, coarse_spacing, core_radius_mm=core_radius_mm,
-                                 grid_mm=min(coarse_spacing), opening_radius_mm=opening_radius_mm,
-                                 table_reach_mm=table_reach_mm)
+                                 grid_mm=min(coarse_spacing))
     coarse_box = head_crop_slices(body.mask, coarse_spacing, head_height_mm=head_height_mm)
     # the same box at full resolution, widened by two coarse voxels on every side
     shape = np.asarray(array.shape)
@@ -496,15 +320,6 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
         raise InputError("the body found on the coarse grid has no voxel at full resolution")
     head = labels == int(np.argmax(overlap))
     del labels
-    if opening_radius_mm > 0:
-        def most_on_body(core_labels, n_cores):
-            on = np.bincount(core_labels[on_body & (core_labels > 0)], minlength=n_cores + 1)
-            return int(np.argmax(on)) if on.max() > 0 else 0
-
-        on_table = None if body.table_mask is None else body.table_mask[np.ix_(*grids)]
-        head = separate_touching(head, spacing, most_on_body, radius_mm=opening_radius_mm,
-                                 table_reach_mm=table_reach_mm, known_table=on_table)
-        del on_table
     timings["components"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
