@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head-height-mm", type=float, default=defaults.head_height_mm,
                         help="head crop: this many mm down from the top of the head")
     parser.add_argument("--no-fill-holes", action="store_true", help="upstream: no hole filling")
+    parser.add_argument("--opening-radius-mm", type=float, default=defaults.opening_radius_mm,
+                        help="a table or headrest touching the body is cut off by an opening of this "
+                             "radius; a body touching nothing is left unchanged (0: off, as upstream)")
     parser.add_argument("--smoothing-iterations", type=int, default=defaults.smoothing_iterations,
                         help="Laplacian smoothing steps of the mesh (upstream: 5)")
     parser.add_argument("--shading", choices=SHADINGS, default=defaults.shading)
@@ -54,6 +57,7 @@ def main(argv=None) -> int:
         ct_threshold=args.ct_threshold, pet_threshold=args.pet_threshold,
         pet_percentile=args.pet_percentile, pet_body_fraction=args.pet_body_fraction,
         head_height_mm=args.head_height_mm, fill_holes=not args.no_fill_holes,
+        opening_radius_mm=args.opening_radius_mm,
         smoothing_iterations=args.smoothing_iterations, shading=args.shading,
         projection=args.projection, head_px=args.head_px)
     return run_guarded(run_reconstruction, args.petct_path, args.save_dir, jobs=args.jobs,

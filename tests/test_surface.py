@@ -117,3 +117,138 @@ def test_smoothing_keeps_a_far_away_mesh_in_place():
     import trimesh
 
     assert trimesh.Trimesh(smoothed, mesh.faces).volume == pytest.approx(mesh.volume, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- touching table
+
+def _body_on_table(table_top: int, *, thickness: int = 3, shape=(60, 80, 90), ear: bool = False):
+    """The ellipsoid body of _body_and_big_table (lowest voxel row y = 42) and a table slab
+    starting at row ``table_top``: 43 touches the body at one voxel (26-connected), 42 at a
+    contact patch ~11 voxels across. The table (slab minus body) has more voxels than the body.
+    ``ear``: a thin plate (2 voxels) stuck to the body's side, a protrusion the erosion removes."""
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    body = (((z - 30) / 15.0) ** 2 + ((y - 30) / 12.0) ** 2 + ((x - 45) / 14.0) ** 2) <= 1.0
+    if ear:
+        body |= (z >= 26) & (z < 34) & (y >= 26) & (y < 32) & (x >= 58) & (x < 60)
+    table = (y >= table_top) & (y < table_top + thickness) & ~body
+    return body, table
+
+
+def _within_one_voxel(mask):
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, np.ones((3, 3, 3), bool))
+
+
+@pytest.mark.parametrize("table_top, thickness", [(43, 3), (42, 3), (43, 5), (42, 5), (42, 2)])
+def test_a_table_touching_the_body_is_cut_off(table_top, thickness):
+    import cc3d
+
+    body, table = _body_on_table(table_top, thickness=thickness)
+    assert table.sum() > body.sum()
+    assert cc3d.connected_components(body | table, connectivity=26, return_N=True)[1] == 1
+    chosen = select_body_component(body | table, (2.0, 2.0, 2.0))
+    # none of the table, not even at the contact (the hole under the patch is filled too)
+    assert not (chosen.mask & table).any()
+    # all of the body but the voxels at the contact (within one voxel of the table)
+    lost = body & ~chosen.mask
+    assert not (lost & ~_within_one_voxel(table)).any()
+    assert lost.sum() <= 0.002 * body.sum()
+    assert chosen.table_voxels_removed == int(table.sum() + lost.sum())
+    # upstream-style (opening off): the table stays in
+    plain = select_body_component(body | table, (2.0, 2.0, 2.0), opening_radius_mm=0)
+    np.testing.assert_array_equal(plain.mask, body | table)
+
+
+def test_a_body_touching_nothing_is_exactly_the_old_selection():
+    body, _ = _body_on_table(80, ear=True)               # no table in the volume
+    far_body, far_table = _body_and_big_table()         # a table that does not touch
+    for mask in (body, far_body | far_table):
+        new = select_body_component(mask, (2.0, 2.0, 2.0))
+        old = select_body_component(mask, (2.0, 2.0, 2.0), opening_radius_mm=0)
+        np.testing.assert_array_equal(new.mask, old.mask)
+        assert new.table_voxels_removed == 0
+    # the thin ear is a residue of the opening but no table candidate: the body is unchanged
+    np.testing.assert_array_equal(select_body_component(body, (2.0, 2.0, 2.0)).mask, body)
+
+
+def test_a_big_protrusion_in_front_of_the_body_is_never_cut():
+    """A residue piece as big as a table but anterior (a face-side structure) is left alone:
+    only a piece behind the body's core can be a table."""
+    body, slab = _body_on_table(16, thickness=3)          # 'table' rows 16..18, in front (y < 30)
+    slab &= ~body
+    mask = body | slab
+    np.testing.assert_array_equal(select_body_component(mask, (2.0, 2.0, 2.0)).mask, mask)
+
+
+def _ct_of(body, table):
+    ct = np.where(body, 40.0, -1000.0)
+    ct[table] = 300.0
+    return ct + np.random.default_rng(0).normal(0, 10, ct.shape)
+
+
+@pytest.mark.parametrize("thickness", [3, 5])              # 6 and 10 mm
+def test_head_surface_with_a_touching_table_is_the_body_alone(thickness):
+    body, table = _body_on_table(42, thickness=thickness)
+    with_table = extract_head_surface(_ct_of(body, table), (2.0, 2.0, 2.0), modality="ct",
+                                      ct_threshold_method=-300)
+    alone = extract_head_surface(_ct_of(body, np.zeros_like(table)), (2.0, 2.0, 2.0),
+                                 modality="ct", ct_threshold_method=-300)
+    lo, hi = with_table.mesh.bounds
+    lo_alone, hi_alone = alone.mesh.bounds
+    # the table (y >= 84 mm, x 0..180 mm) is neither in the mesh nor in the framing extent
+    np.testing.assert_allclose(lo, lo_alone, atol=1.0)
+    np.testing.assert_allclose(hi, hi_alone, atol=2.5)   # the contact voxel row: <= 1 voxel
+    assert hi[1] < 86.0
+    assert abs(with_table.mesh.area / alone.mesh.area - 1.0) < 0.02
+    # upstream-style: the table is in the mesh, several times wider than the body
+    plain = extract_head_surface(_ct_of(body, table), (2.0, 2.0, 2.0), modality="ct",
+                                 ct_threshold_method=-300, opening_radius_mm=0)
+    assert plain.mesh.bounds[1][0] - plain.mesh.bounds[0][0] > 2 * (hi_alone[0] - lo_alone[0])
+
+
+def test_head_surface_of_a_body_touching_nothing_is_unchanged():
+    body, table = _body_and_big_table()
+    ct = _ct_of(body, table)
+    new = extract_head_surface(ct, (2.0, 2.0, 2.0), modality="ct", ct_threshold_method=-300)
+    old = extract_head_surface(ct, (2.0, 2.0, 2.0), modality="ct", ct_threshold_method=-300,
+                               opening_radius_mm=0)
+    np.testing.assert_array_equal(new.mesh.vertices, old.mesh.vertices)
+    np.testing.assert_array_equal(new.mesh.faces, old.mesh.faces)
+    assert new.crop == old.crop
+
+
+def test_table_hole_filling_is_along_axis_0_and_bounded():
+    from faceaudit.surface import _fill_gaps_axis0
+
+    column = np.zeros((12, 2, 1), bool)
+    column[[1, 5, 11], 0, 0] = True                       # gaps of 3 (2..4) and 5 (6..10) voxels
+    column[3, 1, 0] = True                                # a lone voxel: nothing to fill
+    np.testing.assert_array_equal(np.flatnonzero(_fill_gaps_axis0(column, 3)[:, 0, 0]), [2, 3, 4])
+    filled = _fill_gaps_axis0(column, 5)[:, 0, 0]
+    np.testing.assert_array_equal(np.flatnonzero(filled), [2, 3, 4, 6, 7, 8, 9, 10])
+    assert not _fill_gaps_axis0(column, 5)[:, 1, 0].any()
+
+
+def test_simulated_demo_study_renders_are_identical_with_and_without_the_table_cut(tmp_path):
+    """The demo cohort's table does not touch the body: the cut must change no pixel of
+    either render (it once cut holes through the faces of this cohort)."""
+    from faceaudit import demo_data
+    from faceaudit.reconstruction import ReconstructionOptions, reconstruct_volume
+    from faceaudit.volumes import load_volume
+
+    entry = demo_data.plan_cohort(n=1, seed=0)[0]
+    rng = np.random.default_rng(entry["noise_seed"])
+    hu, brain, world_y = demo_data.warp_anatomy(entry["identity"], entry["pose"])
+    volumes = {"ct": demo_data.simulate_ct(hu, world_y, rng)}
+    volumes["pet"] = demo_data.simulate_pet(hu, brain, entry["identity"], rng)
+    for modality, array in volumes.items():
+        path = tmp_path / f"{modality}.nii.gz"
+        demo_data._write_nifti(path, array, demo_data.output_grid_origin())
+        volume = load_volume(path)
+        renders = [reconstruct_volume(volume.array, volume.spacing, modality=modality,
+                                      origin=volume.origin,
+                                      options=ReconstructionOptions(opening_radius_mm=radius)
+                                      ).render.image for radius in (6.0, 0.0)]
+        assert renders[0].shape == (512, 512) and renders[0].any()
+        np.testing.assert_array_equal(renders[0], renders[1])

@@ -44,6 +44,7 @@ class ReconstructionOptions:
     fill_holes: bool = True                     # upstream: no hole filling
     smoothing_iterations: int = 5               # as upstream (Laplacian, lambda 0.5)
     core_radius_mm: float = 10.0                # body vs table: depth of the component core
+    opening_radius_mm: float = 6.0              # cut a touching table off the body; 0: upstream (off)
     shading: str = "normals"                    # upstream: grey of |face normal|; or "lambert"
     projection: str = "orthographic"            # or "pinhole"
     head_px: int = 208                          # head box size in pixels (fits the 208 crop)
@@ -69,7 +70,8 @@ def reconstruct_volume(array: np.ndarray, spacing, *, modality: str, origin=(0.0
         ct_threshold_method=options.ct_threshold, pet_threshold_method=options.pet_threshold,
         pet_percentile=options.pet_percentile, pet_body_fraction=options.pet_body_fraction,
         head_height_mm=options.head_height_mm, fill_holes=options.fill_holes,
-        smoothing_iterations=options.smoothing_iterations, core_radius_mm=options.core_radius_mm)
+        smoothing_iterations=options.smoothing_iterations, core_radius_mm=options.core_radius_mm,
+        opening_radius_mm=options.opening_radius_mm)
     t0 = time.perf_counter()
     render = render_frontal(surface.mesh, size=options.size, head_px=options.head_px,
                             shading=options.shading, projection=options.projection)

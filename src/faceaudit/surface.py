@@ -24,6 +24,25 @@ deeper than ``core_radius_mm`` inside the component. A scanner table or a mattre
 thin shell (a few mm to 2 cm), so its core is ~0 however many voxels it has; the
 patient's body has the largest core.
 
+When the body *touches* the table (the patient lies on it, a headrest touches the skull),
+thresholding + labelling gives ONE component. ``opening_radius_mm`` (default 6 mm, 0 = off,
+upstream-style) then looks for a table in it (separate_touching): an opening by
+reconstruction (erode by a box of that physical radius, keep the body's eroded core, dilate
+it back within the component) leaves out a residue. A residue piece is a *table candidate*
+only when it is substantial (at least ``table_min_fraction`` = 5 % of the opened body's
+voxels) AND lies behind the body (its centroid is posterior to the back-most row of the
+body's eroded core). The nose, lips and ears are in front of or beside the core, and the
+residue along the back (surface staircase) is tiny: on the simulated demo cohort the largest
+residue piece is 2.3 % (anterior) and the largest posterior one 0.09 %. Without a table
+candidate the component is returned unchanged (the same array, bit for bit).
+Only when a table candidate exists are its voxels removed, plus the table voxels that the
+body's dilation reached under the contact (a hole in the table: a gap along axis 0 between
+voxels of the candidate, in the candidate's bounding box); the body is then the part still
+connected to its opened core. The same rule runs on the coarse grid and on the
+full-resolution head box; nothing from the coarse cut is carried over.
+Limit: a table thicker than 2 x the radius resting against the body along a contact wider
+than ~2 x the radius is not split (no erosion breaks it without eating the body).
+
 Two resolutions
 ---------------
 The body is chosen on a strided ~6 mm view of the thresholded volume (2.9 M voxels for an
@@ -105,6 +124,7 @@ class BodySelection:
     label: int
     n_components: int          # components considered (the largest k)
     candidates: list[dict] = field(default_factory=list)   # per scored label: voxels, core_ml
+    table_voxels_removed: int = 0   # voxels of the component cut off as a touching table
 
 
 def _depth_inside(component: np.ndarray, sampling) -> np.ndarray:
@@ -121,14 +141,128 @@ def _depth_inside(component: np.ndarray, sampling) -> np.ndarray:
     return distance_transform_edt(np.pad(box, 1), sampling=sampling)
 
 
+def _box_steps(spacing, radius_mm: float) -> list[int]:
+    """Half-widths (voxels per axis) of a box of ``radius_mm`` on a grid of ``spacing`` mm."""
+    return [int(np.floor(radius_mm / float(s) + 0.5)) for s in spacing]
+
+
+def _erode_box(mask: np.ndarray, steps) -> np.ndarray:
+    """Binary erosion by a (2 s0 + 1, 2 s1 + 1, 2 s2 + 1) box, separable (one-voxel shifts
+    per axis). Outside the array counts as foreground, so a structure cut by the array's
+    border (the neck at the crop plane) is not eroded there."""
+    out = np.array(mask, dtype=bool, copy=True)
+    for axis, n in enumerate(steps):
+        for _ in range(n):
+            prev = out.copy()
+            lo = [slice(None)] * out.ndim
+            hi = [slice(None)] * out.ndim
+            lo[axis], hi[axis] = slice(1, None), slice(None, -1)
+            out[tuple(lo)] &= prev[tuple(hi)]
+            out[tuple(hi)] &= prev[tuple(lo)]
+    return out
+
+
+def _dilate_box(mask: np.ndarray, steps) -> np.ndarray:
+    """Binary dilation by the same box as ``_erode_box`` (nothing grows in from outside)."""
+    out = np.array(mask, dtype=bool, copy=True)
+    for axis, n in enumerate(steps):
+        for _ in range(n):
+            prev = out.copy()
+            lo = [slice(None)] * out.ndim
+            hi = [slice(None)] * out.ndim
+            lo[axis], hi[axis] = slice(1, None), slice(None, -1)
+            out[tuple(lo)] |= prev[tuple(hi)]
+            out[tuple(hi)] |= prev[tuple(lo)]
+    return out
+
+
+def _fill_gaps_axis0(mask: np.ndarray, max_gap: int) -> np.ndarray:
+    """Voxels not in ``mask`` lying between two ``mask`` voxels of the same axis-0 column
+    at most ``max_gap`` voxels apart (gap length, exclusive). Bool, same shape."""
+    if max_gap <= 0 or mask.shape[0] < 3:
+        return np.zeros_like(mask)
+    kind = np.int16 if 4 * mask.shape[0] + 2 < np.iinfo(np.int16).max else np.int32
+    index = np.arange(mask.shape[0], dtype=kind).reshape((-1,) + (1,) * (mask.ndim - 1))
+    big = kind(2 * mask.shape[0])
+    last = np.maximum.accumulate(np.where(mask, index, -big), axis=0)
+    following = np.minimum.accumulate(np.where(mask, index, big)[::-1], axis=0)[::-1]
+    return ~mask & (following - last - 1 <= max_gap)
+
+
+def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm: float = 6.0,
+                      table_min_fraction: float = 0.05, table_gap_mm: float = 100.0) -> np.ndarray:
+    """Cut a table or headrest that touches the body off one connected ``component``.
+
+    component: (nz, ny, nx) bool, one 26-connected component (axis 1 posterior); spacing
+    (sz, sy, sx) mm. choose_core(labels, n) -> label: which of the n 26-connected components
+    of the eroded component (labels: uint array, 0 = background) is the body's core.
+
+    Returns ``component`` itself (the same object, unchanged) unless the opening by
+    reconstruction leaves out a table candidate: a residue piece with at least
+    ``table_min_fraction`` of the opened body's voxels whose centroid lies posterior to the
+    back-most voxel row of the body's core. Otherwise a subset of ``component``: the candidate
+    pieces and the gaps (<= ``table_gap_mm`` along axis 0) between their voxels are removed,
+    and the part connected to the opened body is kept. See the module docstring.
+    """
+    import cc3d
+
+    steps = _box_steps(spacing, radius_mm)
+    if radius_mm <= 0 or not any(steps):
+        return component
+    core_labels, n_cores = cc3d.connected_components(_erode_box(component, steps),
+                                                     connectivity=26, return_N=True)
+    if n_cores == 0:
+        return component                       # too thin everywhere to tell body from table
+    body_label = int(choose_core(core_labels, n_cores))
+    if not 1 <= body_label <= n_cores:
+        return component
+    body_core = core_labels == body_label
+    del core_labels
+    core_back = int(np.flatnonzero(body_core.any(axis=(0, 2)))[-1])   # back-most row (axis 1)
+    opened = _dilate_box(body_core, steps) & component
+    del body_core
+    residue_labels, n_residue = cc3d.connected_components(component & ~opened, connectivity=26,
+                                                          return_N=True)
+    if n_residue == 0:
+        return component
+    stats = cc3d.statistics(residue_labels)
+    counts = np.asarray(stats["voxel_counts"])[: n_residue + 1]
+    centroid_row = np.nan_to_num(np.asarray(stats["centroids"])[: n_residue + 1, 1], nan=-1.0)
+    # a wide contact lets the body's core reach down to within a voxel or two of the table,
+    # so "behind" is measured from the core's back-most row, not the opened body's
+    table_piece = ((counts >= table_min_fraction * np.count_nonzero(opened))
+                   & (centroid_row > core_back))
+    table_piece[0] = False
+    if not table_piece.any():
+        return component
+    table = table_piece[residue_labels]
+    del residue_labels
+    # the body's dilation reached into the table under the contact patch, leaving a hole in
+    # the table piece. A table is an extrusion along the body axis (axis 0), so the hole is a
+    # gap between table voxels of one (y, x) column, filled within the table's bounding box.
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(table))
+    table[box] |= _fill_gaps_axis0(table[box], max(0, int(round(table_gap_mm / float(spacing[0])))))
+    kept_labels, n_kept = cc3d.connected_components(component & ~table, connectivity=26,
+                                                    return_N=True)
+    overlap = np.bincount(kept_labels[opened & (kept_labels > 0)], minlength=n_kept + 1)
+    if n_kept == 0 or overlap.max() == 0:
+        return component
+    return kept_labels == int(np.argmax(overlap))
+
+
 def select_body_component(mask: np.ndarray, spacing, *, core_radius_mm: float = 10.0,
                           grid_mm: float = 8.0, max_candidates: int = 4,
-                          min_fraction: float = 0.05) -> BodySelection:
+                          min_fraction: float = 0.05,
+                          opening_radius_mm: float = 6.0) -> BodySelection:
     """Keep the 26-connected component of ``mask`` that is the body (largest core), not a table.
 
     mask: (nz, ny, nx) bool; spacing: (sz, sy, sx) mm. The ``max_candidates`` largest
     components (cc3d.largest_k) with at least ``min_fraction`` of the largest one's voxels
     are scored by their core volume on a ``grid_mm`` grid (a strided view of the labels).
+    ``opening_radius_mm`` > 0 (default 6 mm) then cuts a table or headrest that *touches*
+    the chosen component off it (separate_touching; the eroded core with the most voxels is
+    the body's); 0 keeps the plain component (upstream-style). A component holding no table
+    candidate is returned unchanged.
     """
     import cc3d
 
@@ -155,8 +289,19 @@ def select_body_component(mask: np.ndarray, spacing, *, core_radius_mm: float = 
             candidates.append({"label": lab, "voxels": int(count * np.prod(strides)),
                                "core_ml": core, "volume_ml": count * np.prod(strides) * voxel_ml})
         best = max(candidates, key=lambda c: (c["core_ml"], c["voxels"]))["label"]
-    return BodySelection(mask=labels == best, label=int(best), n_components=int(n),
-                         candidates=candidates)
+    chosen = labels == best
+    del labels
+    removed = 0
+    if opening_radius_mm > 0:
+        def largest_core(core_labels, n_cores):
+            return int(np.argmax(np.bincount(core_labels.ravel(), minlength=n_cores + 1)[1:])) + 1
+
+        body = separate_touching(chosen, spacing, largest_core, radius_mm=opening_radius_mm)
+        if body is not chosen:
+            removed = int(np.count_nonzero(chosen & ~body))
+            chosen = body
+    return BodySelection(mask=chosen, label=int(best), n_components=int(n),
+                         candidates=candidates, table_voxels_removed=removed)
 
 
 def head_crop_slices(body: np.ndarray, spacing, *, head_height_mm: float = 240.0) -> tuple[slice, slice, slice]:
@@ -269,7 +414,8 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
                          pet_threshold_method: str = "adaptive", pet_percentile: float = 95.0,
                          pet_body_fraction: float = 0.5, head_height_mm: float = 240.0,
                          fill_holes: bool = True, smoothing_iterations: int = 5,
-                         core_radius_mm: float = 10.0, coarse_mm: float = 6.0) -> HeadSurface:
+                         core_radius_mm: float = 10.0, coarse_mm: float = 6.0,
+                         opening_radius_mm: float = 6.0) -> HeadSurface:
     """Canonical volume (nz, ny, nx) with spacing (sz, sy, sx) mm -> head skin mesh.
 
     modality: "ct" (HU, kept where >= level) or "pet" (SUV, kept where > level).
@@ -280,6 +426,9 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     volume, which also gives the top of the head; then the head box (top of the head down
     ``head_height_mm``, plus a margin) is thresholded and labelled at full resolution and
     the component that overlaps the coarse body most is kept.
+    ``opening_radius_mm`` (default 6 mm; 0 = off, upstream-style) cuts a table or headrest
+    touching the body off it, on the coarse grid and again in the head box (separate_touching);
+    a body touching nothing gives exactly the mesh it gives with 0.
     """
     from scipy.ndimage import binary_fill_holes
 
@@ -302,7 +451,7 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     coarse_spacing = tuple(float(s * st) for s, st in zip(spacing, strides))
     coarse = _above(array[:: strides[0], :: strides[1], :: strides[2]], level, strict)
     body = select_body_component(coarse, coarse_spacing, core_radius_mm=core_radius_mm,
-                                 grid_mm=min(coarse_spacing))
+                                 grid_mm=min(coarse_spacing), opening_radius_mm=opening_radius_mm)
     coarse_box = head_crop_slices(body.mask, coarse_spacing, head_height_mm=head_height_mm)
     # the same box at full resolution, widened by two coarse voxels on every side
     shape = np.asarray(array.shape)
@@ -320,6 +469,12 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
         raise InputError("the body found on the coarse grid has no voxel at full resolution")
     head = labels == int(np.argmax(overlap))
     del labels
+    if opening_radius_mm > 0:
+        def most_on_body(core_labels, n_cores):
+            on = np.bincount(core_labels[on_body & (core_labels > 0)], minlength=n_cores + 1)
+            return int(np.argmax(on)) if on.max() > 0 else 0
+
+        head = separate_touching(head, spacing, most_on_body, radius_mm=opening_radius_mm)
     timings["components"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
