@@ -146,34 +146,32 @@ def _box_steps(spacing, radius_mm: float) -> list[int]:
     return [int(np.floor(radius_mm / float(s) + 0.5)) for s in spacing]
 
 
-def _erode_box(mask: np.ndarray, steps) -> np.ndarray:
-    """Binary erosion by a (2 s0 + 1, 2 s1 + 1, 2 s2 + 1) box, separable (one-voxel shifts
-    per axis). Outside the array counts as foreground, so a structure cut by the array's
-    border (the neck at the crop plane) is not eroded there."""
+def _box_filter(mask: np.ndarray, steps, combine) -> np.ndarray:
+    """Separable binary filter by a (2 s0 + 1, 2 s1 + 1, 2 s2 + 1) box: one-voxel shifts per
+    axis, each combined into the result with ``combine`` (logical and: erosion; or: dilation).
+    Voxels outside the array never take part."""
     out = np.array(mask, dtype=bool, copy=True)
     for axis, n in enumerate(steps):
+        lo = [slice(None)] * out.ndim
+        hi = [slice(None)] * out.ndim
+        lo[axis], hi[axis] = slice(1, None), slice(None, -1)
+        lo, hi = tuple(lo), tuple(hi)
         for _ in range(n):
             prev = out.copy()
-            lo = [slice(None)] * out.ndim
-            hi = [slice(None)] * out.ndim
-            lo[axis], hi[axis] = slice(1, None), slice(None, -1)
-            out[tuple(lo)] &= prev[tuple(hi)]
-            out[tuple(hi)] &= prev[tuple(lo)]
+            combine(out[lo], prev[hi], out=out[lo])
+            combine(out[hi], prev[lo], out=out[hi])
     return out
+
+
+def _erode_box(mask: np.ndarray, steps) -> np.ndarray:
+    """Binary erosion by the box of ``steps``. Outside the array counts as foreground, so a
+    structure cut by the array's border (the neck at the crop plane) is not eroded there."""
+    return _box_filter(mask, steps, np.logical_and)
 
 
 def _dilate_box(mask: np.ndarray, steps) -> np.ndarray:
     """Binary dilation by the same box as ``_erode_box`` (nothing grows in from outside)."""
-    out = np.array(mask, dtype=bool, copy=True)
-    for axis, n in enumerate(steps):
-        for _ in range(n):
-            prev = out.copy()
-            lo = [slice(None)] * out.ndim
-            hi = [slice(None)] * out.ndim
-            lo[axis], hi[axis] = slice(1, None), slice(None, -1)
-            out[tuple(lo)] |= prev[tuple(hi)]
-            out[tuple(hi)] |= prev[tuple(lo)]
-    return out
+    return _box_filter(mask, steps, np.logical_or)
 
 
 def _fill_gaps_axis0(mask: np.ndarray, max_gap: int) -> np.ndarray:
