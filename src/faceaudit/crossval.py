@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
+from faceaudit.montage import figure_png, montage, new_axes
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, InputError, ItemResult,
                                Manifest, atomic_write_bytes, describe_exception, make_private_dir,
                                map_items, read_json_file, read_manifest, write_csv, write_json,
@@ -678,12 +679,7 @@ def summarise_metrics_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def plot_loss_curves(histories: Mapping[int, Sequence[Mapping[str, float]]]) -> bytes:
     """PNG bytes: train (solid) and validation (dashed) loss per epoch, one colour per fold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    fig, ax = new_axes(figsize=(6.4, 4.2), dpi=100)
     for index, fold in enumerate(sorted(histories)):
         colour = f"C{index % 10}"
         rows = histories[fold]
@@ -697,11 +693,7 @@ def plot_loss_curves(histories: Mapping[int, Sequence[Mapping[str, float]]]) -> 
     ax.set_title("Denoiser loss per fold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _read_loss_csv(path: Path) -> list[dict[str, float]]:
@@ -716,8 +708,6 @@ def qa_montage(splits: Mapping[str, Any], data: RenderSet, denoised_root: Path, 
 
     Shows the first ``per_fold`` test ids of every fold; None when no fold has a test set.
     """
-    from faceaudit.montage import montage
-
     images, labels = [], []
     for fold in splits["folds"]:
         for item_id in fold["test"][:per_fold]:

@@ -19,7 +19,6 @@ summary.json, manifest.csv (one row per fold x probe), run.json.
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 
 from faceaudit import ranking
 from faceaudit.alignment import ALIGN_MODES, align_to, icp_distance_matrix, pairwise_distances, procrustes_mean
+from faceaudit.montage import figure_png, new_axes
 from faceaudit.stageio import (
     STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, atomic_write_bytes, make_private_dir,
     read_npz, write_json, write_npz, write_run_json, write_csv,
@@ -239,13 +239,9 @@ def _load_cached(path: Path, fingerprint: str) -> np.ndarray | None:
 
 def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, title: str) -> None:
     """CMC curves (mean over folds) of every alignment, with the chance line."""
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    fig, ax = new_axes(figsize=(6, 4.2), dpi=120)
     for align, curve in curves.items():
         ranks = np.arange(1, len(curve) + 1)
         ax.plot(ranks, 100 * curve, marker="o", ms=3, label=align)
@@ -253,15 +249,11 @@ def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, t
     ax.set_xlabel("rank k")
     ax.set_ylabel("top-k accuracy (%)")
     ax.set_ylim(0, 102)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig))
 
 
 def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_folds: int | None = None,

@@ -1,6 +1,9 @@
-"""Contact sheets: many small images on one labelled grid, for QA and reports."""
+"""Pictures for QA and reports: contact sheets of many small images on one labelled
+grid, and matplotlib figures rendered to PNG bytes."""
 
 from __future__ import annotations
+
+import io
 
 from collections.abc import Sequence
 
@@ -36,3 +39,24 @@ def montage(images: Sequence[np.ndarray], *, labels: Sequence[str] | None = None
         if labels is not None:
             draw.text((c * tile + 2, r * (tile + label_h) + tile), str(labels[i])[:26], fill=(0, 0, 0))
     return np.asarray(sheet)
+
+
+def new_axes(*, figsize: tuple[float, float], dpi: int):
+    """``(fig, ax)`` on matplotlib's Agg backend: stages run headless, on servers and CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, dpi=dpi)
+
+
+def figure_png(fig) -> bytes:
+    """A finished figure as PNG bytes (tight layout); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -26,7 +26,6 @@ matches; every number comes with the gallery size and the chance level.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -45,6 +44,7 @@ from faceaudit.digital_mask import VARIANTS
 from faceaudit.embedding import (EmbeddingResult, cosine_distances, file_sha256,
                                  make_embedder)
 from faceaudit.images import read_rgb
+from faceaudit.montage import figure_png, new_axes
 from faceaudit.selection import IMAGE_EXTENSIONS
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
                                atomic_write_bytes, describe_exception,
@@ -684,14 +684,9 @@ def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend:
 
 def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
     """CMC curves (top-k accuracy vs k), one line per scenario, chance dashed; PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
+    fig, ax = new_axes(figsize=(9.5, 4.8), dpi=120)
     shown = 1
     for r in results:
         n = min(max_rank, len(r.cmc))
@@ -713,11 +708,7 @@ def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title("Face recognition on masked photos: CMC")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def format_table(results: Sequence[ScenarioResult], *, backend: str,
