@@ -26,7 +26,6 @@ to download a missing pack, so files are checked before insightface sees them).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.facemesh import as_rgb_uint8
-from faceaudit.stageio import InputError
+from faceaudit.stageio import InputError, file_digest
 
 BACKENDS = ("dlib", "insightface", "arcface-onnx")
 
@@ -72,14 +71,6 @@ class EmbeddingResult:
     @property
     def found(self) -> bool:
         return self.vector is not None
-
-
-def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _ort_cpu_session_options():
@@ -236,7 +227,7 @@ class InsightFaceEmbedder:
 
     def describe(self) -> dict:
         return {"backend": self.name, "dim": self.dim, "model_dir": str(self.model_dir),
-                "model_files": {p.name: file_sha256(p) for p in self.model_files},
+                "model_files": {p.name: file_digest(p) for p in self.model_files},
                 "det_size": self.det_size, "det_thresh": self.det_thresh,
                 "channel_order": "RGB (upstream)" if self.rgb_to_model else "BGR"}
 
@@ -311,7 +302,7 @@ class ArcFaceOnnxEmbedder:
 
     def describe(self) -> dict:
         return {"backend": self.name, "dim": self.dim,
-                "model_files": {self.model_path.name: file_sha256(self.model_path)},
+                "model_files": {self.model_path.name: file_digest(self.model_path)},
                 "input_size": list(self.recognizer.input_size),
                 "keypoints": "retinaface", "min_det_score": self.min_det_score,
                 "channel_order": "RGB (upstream)" if self.rgb_to_model else "BGR"}

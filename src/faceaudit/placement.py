@@ -39,8 +39,9 @@ from faceaudit.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
 from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
 from faceaudit.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch, well_placed
 from faceaudit.stageio import (
-    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, describe_exception,
-    make_private_dir, map_items, read_json_file, read_manifest, read_npz, write_json, write_npz, write_png, write_run_json, column_union, write_csv,
+    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, column_union, describe_exception,
+    file_digest, make_private_dir, map_items, read_json_file, read_manifest, read_npz, write_csv,
+    write_json, write_npz, write_png, write_run_json,
 )
 
 VARIANTS = ("ct", "pet", "pet_wavelet", "pet_unet")
@@ -135,14 +136,10 @@ def place_task(task: PlacementTask, *, crop: int | None, framing: Framing,
 def file_sha1(path: str | Path) -> str:
     """SHA-1 of a file's bytes; a fixed marker when there is no such file (so a file
     appearing or disappearing changes the fingerprints it feeds)."""
-    h = hashlib.sha1()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return file_digest(path, "sha1")
     except FileNotFoundError:
         return "missing"
-    return h.hexdigest()
 
 
 #: the image each variant's landmarks are placed on

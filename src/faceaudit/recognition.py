@@ -41,16 +41,15 @@ import numpy as np
 
 from faceaudit import ranking
 from faceaudit.digital_mask import VARIANTS
-from faceaudit.embedding import (EmbeddingResult, cosine_distances, file_sha256,
+from faceaudit.embedding import (EmbeddingResult, cosine_distances,
                                  make_embedder)
 from faceaudit.images import read_rgb
 from faceaudit.montage import figure_png, new_axes
 from faceaudit.selection import IMAGE_EXTENSIONS
 from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
-                               atomic_write_bytes, describe_exception,
+                               atomic_write_bytes, describe_exception, file_digest,
                                make_private_dir, map_items, read_json_file, read_manifest,
-                               read_npz, write_json,
-                               write_npz, write_run_json, write_csv)
+                               read_npz, write_csv, write_json, write_npz, write_run_json)
 
 ROLES = ("database", "query")
 DM_COLUMNS = ("role", *VARIANTS)
@@ -344,7 +343,7 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
         try:
             if not ref.path.is_file():
                 raise InputError(f"expected an image file at {ref.path}, found nothing")
-            digest = file_sha256(ref.path)
+            digest = file_digest(ref.path)
         except (OSError, InputError) as exc:
             records[ref.id] = EmbeddingRecord(STATUS_FAILED, describe_exception(exc))
             continue

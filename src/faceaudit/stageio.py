@@ -9,6 +9,7 @@ an interrupted run never leaves a half-written file under a real name.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -102,6 +103,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (FileNotFoundError if absent):
+    caches and re-run checks key on content, not on names or times."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json_file(path: str | os.PathLike) -> dict[str, Any]:
