@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from faceaudit.cli import add_common_args, run_guarded
-from faceaudit.crossval import DEFAULT_CROP, DENOISERS, DEVICES, SCHEMES, run_crossval
-from faceaudit.unet import ARCHS
+from faceaudit.core.cli import add_common_args, run_guarded
+from faceaudit.petct.crossval import DEFAULT_CROP, DENOISERS, DEVICES, SCHEMES, run_crossval
+from faceaudit.petct.unet import ARCHS
 
 
 def main(argv=None) -> int:

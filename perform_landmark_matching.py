@@ -6,8 +6,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    from faceaudit.cli import add_common_args, run_guarded
-    from faceaudit.matching import DEFAULT_ALIGNS, run_landmark_matching
+    from faceaudit.core.cli import add_common_args, run_guarded
+    from faceaudit.petct.matching import DEFAULT_ALIGNS, run_landmark_matching
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--landmarks_files", required=True,

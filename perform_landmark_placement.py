@@ -6,9 +6,9 @@ import sys
 
 
 def main(argv=None) -> int:
-    from faceaudit.cli import add_common_args, run_guarded
-    from faceaudit.landmarks import Framing
-    from faceaudit.placement import run_landmark_placement
+    from faceaudit.core.cli import add_common_args, run_guarded
+    from faceaudit.petct.landmarks import Framing
+    from faceaudit.petct.placement import run_landmark_placement
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ct_files", required=True, help="folder of CT renders <id>.png (reconstruction cts/)")

@@ -21,10 +21,10 @@ def _ct_threshold(text: str):
 
 
 def main(argv=None) -> int:
-    from faceaudit.cli import add_common_args, run_guarded
-    from faceaudit.reconstruction import ReconstructionOptions, run_reconstruction
-    from faceaudit.render import PROJECTIONS, SHADINGS
-    from faceaudit.surface import PET_THRESHOLDS
+    from faceaudit.core.cli import add_common_args, run_guarded
+    from faceaudit.petct.reconstruction import ReconstructionOptions, run_reconstruction
+    from faceaudit.petct.render import PROJECTIONS, SHADINGS
+    from faceaudit.petct.surface import PET_THRESHOLDS
 
     defaults = ReconstructionOptions()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -9,8 +9,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    from faceaudit.cli import add_common_args, run_guarded
-    from faceaudit.digital_mask import run_digital_mask
+    from faceaudit.core.cli import add_common_args, run_guarded
+    from faceaudit.mask.digital_mask import run_digital_mask
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input_dir", required=True,

@@ -14,9 +14,9 @@ import sys
 
 
 def main(argv=None) -> int:
-    from faceaudit.cli import add_common_args, run_guarded
-    from faceaudit.embedding import BACKENDS
-    from faceaudit.recognition import SCENARIOS, run_face_recognition
+    from faceaudit.core.cli import add_common_args, run_guarded
+    from faceaudit.faces.embedding import BACKENDS
+    from faceaudit.mask.recognition import SCENARIOS, run_face_recognition
 
     parser = argparse.ArgumentParser(
         description="Embed the photos and masks of a run_digital_mask.py folder and report "

@@ -19,7 +19,7 @@ import numpy as np
 def _train_rate(model, x, y, *, steps: int) -> float:
     import torch
 
-    from faceaudit.crossval import msssim_loss
+    from faceaudit.petct.crossval import msssim_loss
 
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -40,7 +40,7 @@ def _train_rate(model, x, y, *, steps: int) -> float:
 
 
 def _infer_rate(model, images: np.ndarray, *, batch: int, device: str, repeats: int) -> float:
-    from faceaudit.crossval import denoise_arrays
+    from faceaudit.petct.crossval import denoise_arrays
 
     denoise_arrays(model, images[:batch], batch_size=batch, device=device)  # warm-up
     _sync(device)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from faceaudit.unet import build_model, count_parameters
+    from faceaudit.petct.unet import build_model, count_parameters
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)

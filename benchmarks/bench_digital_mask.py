@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from faceaudit import masking, selection
-    from faceaudit.digital_mask import build_mask
+    from faceaudit.mask import masking, selection
+    from faceaudit.mask.digital_mask import build_mask
 
     paths = [ORL / f"s{i % 40 + 1}" / f"{i // 40 + 1}.pgm" for i in range(args.n)]
     images = [selection.InputImage(p.parent.name, "", p.stem, str(p)) for p in paths]
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     flame_dict = masking.synthetic_flame_model(mean)
     import tempfile
 
-    from faceaudit.stageio import write_npz
+    from faceaudit.core.files import write_npz
     with tempfile.TemporaryDirectory() as tmp:
         write_npz(Path(tmp) / masking.FLAME_FILE, **flame_dict)
         backends["flame"] = masking.FlameBackend(masking.load_flame(Path(tmp) / masking.FLAME_FILE))

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                         help="IResNet depth of the random ArcFace (default r50, as w600k_r50)")
     args = parser.parse_args(argv)
 
-    from faceaudit.embedding import ArcFaceOnnxEmbedder, DlibEmbedder
+    from faceaudit.faces.embedding import ArcFaceOnnxEmbedder, DlibEmbedder
 
     images = orl_crops(args.n)
     rows = []

@@ -19,9 +19,9 @@ import time
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from faceaudit.alignment import icp_distance_matrix
-from faceaudit.matching import distance_matrix
-from faceaudit.ranking import topk_accuracy, true_match_ranks
+from faceaudit.petct.alignment import icp_distance_matrix
+from faceaudit.petct.matching import distance_matrix
+from faceaudit.core.ranking import topk_accuracy, true_match_ranks
 
 
 def base_face() -> tuple[np.ndarray, str]:
@@ -29,7 +29,7 @@ def base_face() -> tuple[np.ndarray, str]:
     try:
         from skimage import color, data
 
-        from faceaudit.landmarks import place_landmarks_batch
+        from faceaudit.petct.landmarks import place_landmarks_batch
 
         lm, det = place_landmarks_batch([color.rgb2gray(data.astronaut()).astype(np.float32)])
         if det[0]:

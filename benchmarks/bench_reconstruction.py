@@ -111,7 +111,7 @@ def write_las_nifti(path: Path, array_zyx: np.ndarray) -> None:
     interrupted generation never leaves a truncated file that ``ensure_study`` would reuse."""
     import SimpleITK as sitk
 
-    from faceaudit.stageio import atomic_path
+    from faceaudit.core.files import atomic_path
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx[:, ::-1, :]))
     image.SetSpacing(SPACING_XYZ)
@@ -158,8 +158,8 @@ def run_faceaudit(ct_path: str, pet_path: str, out_dir: str) -> dict:
     _warm_imports()
     import shutil
 
-    from faceaudit.reconstruction import ReconstructionOptions, process_study
-    from faceaudit.volumes import Study
+    from faceaudit.petct.reconstruction import ReconstructionOptions, process_study
+    from faceaudit.petct.volumes import Study
 
     scratch = Path(out_dir) / "faceaudit_out"
     shutil.rmtree(scratch, ignore_errors=True)

@@ -14,8 +14,8 @@ def headsq_ct_path() -> Path:
 
 @pytest.fixture(scope="session")
 def headsq_ct(headsq_ct_path):
-    """The shipped head CT as a canonical faceaudit.volumes.Volume."""
-    from faceaudit.volumes import load_volume
+    """The shipped head CT as a canonical faceaudit.petct.volumes.Volume."""
+    from faceaudit.petct.volumes import load_volume
 
     return load_volume(headsq_ct_path)
 

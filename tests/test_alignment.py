@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from faceaudit.alignment import (
+from faceaudit.petct.alignment import (
     align_to, centroid_size, icp_distance_matrix, icp_point_to_point, pairwise_distances, procrustes_mean,
     umeyama,
 )

@@ -9,12 +9,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from faceaudit.crossval import (image_metrics, kfold_patient_splits, load_denoiser,
+from faceaudit.petct.crossval import (image_metrics, kfold_patient_splits, load_denoiser,
                                 load_renders, load_splits, msssim_window, pair_renders,
                                 save_model, split_leakage, summarise_metrics, train_denoiser,
                                 upstream_random_splits)
-from faceaudit.images import to_uint8
-from faceaudit.stageio import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, InputError, write_png
+from faceaudit.core.images import to_uint8
+from faceaudit.core.files import InputError, write_png
+from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 def _load_script(name):
     """Import a repo-root script by path (pytest's sys.path need not hold the repo root)."""

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from faceaudit.demo import PACKAGE_DATA, run_demo
+from faceaudit.demo.run import PACKAGE_DATA, run_demo
 
 
 @pytest.mark.slow
@@ -35,7 +35,7 @@ def test_tiny_demo_runs_every_stage_then_skips_on_rerun(tmp_path):
 
 
 def test_demo_names_missing_scripts(tmp_path, monkeypatch, capsys):
-    import faceaudit.demo as demo
+    from faceaudit.demo import run as demo
 
     monkeypatch.setattr(demo, "REPO_ROOT", tmp_path)
     assert demo.run_demo(tmp_path / "out") == 2

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from faceaudit import demo_data
-from faceaudit.volumes import discover_studies, load_volume
+from faceaudit.demo import cohort as demo_data
+from faceaudit.petct.volumes import discover_studies, load_volume
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_ct_and_pet_are_realistic_and_share_the_pose(demo_cohort):
     assert brain_suv > 4 * skin_suv and 0.3 < skin_suv < 1.2
     # same anatomy and pose in both: face front (min y) and top of the head (max z) agree
     # within a few mm (the x extent differs: ears are lost in the PET blur)
-    from faceaudit.surface import extract_head_surface
+    from faceaudit.petct.surface import extract_head_surface
 
     boxes = [extract_head_surface(v.array, v.spacing, modality=m, origin=v.origin).mesh.bounds
              for v, m in ((ct, "ct"), (pet, "pet"))]
@@ -91,9 +91,9 @@ def test_cached_base_anatomy_cannot_be_altered_by_a_caller():
 def test_demo_ct_renders_are_faces_for_mediapipe(demo_cohort, tmp_path):
     from PIL import Image
 
-    from faceaudit.facemesh import FaceMesh
-    from faceaudit.images import center_crop
-    from faceaudit.reconstruction import run_reconstruction
+    from faceaudit.faces.facemesh import FaceMesh
+    from faceaudit.core.images import center_crop
+    from faceaudit.petct.reconstruction import run_reconstruction
 
     out, plan = demo_cohort
     assert run_reconstruction(out, tmp_path / "rec", progress=False) == 0

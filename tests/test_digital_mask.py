@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceaudit import digital_mask, masking
-from faceaudit.stageio import read_manifest, write_npz
+from faceaudit.mask import digital_mask, masking
+from faceaudit.core.files import write_npz
+from faceaudit.core.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 ORL = ROOT / "src" / "faceaudit" / "data" / "orl_faces"
@@ -142,8 +143,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 def test_rerun_reuses_selection_decisions_but_retries_failures(tmp_path):
-    from faceaudit import selection
-    from faceaudit.stageio import write_csv, write_json
+    from faceaudit.mask import selection
+    from faceaudit.core.files import write_csv, write_json
 
     options = selection.SelectionOptions()
     rows = [{"source": "a.png", "status": "accepted", "reason": ""},
@@ -158,7 +159,7 @@ def test_rerun_reuses_selection_decisions_but_retries_failures(tmp_path):
 
 
 def test_a_bad_mean_shape_stops_before_selection(tmp_path):
-    from faceaudit.stageio import InputError
+    from faceaudit.core.files import InputError
 
     src = _photos(tmp_path, ids=("s9",), n=2)
     write_npz(tmp_path / "meanshape.npz", mean_shape=np.zeros((468, 3)))

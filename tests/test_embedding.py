@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from faceaudit.embedding import (ArcFaceOnnxEmbedder, InsightFaceEmbedder, cosine_distances,
+from faceaudit.faces.embedding import (ArcFaceOnnxEmbedder, InsightFaceEmbedder, cosine_distances,
                                  dlib_model_dir, make_embedder)
-from faceaudit.recognition import identify_folder
-from faceaudit.stageio import InputError
+from faceaudit.mask.recognition import identify_folder
+from faceaudit.core.files import InputError
 
 # insightface's norm_crop, called directly below, uses a deprecated skimage API
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
@@ -162,7 +162,7 @@ def test_tiny_arcface_routes_through_insightface_model_zoo(tiny_models):
 
 
 def test_arcface_onnx_aligns_with_norm_crop_and_matches_a_hand_forward(tiny_models):
-    from faceaudit.facedetect import RetinaFaceDetector
+    from faceaudit.faces.facedetect import RetinaFaceDetector
     from insightface.utils.face_align import norm_crop
 
     image = _astronaut()

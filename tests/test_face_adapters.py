@@ -3,10 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faceaudit.facedetect import make_detector
-from faceaudit.facemesh import N_LANDMARKS, FaceMesh, eye_contour_indices
-from faceaudit.images import read_grey, to_uint8
-from faceaudit.montage import montage
+from faceaudit.faces.facedetect import make_detector
+from faceaudit.faces.facemesh import N_LANDMARKS, FaceMesh, eye_contour_indices
+from faceaudit.core.images import read_grey, to_uint8
+from faceaudit.core.figures import montage
 
 ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 

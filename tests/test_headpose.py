@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faceaudit import headpose as hp
+from faceaudit.mask import headpose as hp
 
 ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 
@@ -61,8 +61,8 @@ def test_bad_landmarks_are_refused():
 
 
 def _orl_landmarks(names):
-    from faceaudit.facemesh import FaceMesh
-    from faceaudit.images import read_grey, to_uint8
+    from faceaudit.faces.facemesh import FaceMesh
+    from faceaudit.core.images import read_grey, to_uint8
 
     sets = []
     with FaceMesh() as mesh:

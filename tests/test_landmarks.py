@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from faceaudit.facemesh import eye_contour_indices
-from faceaudit.landmarks import (
+from faceaudit.faces.facemesh import eye_contour_indices
+from faceaudit.petct.landmarks import (
     WELL_PLACED_MAD, Framing, eye_centres, inter_ocular_distance, landmark_mad, place_landmarks,
     place_landmarks_batch, well_placed,
 )

@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faceaudit import masking
-from faceaudit.headpose import estimate_pose, landmarks_to_viewer
-from faceaudit.selection import crop_face, upscale
-from faceaudit.stageio import InputError, read_npz, write_npz
+from faceaudit.mask import masking
+from faceaudit.mask.headpose import estimate_pose, landmarks_to_viewer
+from faceaudit.mask.selection import crop_face, upscale
+from faceaudit.core.files import InputError, read_npz, write_npz
 
 ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 
@@ -22,9 +22,9 @@ def renderer():
 @pytest.fixture(scope="module")
 def face():
     """A 224x224 prep of ORL s1/1 and its MediaPipe landmarks."""
-    from faceaudit.facedetect import make_detector
-    from faceaudit.facemesh import FaceMesh
-    from faceaudit.images import read_grey, to_uint8
+    from faceaudit.faces.facedetect import make_detector
+    from faceaudit.faces.facemesh import FaceMesh
+    from faceaudit.core.images import read_grey, to_uint8
 
     grey = upscale(np.repeat(to_uint8(read_grey(ORL / "s1" / "1.pgm"))[:, :, None], 3, 2), 3)
     box = make_detector("retinaface").detect(grey)[0].box

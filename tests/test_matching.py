@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from faceaudit.matching import distance_matrix, read_landmark_set, run_landmark_matching
-from faceaudit.stageio import InputError, read_manifest, read_npz, write_npz
+from faceaudit.petct.matching import distance_matrix, read_landmark_set, run_landmark_matching
+from faceaudit.core.files import InputError, read_npz, write_npz
+from faceaudit.core.manifest import read_manifest
 
 N_POINTS = 478
 

@@ -8,10 +8,11 @@ import stat
 import numpy as np
 import pytest
 
-from faceaudit.images import to_uint8
-from faceaudit.landmarks import Framing
-from faceaudit.placement import read_splits, run_landmark_placement
-from faceaudit.stageio import InputError, read_manifest, read_npz, write_npz, write_png
+from faceaudit.core.images import to_uint8
+from faceaudit.petct.landmarks import Framing
+from faceaudit.petct.placement import read_splits, run_landmark_placement
+from faceaudit.core.files import InputError, read_npz, write_npz, write_png
+from faceaudit.core.manifest import read_manifest
 
 IDS = ["PETCT_a_s1", "PETCT_a_s2", "PETCT_b_s1", "PETCT_c_s1"]
 SUBJECTS = {"PETCT_a_s1": "PETCT_a", "PETCT_a_s2": "PETCT_a", "PETCT_b_s1": "PETCT_b", "PETCT_c_s1": "PETCT_c"}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from faceaudit.ranking import (MISS, bootstrap_ci, chance_topk, cmc_curve, mean_rank,
+from faceaudit.core.ranking import (MISS, bootstrap_ci, chance_topk, cmc_curve, mean_rank,
                                topk_accuracy, true_match_ranks)
 
 

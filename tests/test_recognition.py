@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceaudit import ranking
-from faceaudit.recognition import (chance_topk_multi, identify_folder, rank_queries,
+from faceaudit.core import ranking
+from faceaudit.mask.recognition import (chance_topk_multi, identify_folder, rank_queries,
                                    read_mask_run, resolve_scenarios, upstream_black_background,
                                    wilson_interval)
-from faceaudit.stageio import InputError
+from faceaudit.core.files import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 ORL = ROOT / "src" / "faceaudit" / "data" / "orl_faces"
@@ -325,8 +325,8 @@ def test_missing_model_dir_stops_the_stage_with_the_documented_error(mask_run, t
 
 
 def test_embedding_cache_round_trip_and_stale_or_corrupt_files(tmp_path):
-    from faceaudit.embedding import EmbeddingResult
-    from faceaudit.recognition import EmbeddingCache
+    from faceaudit.faces.embedding import EmbeddingResult
+    from faceaudit.mask.recognition import EmbeddingCache
 
     path = tmp_path / "dlib.npz"
     cache = EmbeddingCache(path, "model A", 4)

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from faceaudit.reconstruction import ReconstructionOptions, reconstruct_volume, run_reconstruction
-from faceaudit.stageio import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+from faceaudit.petct.reconstruction import ReconstructionOptions, reconstruct_volume, run_reconstruction
+from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 SPACING_XYZ = (4.0, 4.0, 4.0)
 
@@ -182,8 +182,8 @@ def test_a_volume_that_fails_on_overwrite_is_not_reported_ok_by_the_next_run(tmp
 
 
 def test_qa_montage_shows_missing_and_unreadable_renders_as_black(tmp_path):
-    from faceaudit.reconstruction import qa_montage
-    from faceaudit.stageio import write_png
+    from faceaudit.petct.reconstruction import qa_montage
+    from faceaudit.core.files import write_png
 
     write_png(tmp_path / "cts" / "a.png", np.full((512, 512), 200, np.uint8))
     (tmp_path / "pets").mkdir()

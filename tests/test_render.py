@@ -5,10 +5,10 @@ import pytest
 import SimpleITK as sitk
 import trimesh
 
-from faceaudit.images import center_crop
-from faceaudit.render import LUMINANCE, render_frontal
-from faceaudit.surface import extract_head_surface
-from faceaudit.volumes import load_volume
+from faceaudit.core.images import center_crop
+from faceaudit.petct.render import LUMINANCE, render_frontal
+from faceaudit.petct.surface import extract_head_surface
+from faceaudit.petct.volumes import load_volume
 
 
 def test_sphere_render_centre_background_and_depth():
@@ -67,7 +67,7 @@ def test_same_head_stored_in_other_axis_orders_gives_the_same_render(tmp_path, h
 
 
 def test_shipped_real_ct_renders_a_face_mediapipe_reads(headsq_ct):
-    from faceaudit.facemesh import N_LANDMARKS, FaceMesh
+    from faceaudit.faces.facemesh import N_LANDMARKS, FaceMesh
 
     surface = extract_head_surface(headsq_ct.array, headsq_ct.spacing, modality="ct",
                                    origin=headsq_ct.origin)

@@ -6,9 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from faceaudit.montage import montage
-from faceaudit.report import find_stage_dirs, main, write_report
-from faceaudit.stageio import ItemResult, Manifest, write_json, write_png
+from faceaudit.core.figures import montage
+from faceaudit.report.build import find_stage_dirs, main, write_report
+from faceaudit.core.files import write_json, write_png
+from faceaudit.core.manifest import ItemResult, Manifest
 
 
 def _write_csv(path, rows):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceaudit import selection
-from faceaudit.stageio import InputError
+from faceaudit.mask import selection
+from faceaudit.core.files import InputError
 
 ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 OPTIONS = selection.SelectionOptions()
@@ -146,7 +146,7 @@ class _FixedDetector:
     """Reports the given detections in the given (not score) order."""
 
     def __init__(self, *scores):
-        from faceaudit.facedetect import Detection
+        from faceaudit.faces.facedetect import Detection
 
         self.faces = [Detection((10.0 + 50 * i, 10.0, 50.0 + 50 * i, 60.0), s, np.zeros((5, 2)))
                       for i, s in enumerate(scores)]

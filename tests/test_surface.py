@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from skimage.draw import ellipsoid, ellipsoid_stats
 
-from faceaudit.stageio import InputError
-from faceaudit.surface import (extract_head_surface, head_crop_slices, mask_to_mesh, pet_threshold,
+from faceaudit.core.files import InputError
+from faceaudit.petct.surface import (extract_head_surface, head_crop_slices, mask_to_mesh, pet_threshold,
                                ct_threshold, select_body_component)
 
 
@@ -106,7 +106,7 @@ def test_components_are_26_connected():
 
 
 def test_smoothing_keeps_a_far_away_mesh_in_place():
-    from faceaudit.surface import laplacian_smooth
+    from faceaudit.petct.surface import laplacian_smooth
 
     mask = ellipsoid(10, 12, 14, spacing=(1.0, 1.0, 1.0))
     mesh = mask_to_mesh(mask, (1.0, 1.0, 1.0), offset_mm=(500.0, -300.0, 900.0),
@@ -219,7 +219,7 @@ def test_head_surface_of_a_body_touching_nothing_is_unchanged():
 
 
 def test_table_hole_filling_is_along_axis_0_and_bounded():
-    from faceaudit.surface import _fill_gaps_axis0
+    from faceaudit.petct.surface import _fill_gaps_axis0
 
     column = np.zeros((12, 2, 1), bool)
     column[[1, 5, 11], 0, 0] = True                       # gaps of 3 (2..4) and 5 (6..10) voxels
@@ -233,9 +233,9 @@ def test_table_hole_filling_is_along_axis_0_and_bounded():
 def test_simulated_demo_study_renders_are_identical_with_and_without_the_table_cut(tmp_path):
     """The demo cohort's table does not touch the body: the cut must change no pixel of
     either render (it once cut holes through the faces of this cohort)."""
-    from faceaudit import demo_data
-    from faceaudit.reconstruction import ReconstructionOptions, reconstruct_volume
-    from faceaudit.volumes import load_volume
+    from faceaudit.demo import cohort as demo_data
+    from faceaudit.petct.reconstruction import ReconstructionOptions, reconstruct_volume
+    from faceaudit.petct.volumes import load_volume
 
     entry = demo_data.plan_cohort(n=1, seed=0)[0]
     rng = np.random.default_rng(entry["noise_seed"])

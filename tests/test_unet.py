@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from faceaudit.unet import (UPSTREAM_PARAMETERS, UNet, UpstreamUNet, build_model,
+from faceaudit.petct.unet import (UPSTREAM_PARAMETERS, UNet, UpstreamUNet, build_model,
                             count_parameters, model_config)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from faceaudit.stageio import InputError
-from faceaudit.volumes import discover_studies, load_volume
+from faceaudit.core.files import InputError
+from faceaudit.petct.volumes import discover_studies, load_volume
 
 
 def _canonical_image(array_zyx: np.ndarray, spacing_xyz=(2.0, 1.5, 3.0), origin=(-10.0, 5.0, 20.0)):
@@ -61,7 +61,7 @@ def _write_dicom_series(image: sitk.Image, folder) -> None:
 
 
 def test_nifti_and_dicom_series_give_the_same_volume_and_mesh(tmp_path):
-    from faceaudit.surface import extract_head_surface
+    from faceaudit.petct.surface import extract_head_surface
 
     z, y, x = np.mgrid[:24, :20, :20]
     head = (((z - 11) / 9.0) ** 2 + ((y - 9.5) / 7.0) ** 2 + ((x - 9.5) / 6.0) ** 2) <= 1.0
@@ -165,7 +165,7 @@ def test_discovery_of_a_folder_without_studies_says_what_was_expected(tmp_path):
 def test_canonical_view_matches_simpleitk_dicomorient_for_all_48_axis_orders():
     import itertools
 
-    from faceaudit.volumes import _Raw, _to_canonical
+    from faceaudit.petct.volumes import _Raw, _to_canonical
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).random((5, 6, 7)).astype(np.float32))
     image.SetSpacing((1.0, 2.0, 3.0))
@@ -195,7 +195,7 @@ def test_nifti_scaling_slope_and_intercept_are_applied(tmp_path):
 
 
 def test_simpleitk_fast_path_is_used_only_when_the_gzip_crc_matches(tmp_path):
-    from faceaudit.volumes import _read_nifti_gz_fast
+    from faceaudit.petct.volumes import _read_nifti_gz_fast
 
     clean = np.random.default_rng(4).normal(size=(6, 7, 8)).astype(np.float32)
     with_nan = clean.copy()

@@ -1,6 +1,6 @@
 """A seeded, SIMULATED AutoPET-like PET/CT cohort for the demo and the tests.
 
-``python -m faceaudit.demo_data OUT --n 20 --seed 0`` writes
+``python -m faceaudit.demo.cohort OUT --n 20 --seed 0`` writes
 
     OUT/PETCT_<patient>/<study>/CTres.nii.gz   CT in HU (int16) on the PET grid
     OUT/PETCT_<patient>/<study>/SUV.nii.gz     PET in SUV (float32)
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.stageio import atomic_path, atomic_write_text, make_private_dir, write_json
+from faceaudit.core.files import atomic_path, atomic_write_text, make_private_dir, write_json
 
 SIMULATED_NOTE = "SIMULATED faceaudit demo data, not a patient"
 PET_GRID_MM = (2.04, 2.04, 3.0)          # (x, y, z) as in AutoPET
@@ -327,7 +327,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
 _README = """# SIMULATED PET/CT cohort (faceaudit demo data)
 
 Every volume in this folder is SIMULATED: no patient data. {n} simulated patients,
-{n_studies} studies, seed {seed}, written by `python -m faceaudit.demo_data`.
+{n_studies} studies, seed {seed}, written by `python -m faceaudit.demo.cohort`.
 
 All heads derive from one real head CT (the VTK "headsq" example data, BSD-style notice in
 faceaudit/data/vtk_headsq_ct/LICENSE_VTKData_Copyright.txt), deformed per simulated patient

@@ -49,12 +49,27 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
-from faceaudit.montage import figure_png, montage, new_axes
-from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, InputError, ItemResult,
-                               Manifest, atomic_write_bytes, describe_exception, make_private_dir,
-                               map_items, read_json_file, read_manifest, write_csv, write_json,
-                               write_png, write_run_json)
+from faceaudit.core.images import center_crop, read_grey, to_uint8, wavelet_denoise
+from faceaudit.core.figures import figure_png, montage, new_axes
+from faceaudit.core.files import (
+    atomic_write_bytes,
+    InputError,
+    make_private_dir,
+    read_json_file,
+    write_csv,
+    write_json,
+    write_png,
+)
+from faceaudit.core.manifest import (
+    describe_exception,
+    ItemResult,
+    Manifest,
+    read_manifest,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+)
+from faceaudit.core.runner import map_items, write_run_json
 
 SCHEMES = ("kfold", "upstream")
 DENOISERS = ("unet", "wavelet")
@@ -431,7 +446,7 @@ def denoise_arrays(model, images: np.ndarray, *, batch_size: int = 32,
     import torch
     import torch.nn.functional as F
 
-    from faceaudit.unet import SPATIAL_MULTIPLE
+    from faceaudit.petct.unet import SPATIAL_MULTIPLE
 
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 3:
@@ -518,7 +533,7 @@ def train_denoiser(train_pet: np.ndarray, train_ct: np.ndarray, val_pet: np.ndar
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
 
-    from faceaudit.unet import build_model
+    from faceaudit.petct.unet import build_model
 
     if len(train_pet) == 0 or len(val_pet) == 0:
         raise InputError(f"training needs non-empty train and val sets, got {len(train_pet)} "
@@ -567,7 +582,7 @@ def save_model(model, pt_path: str | os.PathLike, *, info: Mapping[str, Any]) ->
     """Write ``model``'s state_dict to ``pt_path`` and its config + ``info`` to the .json beside it."""
     import torch
 
-    from faceaudit.unet import model_config
+    from faceaudit.petct.unet import model_config
 
     pt_path = Path(pt_path)
     buf = io.BytesIO()
@@ -604,7 +619,7 @@ def load_denoiser(pt_path: str | os.PathLike, device: str = "cpu", *,
     """
     import torch
 
-    from faceaudit.unet import build_model
+    from faceaudit.petct.unet import build_model
 
     pt_path = Path(pt_path)
     sidecar = pt_path.with_suffix(".json")
@@ -755,7 +770,7 @@ class CrossvalOptions:
     crop: int = DEFAULT_CROP
 
     def check(self) -> None:
-        from faceaudit.unet import ARCHS, SPATIAL_MULTIPLE
+        from faceaudit.petct.unet import ARCHS, SPATIAL_MULTIPLE
 
         if self.arch not in ARCHS:
             raise InputError(f"--arch must be one of {ARCHS}, got {self.arch!r}")

@@ -4,9 +4,25 @@ import stat
 import numpy as np
 import pytest
 
-from faceaudit.stageio import (EXIT_ITEMS_FAILED, EXIT_OK, InputError, ItemResult, Manifest,
-                               atomic_write_text, make_private_dir, map_items, read_manifest,
-                               read_npz, write_npz, write_png, write_run_json)
+from faceaudit.core.files import (
+
+    atomic_write_text,
+
+    InputError,
+
+    make_private_dir,
+
+    read_npz,
+
+    write_npz,
+
+    write_png,
+
+)
+
+from faceaudit.core.manifest import ItemResult, Manifest, read_manifest
+
+from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, map_items, write_run_json
 
 
 def _mode(path):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.stageio import InputError
+from faceaudit.core.files import InputError
 
 CANONICAL_ORIENTATION = "LPS"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

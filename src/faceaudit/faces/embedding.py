@@ -7,7 +7,7 @@ Backends
     the ``face-recognition-models`` wheel. Face box: dlib's HOG frontal detector,
     first on the image as given, then upsampled (small crops such as ORL's 92x112
     need it); if HOG finds nothing, the highest-scoring RetinaFace box
-    (``faceaudit.facedetect``, score >= ``min_det_score``) is handed to the shape
+    (``faceaudit.faces.facedetect``, score >= ``min_det_score``) is handed to the shape
     predictor instead. Masks rendered from a 3-D face often defeat HOG but not
     RetinaFace, and a mask that *no* detector finds is a miss, never dropped.
 ``insightface``
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.facemesh import as_rgb_uint8
-from faceaudit.stageio import InputError, file_digest
+from faceaudit.faces.facemesh import as_rgb_uint8
+from faceaudit.core.files import file_digest, InputError
 
 BACKENDS = ("dlib", "insightface", "arcface-onnx")
 
@@ -144,7 +144,7 @@ class DlibEmbedder:
                 return rects[best], float(scores[best]), "hog"
         if self.retinaface_fallback:
             if self._retinaface is None:
-                from faceaudit.facedetect import RetinaFaceDetector
+                from faceaudit.faces.facedetect import RetinaFaceDetector
 
                 self._retinaface = RetinaFaceDetector(min_score=self.min_det_score)
             faces = self._retinaface.detect(rgb)
@@ -283,7 +283,7 @@ class ArcFaceOnnxEmbedder:
 
     def __init__(self, model_path: str | os.PathLike | None, *, min_det_score: float = 0.5,
                  rgb_to_model: bool = False) -> None:
-        from faceaudit.facedetect import RetinaFaceDetector
+        from faceaudit.faces.facedetect import RetinaFaceDetector
 
         path = _find_arcface_file(model_path)
         model = _load_insightface_model(path)

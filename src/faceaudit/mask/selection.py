@@ -22,7 +22,7 @@ Per image (:func:`evaluate_image`):
    with black where it leaves the image (upstream clipped instead, which changes the
    aspect ratio), resized to 224 x 224: the *prep* image.
 4. Head pose from MediaPipe's 478 landmarks on the prep image
-   (:mod:`faceaudit.headpose`): |yaw| < ``max_yaw`` and |pitch| < ``max_pitch``
+   (:mod:`faceaudit.mask.headpose`): |yaw| < ``max_yaw`` and |pitch| < ``max_pitch``
    (20 degrees); |roll| < ``max_roll`` only when given (upstream read MAX_ROLL but
    never tested it).
 
@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.images import read_rgb
-from faceaudit.stageio import InputError
+from faceaudit.core.images import read_rgb
+from faceaudit.core.files import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif",
                               ".tiff", ".webp", ".gif"})
@@ -208,11 +208,11 @@ def crop_face(image: np.ndarray, box: tuple[float, float, float, float], *,
 def evaluate_image(image: np.ndarray, detector, face_mesh, options: SelectionOptions) -> Decision:
     """Apply the selection rules to one RGB (or grey) uint8 image; order as in the module docstring.
 
-    detector: object with ``detect(rgb) -> [Detection]`` (faceaudit.facedetect) reporting
-    every face >= max_other_confidence, in any order; face_mesh: faceaudit.facemesh.FaceMesh.
+    detector: object with ``detect(rgb) -> [Detection]`` (faceaudit.faces.facedetect) reporting
+    every face >= max_other_confidence, in any order; face_mesh: faceaudit.faces.facemesh.FaceMesh.
     """
-    from faceaudit.facemesh import as_rgb_uint8
-    from faceaudit.headpose import estimate_pose
+    from faceaudit.faces.facemesh import as_rgb_uint8
+    from faceaudit.mask.headpose import estimate_pose
 
     image = as_rgb_uint8(image)
     h, w = image.shape[:2]
@@ -269,8 +269,8 @@ _TOOLS: dict[str, Any] = {}
 
 
 def _tools(options: SelectionOptions):
-    from faceaudit.facedetect import make_detector
-    from faceaudit.facemesh import FaceMesh
+    from faceaudit.faces.facedetect import make_detector
+    from faceaudit.faces.facemesh import FaceMesh
 
     key = f"detector:{options.detector}:{options.max_other_confidence}"
     if key not in _TOOLS:

@@ -19,7 +19,7 @@ Differences from the upstream scripts (reference B4/B7), each deliberate:
   as upstream passed);
 * the highest-scoring face is used, not ``faces[0]``.
 
-Metrics (``faceaudit.ranking``): ranks are 1-based, ties pessimistic; rank-1/5/10
+Metrics (``faceaudit.core.ranking``): ranks are 1-based, ties pessimistic; rank-1/5/10
 with percentile-bootstrap 95 % intervals over queries, CMC, mean rank of the found
 matches; every number comes with the gallery size and the chance level.
 """
@@ -39,17 +39,33 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit import ranking
-from faceaudit.digital_mask import VARIANTS
-from faceaudit.embedding import (EmbeddingResult, cosine_distances,
+from faceaudit.core import ranking
+from faceaudit.mask.digital_mask import VARIANTS
+from faceaudit.faces.embedding import (EmbeddingResult, cosine_distances,
                                  make_embedder)
-from faceaudit.images import read_rgb
-from faceaudit.montage import figure_png, new_axes
-from faceaudit.selection import IMAGE_EXTENSIONS
-from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
-                               atomic_write_bytes, describe_exception, file_digest,
-                               make_private_dir, map_items, read_json_file, read_manifest,
-                               read_npz, write_csv, write_json, write_npz, write_run_json)
+from faceaudit.core.images import read_rgb
+from faceaudit.core.figures import figure_png, new_axes
+from faceaudit.mask.selection import IMAGE_EXTENSIONS
+from faceaudit.core.files import (
+    atomic_write_bytes,
+    file_digest,
+    InputError,
+    make_private_dir,
+    read_json_file,
+    read_npz,
+    write_csv,
+    write_json,
+    write_npz,
+)
+from faceaudit.core.manifest import (
+    describe_exception,
+    ItemResult,
+    Manifest,
+    read_manifest,
+    STATUS_FAILED,
+    STATUS_OK,
+)
+from faceaudit.core.runner import map_items, write_run_json
 
 ROLES = ("database", "query")
 DM_COLUMNS = ("role", *VARIANTS)

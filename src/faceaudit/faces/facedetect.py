@@ -114,7 +114,7 @@ class MediaPipeDetector:
     name = "mediapipe"
 
     def __init__(self, *, min_score: float = 0.1, model_selection: int = 1) -> None:
-        from faceaudit.facemesh import mediapipe_solutions
+        from faceaudit.faces.facemesh import mediapipe_solutions
 
         self._detector = mediapipe_solutions().face_detection.FaceDetection(
             model_selection=model_selection, min_detection_confidence=min_score)

@@ -32,11 +32,25 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit import masking, selection
-from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest,
-                               atomic_write_bytes, describe_exception,
-                               make_private_dir, map_items, read_npz, write_json, write_npz,
-                               write_png, write_run_json, write_csv)
+from faceaudit.mask import masking, selection
+from faceaudit.core.files import (
+    atomic_write_bytes,
+    InputError,
+    make_private_dir,
+    read_npz,
+    write_csv,
+    write_json,
+    write_npz,
+    write_png,
+)
+from faceaudit.core.manifest import (
+    describe_exception,
+    ItemResult,
+    Manifest,
+    STATUS_FAILED,
+    STATUS_OK,
+)
+from faceaudit.core.runner import map_items, write_run_json
 
 VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
 SELECTION_COLUMNS = ("identity", "video", "name", "source", "status", "reason", "role", "n_faces",
@@ -55,7 +69,7 @@ _STATE: dict[str, Any] = {}
 
 
 def _mask_tools(backend: str, model_dir: str | None, mean_shape: np.ndarray | None):
-    from faceaudit.facemesh import FaceMesh
+    from faceaudit.faces.facemesh import FaceMesh
 
     if "mesh" not in _STATE:
         _STATE["mesh"] = FaceMesh()
@@ -154,8 +168,8 @@ def _load_mean_shape(model_dir: str | None) -> tuple[np.ndarray, str]:
 
 
 def _write_montage(save_dir: Path, manifest: Manifest, *, max_rows: int = 8) -> None:
-    from faceaudit.images import read_rgb
-    from faceaudit.montage import montage
+    from faceaudit.core.images import read_rgb
+    from faceaudit.core.figures import montage
 
     ok = [r for r in sorted(manifest.rows.values(), key=lambda r: (r.get("subject", ""), r["id"]))
           if r.get("status") == STATUS_OK and r.get("prep")]

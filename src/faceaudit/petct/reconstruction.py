@@ -21,12 +21,25 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.render import render_frontal
-from faceaudit.stageio import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, InputError, ItemResult,
-                               Manifest, atomic_write_bytes, describe_exception, make_private_dir,
-                               map_items, write_npz, write_png, write_run_json)
-from faceaudit.surface import extract_head_surface
-from faceaudit.volumes import Study, discover_studies, load_volume
+from faceaudit.petct.render import render_frontal
+from faceaudit.core.files import (
+    atomic_write_bytes,
+    InputError,
+    make_private_dir,
+    write_npz,
+    write_png,
+)
+from faceaudit.core.manifest import (
+    describe_exception,
+    ItemResult,
+    Manifest,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+)
+from faceaudit.core.runner import map_items, write_run_json
+from faceaudit.petct.surface import extract_head_surface
+from faceaudit.petct.volumes import Study, discover_studies, load_volume
 
 MODALITIES = ("ct", "pet")
 PNG_FOLDERS = {"ct": "cts", "pet": "pets"}
@@ -210,8 +223,8 @@ def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int 
     """RGB sheet: for each block of ``ncols`` studies, a row of CT renders above their PET
     renders (central ``crop`` pixels of each render, where the head is); black = missing
     or unreadable."""
-    from faceaudit.images import center_crop, read_grey
-    from faceaudit.montage import montage
+    from faceaudit.core.images import center_crop, read_grey
+    from faceaudit.core.figures import montage
 
     save_dir = Path(save_dir)
     ids = ids[:max_studies]

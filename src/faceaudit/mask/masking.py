@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.headpose import (REFERENCE_SHAPE, STABLE_POINTS, landmarks_to_viewer,
+from faceaudit.mask.headpose import (REFERENCE_SHAPE, STABLE_POINTS, landmarks_to_viewer,
                                 similarity_fit)
-from faceaudit.stageio import InputError, read_npz
+from faceaudit.core.files import InputError, read_npz
 
 BACKENDS = ("mediapipe", "meanshape", "flame")
 ALBEDO = 0.65
@@ -103,7 +103,7 @@ def _topology() -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
     """Face triangles of the 468 mesh points (unoriented) and the boundary loops."""
     from collections import Counter
 
-    from faceaudit.facemesh import tesselation_edges
+    from faceaudit.faces.facemesh import tesselation_edges
 
     edges = {tuple(sorted(map(int, e))) for e in tesselation_edges()}
     adj: dict[int, set[int]] = {}
@@ -213,9 +213,9 @@ def derive_mean_shape(landmark_sets: list[tuple[np.ndarray, int, int]]) -> np.nd
 
     landmark_sets: (landmarks (478, 3) normalised, width, height) of many people.
     Generalised Procrustes mean over all 478 points, then rotated/scaled onto
-    :data:`faceaudit.headpose.REFERENCE_SHAPE` so it is frontal by the same convention.
+    :data:`faceaudit.mask.headpose.REFERENCE_SHAPE` so it is frontal by the same convention.
     """
-    from faceaudit.headpose import generalised_procrustes_mean
+    from faceaudit.mask.headpose import generalised_procrustes_mean
 
     shapes = [landmarks_to_viewer(lm, w, h) for lm, w, h in landmark_sets]
     mean = generalised_procrustes_mean(shapes)
@@ -227,10 +227,10 @@ def derive_mean_shape(landmark_sets: list[tuple[np.ndarray, int, int]]) -> np.nd
 def bundled_mean_shape() -> np.ndarray:
     """Mean shape of the 400 ORL photos shipped in ``faceaudit/data/orl_faces`` (3x upscaled
     for MediaPipe). About 3 s; cached per process."""
-    from faceaudit.facemesh import FaceMesh
-    from faceaudit.images import read_grey, to_uint8
+    from faceaudit.faces.facemesh import FaceMesh
+    from faceaudit.core.images import read_grey, to_uint8
 
-    root = Path(__file__).resolve().parent / "data" / "orl_faces"
+    root = Path(__file__).resolve().parents[1] / "data" / "orl_faces"
     files = sorted(root.glob("s*/*.pgm"))
     if not files:
         raise InputError(f"no ORL photos under {root}; the package data is incomplete")
@@ -277,7 +277,7 @@ FLAME_REQUIRED = ("v_template", "shapedirs", "J_regressor", "weights", "kintree_
 FLAME_HELP = (
     "FLAME is not redistributable: register at https://flame.is.tue.mpg.de, download FLAME 2020 "
     "(generic_model.pkl) and MICA's mediapipe_landmark_embedding.npz, and convert them once to "
-    f"{FLAME_FILE} (see faceaudit.masking.load_flame for the conversion snippet)")
+    f"{FLAME_FILE} (see faceaudit.mask.masking.load_flame for the conversion snippet)")
 
 
 @dataclass
@@ -712,7 +712,7 @@ def face_cut(landmarks: np.ndarray, width: int, height: int, *,
     from scipy.spatial import ConvexHull
     from skimage.draw import polygon
 
-    from faceaudit.facemesh import mediapipe_solutions
+    from faceaudit.faces.facemesh import mediapipe_solutions
 
     lm = np.asarray(landmarks, dtype=np.float64)[:, :2] * [width, height]
     oval = sorted({i for e in mediapipe_solutions().face_mesh.FACEMESH_FACE_OVAL for i in e})

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from faceaudit.stageio import InputError
+from faceaudit.core.files import InputError
 
 PET_THRESHOLDS = ("adaptive", "percentile")
 

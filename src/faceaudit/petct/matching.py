@@ -26,13 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit import ranking
-from faceaudit.alignment import ALIGN_MODES, align_to, icp_distance_matrix, pairwise_distances, procrustes_mean
-from faceaudit.montage import figure_png, new_axes
-from faceaudit.stageio import (
-    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, atomic_write_bytes, make_private_dir,
-    read_npz, write_json, write_npz, write_run_json, write_csv,
+from faceaudit.core import ranking
+from faceaudit.petct.alignment import ALIGN_MODES, align_to, icp_distance_matrix, pairwise_distances, procrustes_mean
+from faceaudit.core.figures import figure_png, new_axes
+from faceaudit.core.files import (
+    atomic_write_bytes,
+    InputError,
+    make_private_dir,
+    read_npz,
+    write_csv,
+    write_json,
+    write_npz,
 )
+from faceaudit.core.manifest import ItemResult, Manifest, STATUS_FAILED, STATUS_OK
+from faceaudit.core.runner import write_run_json
 
 DEFAULT_KS = (1, 3, 5, 10, 15)
 DEFAULT_ALIGNS = ("none", "similarity")

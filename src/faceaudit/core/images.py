@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.stageio import InputError
+from faceaudit.core.files import InputError
 
 
 def open_image(path: str | os.PathLike):

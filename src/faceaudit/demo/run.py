@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from faceaudit.stageio import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, make_private_dir, read_json_file, write_json
+from faceaudit.core.files import make_private_dir, read_json_file, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int
 
     return [
         Step("simulate PET/CT cohort",
-             [py, "-m", "faceaudit.demo_data", str(cohort), "--n", str(n_patients), "--seed", str(seed)],
+             [py, "-m", "faceaudit.demo.cohort", str(cohort), "--n", str(n_patients), "--seed", str(seed)],
              done_marker=None if overwrite else cohort / "SIMULATED.txt"),
         Step("reconstruction",
              [py, script("perform_morphological_reconstruction.py"), "--petct_path", str(cohort),
@@ -83,7 +85,7 @@ def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int
 def run_demo(out: str | Path, *, jobs: int = 2, n_patients: int = 20, seed: int = 0, n_folds: int = 5,
              n_epochs: int = 8, overwrite: bool = False, photos: str | Path | None = None) -> int:
     """Run every step; a step that fails outright (exit >= 2) stops the demo."""
-    from faceaudit.report import write_report
+    from faceaudit.report.build import write_report
 
     out = make_private_dir(out)
     missing = [n for n in ("perform_morphological_reconstruction.py", "perform_crossval.py",

@@ -34,15 +34,31 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.crossval import DEFAULT_CROP
-from faceaudit.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
-from faceaudit.images import center_crop, read_grey, to_uint8, wavelet_denoise
-from faceaudit.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch, well_placed
-from faceaudit.stageio import (
-    STATUS_FAILED, STATUS_OK, InputError, ItemResult, Manifest, column_union, describe_exception,
-    file_digest, make_private_dir, map_items, read_json_file, read_manifest, read_npz, write_csv,
-    write_json, write_npz, write_png, write_run_json,
+from faceaudit.petct.crossval import DEFAULT_CROP
+from faceaudit.faces.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
+from faceaudit.core.images import center_crop, read_grey, to_uint8, wavelet_denoise
+from faceaudit.petct.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch, well_placed
+from faceaudit.core.files import (
+    column_union,
+    file_digest,
+    InputError,
+    make_private_dir,
+    read_json_file,
+    read_npz,
+    write_csv,
+    write_json,
+    write_npz,
+    write_png,
 )
+from faceaudit.core.manifest import (
+    describe_exception,
+    ItemResult,
+    Manifest,
+    read_manifest,
+    STATUS_FAILED,
+    STATUS_OK,
+)
+from faceaudit.core.runner import map_items, write_run_json
 
 VARIANTS = ("ct", "pet", "pet_wavelet", "pet_unet")
 
@@ -152,7 +168,7 @@ def variant_fingerprint(tasks: list[PlacementTask], variant: str, *,
     (in id order) the id, subject and the bytes of the image file placed on.
 
     The matching stage fingerprints its landmark inputs the same way
-    (``faceaudit.matching.input_fingerprint``); here the inputs are image files.
+    (``faceaudit.petct.matching.input_fingerprint``); here the inputs are image files.
     A U-Net image computed from a model is refreshed by ``denoise_fold`` when the
     model or PET changes, so hashing the image covers the model too.
     """
@@ -168,7 +184,7 @@ def variant_fingerprint(tasks: list[PlacementTask], variant: str, *,
 
 
 def _default_denoiser_loader(pt_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    from faceaudit.crossval import load_denoiser  # imports torch: only when a fold needs its model
+    from faceaudit.petct.crossval import load_denoiser  # imports torch: only when a fold needs its model
 
     return load_denoiser(pt_path, device="cpu")
 
@@ -309,7 +325,7 @@ def qa_montage(tasks: list[PlacementTask], landmarks: dict[tuple[int, str], dict
                variants: list[str], *, crop: int | None, upstream_mad: bool) -> np.ndarray | None:
     """One row per sampled test image: CT with its landmarks, then every PET variant
     with its landmarks (green) over the CT's (red), labelled with the MAD."""
-    from faceaudit.montage import montage
+    from faceaudit.core.figures import montage
 
     tiles, labels = [], []
     for t in tasks:
@@ -375,7 +391,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
     """The placement stage; returns 0, or 1 when some test images could not be scored.
 
     load_denoiser: pt_path -> callable on (N, H, W) float32 [0, 1]; default
-    ``faceaudit.crossval.load_denoiser`` (used only when models are needed).
+    ``faceaudit.petct.crossval.load_denoiser`` (used only when models are needed).
     """
     started = time.time()
     ct_dir, pet_dir, save_dir = Path(ct_files), Path(pet_files), Path(save_dir)

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from faceaudit.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
+from faceaudit.faces.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
 
 #: "Well placed" threshold on the MAD, in % of the IOD (upstream).
 WELL_PLACED_MAD = 15.0
@@ -29,7 +29,7 @@ WELL_PLACED_MAD = 15.0
 
 @lru_cache(maxsize=1)
 def _eye_indices() -> tuple[np.ndarray, np.ndarray]:
-    from faceaudit.facemesh import eye_contour_indices
+    from faceaudit.faces.facemesh import eye_contour_indices
 
     return eye_contour_indices()
 
@@ -158,7 +158,7 @@ def place_landmarks(image: np.ndarray, mesh, *, framing: Framing = Framing()) ->
     """478 landmarks of the face in a grey image, or None.
 
     image : (H, W) float [0, 1] or uint8 grey.
-    mesh : a ``faceaudit.facemesh.FaceMesh`` (or anything with ``detect(image)``).
+    mesh : a ``faceaudit.faces.facemesh.FaceMesh`` (or anything with ``detect(image)``).
     Returns (478, 3) in the original image's normalised coordinates.
     """
     img = np.asarray(image)
@@ -175,7 +175,7 @@ def place_landmarks(image: np.ndarray, mesh, *, framing: Framing = Framing()) ->
 @lru_cache(maxsize=None)
 def _cached_mesh(min_detection_confidence: float):
     """One FaceMesh per process and confidence (static mode: images are independent)."""
-    from faceaudit.facemesh import FaceMesh
+    from faceaudit.faces.facemesh import FaceMesh
 
     return FaceMesh(min_detection_confidence=min_detection_confidence)
 

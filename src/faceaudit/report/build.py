@@ -30,8 +30,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faceaudit import paper_numbers as paper
-from faceaudit.stageio import EXIT_OK, EXIT_USAGE, InputError, atomic_write_text, read_json_file
+from faceaudit.report import paper_numbers as paper
+from faceaudit.core.files import atomic_write_text, InputError, read_json_file
+from faceaudit.core.runner import EXIT_OK, EXIT_USAGE
 
 STAGE_SIGNATURES = {
     "reconstruction": lambda d: (d / "cts").is_dir() and (d / "pets").is_dir()

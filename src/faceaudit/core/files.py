@@ -1,5 +1,4 @@
-"""What every stage shares at its edges: private output folders, atomic writes,
-``manifest.csv`` (one row per item) and ``run.json`` (arguments, versions, seed).
+"""Files a stage writes: private folders, atomic writes, JSON, CSV, PNG and ``.npz``.
 
 Outputs hold identifiable faces, so folders are created 0700 and files 0600.
 Every file is written under a temporary name in its final folder and renamed, so
@@ -13,14 +12,9 @@ import hashlib
 import io
 import json
 import os
-import platform
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +22,6 @@ import numpy as np
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
-STATUS_SKIPPED = "skipped"
-STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)
-
-#: Exit codes shared by every stage script.
-EXIT_OK = 0
-EXIT_ITEMS_FAILED = 1
-EXIT_USAGE = 2
-
-MANIFEST_COLUMNS = ("id", "subject", "status", "reason")
-
-#: Packages whose versions go into every run.json.
-TRACKED_PACKAGES = (
-    "faceaudit", "numpy", "scipy", "scikit-image", "SimpleITK", "torch", "mediapipe",
-    "opencv-python-headless", "trimesh", "embreex", "pyrender", "onnxruntime",
-    "dlib-bin", "insightface", "connected-components-3d", "pytorch-msssim",
-)
 
 
 class InputError(ValueError):
@@ -184,56 +159,6 @@ def read_npz(path: str | os.PathLike, *, required: Iterable[str] = ()) -> dict[s
     return out
 
 
-@dataclass
-class ItemResult:
-    """One manifest row: an item's id, its subject (patient or identity), what happened."""
-
-    id: str
-    subject: str
-    status: str = STATUS_OK
-    reason: str = ""
-    values: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-
-    def row(self) -> dict[str, Any]:
-        return {"id": self.id, "subject": self.subject, "status": self.status,
-                "reason": self.reason, **self.values}
-
-
-class Manifest:
-    """``manifest.csv`` of a stage's output folder, keyed by item id.
-
-    Rows of an earlier run are loaded, so a re-run that skips finished items keeps
-    their rows; ``add`` replaces a row with the same id.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            for row in read_manifest(self.path):
-                self.rows[row["id"]] = row
-
-    def add(self, result: ItemResult) -> None:
-        self.rows[result.id] = result.row()
-
-    def get(self, item_id: str) -> dict[str, Any] | None:
-        return self.rows.get(item_id)
-
-    def write(self) -> Path:
-        rows = [self.rows[item_id] for item_id in sorted(self.rows)]
-        return write_csv(self.path, rows, column_union(rows, first=MANIFEST_COLUMNS))
-
-    def count(self, status: str) -> int:
-        return sum(1 for row in self.rows.values() if row.get("status") == status)
-
-    def exit_code(self) -> int:
-        return EXIT_ITEMS_FAILED if self.count(STATUS_FAILED) else EXIT_OK
-
-
 def column_union(rows: Iterable[Mapping[str, Any]], *, first: Iterable[str] = ()) -> list[str]:
     """``first``, then every other key of ``rows`` in the order it first appears."""
     columns = list(first)
@@ -254,98 +179,3 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return atomic_write_text(path, buf.getvalue())
-
-
-def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Read a stage's ``manifest.csv``; it must have the columns id, subject, status, reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"expected a manifest.csv at {path}, found nothing")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{path} lacks manifest columns {missing}; found {reader.fieldnames}")
-        return list(reader)
-
-
-def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def write_run_json(save_dir: str | os.PathLike, *, stage: str, args: Mapping[str, Any] | Any,
-                   seed: int | None = None, extra: Mapping[str, Any] | None = None,
-                   started: float | None = None) -> Path:
-    """Write ``run.json``: stage name, arguments, seed, versions, timing."""
-    if not isinstance(args, Mapping):
-        args = vars(args)
-    now = time.time()
-    record = {
-        "stage": stage,
-        "argv": sys.argv,
-        "args": {k: v for k, v in args.items()},
-        "seed": seed,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": package_versions(),
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-    }
-    if started is not None:
-        record["seconds"] = round(now - started, 3)
-    if extra:
-        record.update(extra)
-    return write_json(Path(save_dir) / "run.json", record)
-
-
-def describe_exception(exc: BaseException) -> str:
-    """One line for a manifest's reason column: type and message."""
-    text = str(exc).strip().replace("\n", " ") or repr(exc)
-    return f"{type(exc).__name__}: {text}"
-
-
-def map_items(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int = 1,
-              desc: str = "", progress: bool = True) -> Iterator[tuple[Any, Any, BaseException | None]]:
-    """Apply ``fn`` to every item, in ``jobs`` processes, with a progress bar.
-
-    Yields ``(item, result, error)`` in completion order; an exception raised by
-    ``fn`` is caught and returned as ``error`` so one bad item never stops a run.
-    ``fn`` must be picklable (a module-level function or a functools.partial of one)
-    when ``jobs > 1``.
-    """
-    from tqdm.auto import tqdm
-
-    items = list(items)
-    bar = tqdm(total=len(items), desc=desc, disable=not progress or not items,
-               file=sys.stderr, dynamic_ncols=True)
-    try:
-        if jobs <= 1 or len(items) <= 1:
-            for item in items:
-                try:
-                    result, error = fn(item), None
-                except Exception as exc:  # recorded per item, the run goes on
-                    result, error = None, exc
-                bar.update(1)
-                yield item, result, error
-            return
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(fn, item): item for item in items}
-            for fut in as_completed(futures):
-                item = futures[fut]
-                try:
-                    result, error = fut.result(), None
-                except Exception as exc:
-                    result, error = None, exc
-                bar.update(1)
-                yield item, result, error
-    finally:
-        bar.close()

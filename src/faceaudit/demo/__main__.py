@@ -1,0 +1,5 @@
+import sys
+
+from faceaudit.demo.run import main
+
+sys.exit(main())

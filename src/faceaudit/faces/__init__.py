@@ -1,0 +1,1 @@
+"""Face models used by both pipelines: MediaPipe's face mesh, face detectors, embedders."""

@@ -1,0 +1,1 @@
+"""One HTML/Markdown report over every stage folder of a run."""

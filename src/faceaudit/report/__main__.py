@@ -1,0 +1,5 @@
+import sys
+
+from faceaudit.report.build import main
+
+sys.exit(main())
