@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-N_LANDMARKS = 478
-N_FACE_LANDMARKS = 468
+from faceaudit.core.contracts import N_FACE_LANDMARKS, N_LANDMARKS  # noqa: F401  (re-exported)
 
 
 def mediapipe_solutions():
