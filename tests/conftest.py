@@ -29,3 +29,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The bundled ORL faces (40 people x 10 photos), shipped in the package.
+ORL = Path(str(resources.files("faceaudit") / "data" / "orl_faces"))
+
+
+def load_script(name: str):
+    """Import a repository-root stage script (``perform_crossval`` ...) as a module; pytest's
+    sys.path need not hold the repository root, so it is loaded by path, once."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
