@@ -8,6 +8,7 @@ an interrupted run never leaves a half-written file under a real name.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -37,6 +38,8 @@ def make_private_dir(path: str | os.PathLike) -> Path:
     for folder in [path, *path.parents]:
         if folder.is_dir():
             break
+        if folder.exists():
+            raise NotADirectoryError(errno.ENOTDIR, "expected a folder, found a file", str(folder))
         missing.append(folder)
     for folder in reversed(missing):
         folder.mkdir(mode=DIR_MODE, exist_ok=True)

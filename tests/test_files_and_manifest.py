@@ -42,7 +42,7 @@ def test_every_folder_created_is_private_and_existing_parents_are_left_alone(tmp
     make_private_dir(tmp_path / "a" / "b" / "c")
     assert [_mode(tmp_path / p) for p in ("a", "a/b", "a/b/c")] == [0o700] * 3
     assert _mode(tmp_path) == 0o755
-    with pytest.raises(FileExistsError):
+    with pytest.raises(NotADirectoryError, match="expected a folder, found a file"):
         make_private_dir(atomic_write_text(tmp_path / "file", "x") / "sub")
 
 
