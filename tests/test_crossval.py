@@ -381,3 +381,18 @@ def test_upstream_arch_and_scheme_run(tmp_path):
     assert config["arch"] == "upstream"
     denoiser = load_denoiser(out / "models" / "best_model_fold0.pt")
     assert denoiser(np.full((2, CROP, CROP), 0.5, np.float32)).shape == (2, CROP, CROP)
+
+
+def test_stage_refuses_a_splits_file_with_repeated_fold_numbers(tmp_path, capsys):
+    """Issue 12.7: folds 0, 0, 2 used to train a fold-0 model on the other fold 0's test set."""
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    out = tmp_path / "cv"
+    assert _run(ct_dir, pet_dir, out, "--denoiser", "wavelet") == EXIT_OK
+    splits = json.loads((out / "splits.json").read_text())
+    splits["folds"][1]["fold"] = 0
+    bad = tmp_path / "splits_00.json"
+    bad.write_text(json.dumps(splits))
+    assert _run(ct_dir, pet_dir, tmp_path / "cv2", "--splits_file", str(bad),
+                "--denoiser", "wavelet") == EXIT_USAGE
+    assert "fold entry #1 (fold 0): fold number 0 is already used" in capsys.readouterr().err
+    assert not (tmp_path / "cv2" / "metrics.csv").exists()

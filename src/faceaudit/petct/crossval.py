@@ -70,15 +70,15 @@ from faceaudit.core.manifest import (
     STATUS_SKIPPED,
 )
 from faceaudit.core.runner import map_items, write_run_json
+from faceaudit.petct.splits import (DEFAULT_VAL_FRACTION, PARTS, SCHEMES, kfold_patient_splits,
+                                    make_splits, read_splits, split_leakage,
+                                    upstream_random_splits)
 
-SCHEMES = ("kfold", "upstream")
 DENOISERS = ("unet", "wavelet")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Upstream crop: 152 px off every border of a 512 px render.
 DEFAULT_CROP = 208
-#: Share of all patients used for validation inside each fold's training part (kfold).
-DEFAULT_VAL_FRACTION = 0.15
 #: MS-SSIM as upstream (piqa defaults): 5 scales, Gaussian window 11, sigma 1.5.
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MSSSIM_WIN = 11
@@ -202,148 +202,26 @@ def load_renders(pairs: Sequence[RenderPair], *, crop: int, progress: bool = Tru
 # Splits
 # ----------------------------------------------------------------------------------------
 
-def _fold_rng(seed: int, fold: int) -> np.random.Generator:
-    return np.random.default_rng([seed, fold])
-
-
-def kfold_patient_splits(ids: Sequence[str], subjects: Mapping[str, str], *, n_folds: int,
-                         seed: int, val_fraction: float = DEFAULT_VAL_FRACTION
-                         ) -> list[dict[str, Any]]:
-    """K folds grouped by patient: [{"fold", "train", "val", "test"}, ...] (sorted id lists).
-
-    Patients are shuffled with ``seed`` and dealt, largest first, to the fold with the
-    fewest studies so far; fold k's test set is group k. Its validation set is
-    ``max(1, round(val_fraction * n_patients))`` patients drawn from the other groups
-    (at least one patient is left for training).
-    """
-    if n_folds < 2:
-        raise InputError(f"--n_folds must be >= 2 for K-fold, got {n_folds}")
-    by_subject: dict[str, list[str]] = {}
-    for item_id in sorted(ids):
-        by_subject.setdefault(subjects[item_id], []).append(item_id)
-    names = sorted(by_subject)
-    if len(names) < max(3, n_folds + 1):
-        raise InputError(f"K-fold with {n_folds} folds needs at least {max(3, n_folds + 1)} "
-                         f"patients (test, validation and training each need one), "
-                         f"found {len(names)}")
-    rng = np.random.default_rng(seed)
-    order = [names[i] for i in rng.permutation(len(names))]
-    # Largest patients first (stable, so ties keep the random order) for balanced folds.
-    order.sort(key=lambda name: -len(by_subject[name]))
-    groups: list[list[str]] = [[] for _ in range(n_folds)]
-    sizes = [0] * n_folds
-    for name in order:
-        target = min(range(n_folds), key=lambda k: (sizes[k], len(groups[k]), k))
-        groups[target].append(name)
-        sizes[target] += len(by_subject[name])
-    if any(not group for group in groups):
-        raise InputError(f"cannot deal {len(names)} patients into {n_folds} non-empty folds")
-    n_val = max(1, int(round(val_fraction * len(names))))
-    folds = []
-    for k, test_subjects in enumerate(groups):
-        rest = sorted(set(names) - set(test_subjects))
-        take = min(n_val, len(rest) - 1)
-        val_subjects = set(_fold_rng(seed, k).choice(rest, size=take, replace=False).tolist())
-        train_subjects = [s for s in rest if s not in val_subjects]
-        if not train_subjects or not val_subjects:
-            raise InputError(f"fold {k} of {n_folds} leaves {len(rest)} patient(s) outside its "
-                             "test set; training and validation need one each: use fewer folds")
-        folds.append({
-            "fold": k,
-            "train": sorted(i for s in train_subjects for i in by_subject[s]),
-            "val": sorted(i for s in val_subjects for i in by_subject[s]),
-            "test": sorted(i for s in test_subjects for i in by_subject[s]),
-        })
-    return folds
-
-
-def upstream_random_splits(ids: Sequence[str], *, n_folds: int, seed: int
-                           ) -> list[dict[str, Any]]:
-    """Upstream's scheme, seeded: per fold an independent random 70/15/15 split of studies.
-
-    train = the first ``n * 70 // 100`` of a permutation; the rest is halved into test
-    (first half, rounded down) and val. Not grouped by patient, test sets overlap.
-    """
-    if n_folds < 1:
-        raise InputError(f"--n_folds must be >= 1, got {n_folds}")
-    ordered = sorted(ids)
-    n = len(ordered)
-    n_train = n * 70 // 100
-    if n - n_train < 2:
-        raise InputError(f"the upstream 70/15/15 split needs at least 4 studies, found {n}")
-    folds = []
-    for k in range(n_folds):
-        perm = [ordered[i] for i in _fold_rng(seed, k).permutation(n)]
-        rest = perm[n_train:]
-        folds.append({"fold": k, "train": sorted(perm[:n_train]),
-                      "val": sorted(rest[len(rest) // 2:]), "test": sorted(rest[:len(rest) // 2])})
-    return folds
-
-
-def make_splits(data: RenderSet, *, scheme: str, n_folds: int, seed: int, crop: int,
-                val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, Any]:
-    """The splits.json record for ``scheme`` in SCHEMES."""
-    if scheme == "kfold":
-        folds = kfold_patient_splits(data.ids, data.subjects, n_folds=n_folds, seed=seed,
-                                     val_fraction=val_fraction)
-    elif scheme == "upstream":
-        folds = upstream_random_splits(data.ids, n_folds=n_folds, seed=seed)
-    else:
-        raise InputError(f"--split_scheme must be one of {SCHEMES}, got {scheme!r}")
-    return {"scheme": scheme, "n_folds": len(folds), "seed": seed, "crop": crop,
-            "folds": folds}
-
-
 def load_splits(path: str | os.PathLike, *, usable_ids: Sequence[str],
-                failed_ids: Sequence[str] = ()) -> dict[str, Any]:
-    """Read and check a splits.json.
+                failed_ids: Sequence[str] = (),
+                subjects: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read a splits.json with :func:`faceaudit.petct.splits.read_splits` for training.
 
     Every id must be a usable pair (``usable_ids``) or one reported failed in this run
     (``failed_ids``, removed from its fold since its row already says why); any other id
-    is an InputError, as is an id in two of train/val/test of one fold or an empty
-    train or val set.
+    is an InputError, as is every rule of ``read_splits`` (``subjects``: id -> patient)
+    and an empty train or val set.
     """
-    path = Path(path)
-    record = read_json_file(path)
-    folds = record.get("folds")
-    if not isinstance(folds, list) or not folds:
-        raise InputError(f"{path} has no non-empty 'folds' list; expected "
-                         '{"folds": [{"fold": 0, "train": [...], "val": [...], "test": [...]}]}')
-    usable, failed = set(usable_ids), set(failed_ids)
+    usable = set(usable_ids)
+    record = read_splits(path, known_ids=usable | set(failed_ids), subjects=subjects)
     clean = []
-    for position, fold in enumerate(folds):
-        if not isinstance(fold, dict) or any(not isinstance(fold.get(part), list)
-                                             for part in ("train", "val", "test")):
-            raise InputError(f"{path}: fold #{position} lacks train/val/test id lists")
-        parts = {part: [str(i) for i in fold[part]] for part in ("train", "val", "test")}
-        unknown = sorted({i for ids in parts.values() for i in ids} - usable - failed)
-        if unknown:
-            raise InputError(f"{path}: fold {fold.get('fold', position)} names ids with no CT/PET "
-                             f"pair in the input folders: {unknown[:5]}"
-                             f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all)")
-        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-            shared = sorted(set(parts[a]) & set(parts[b]))
-            if shared:
-                raise InputError(f"{path}: fold {fold.get('fold', position)} has ids in both "
-                                 f"{a} and {b}: {shared[:5]}")
-        parts = {part: sorted(i for i in ids if i in usable) for part, ids in parts.items()}
+    for fold in record["folds"]:
+        parts = {part: sorted(i for i in fold[part] if i in usable) for part in PARTS}
         for part in ("train", "val"):
             if not parts[part]:
-                raise InputError(f"{path}: fold {fold.get('fold', position)} has no usable "
-                                 f"{part} ids")
-        clean.append({"fold": int(fold.get("fold", position)), **parts})
-    return {"scheme": record.get("scheme", "custom"), "n_folds": len(clean),
-            "seed": record.get("seed"), "crop": record.get("crop"), "folds": clean}
-
-
-def split_leakage(splits: Mapping[str, Any], subjects: Mapping[str, str]) -> list[dict[str, int]]:
-    """Per fold, how many test patients also appear in train or val (0 for kfold)."""
-    out = []
-    for fold in splits["folds"]:
-        test = {subjects[i] for i in fold["test"]}
-        seen = {subjects[i] for i in fold["train"] + fold["val"]}
-        out.append({"fold": fold["fold"], "test_subjects_also_in_train_or_val": len(test & seen)})
-    return out
+                raise InputError(f"{path}: fold {fold['fold']} has no usable {part} ids")
+        clean.append({"fold": fold["fold"], **parts})
+    return {**record, "folds": clean}
 
 
 # ----------------------------------------------------------------------------------------
@@ -932,10 +810,11 @@ def run_crossval(*, ct_files: str | os.PathLike, pet_files: str | os.PathLike,
             make_private_dir(models_dir)
         failed_ids = [p.id for p in problems]
         if splits_file is not None:
-            splits = load_splits(splits_file, usable_ids=data.ids, failed_ids=failed_ids)
+            splits = load_splits(splits_file, usable_ids=data.ids, failed_ids=failed_ids,
+                                 subjects={**{p.id: p.subject for p in problems}, **data.subjects})
             splits["crop"] = crop
         else:
-            splits = make_splits(data, scheme=split_scheme, n_folds=n_folds, seed=seed, crop=crop,
+            splits = make_splits(data.ids, data.subjects, scheme=split_scheme, n_folds=n_folds, seed=seed, crop=crop,
                                  val_fraction=val_fraction)
         write_json(save_dir / "splits.json", splits)
 
