@@ -1,5 +1,6 @@
-"""Landmark-set alignment: closed-form Procrustes (Umeyama), one common reference
-frame for a whole gallery, and the upstream nearest-neighbour ICP for reproduction.
+"""Landmark-set alignment for matching: the alignment modes, the upstream
+nearest-neighbour ICP for reproduction, and the pairwise distance matrix. The
+closed-form fits (Umeyama, the Procrustes mean) live in :mod:`faceaudit.core.geometry`.
 
 Shapes are (m, 3) point sets with known index correspondence (landmark i of one
 face corresponds to landmark i of another); a batch is (n, m, 3). A transform
@@ -15,121 +16,11 @@ size), the shortcut through which PET and CT of one session match "unaligned".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from faceaudit.core.geometry import umeyama
+
 ALIGN_MODES = ("none", "rigid", "similarity", "icp")
-
-
-@dataclass(frozen=True)
-class Transform:
-    """p -> scale * rotation @ p + translation (batched: leading axes of any size)."""
-
-    rotation: np.ndarray  # (..., 3, 3)
-    scale: np.ndarray  # (...,)
-    translation: np.ndarray  # (..., 3)
-
-    def apply(self, points: np.ndarray) -> np.ndarray:
-        """points (..., m, 3) -> transformed (..., m, 3)."""
-        pts = np.asarray(points, dtype=np.float64)
-        rotated = np.einsum("...ij,...mj->...mi", self.rotation, pts)
-        return np.asarray(self.scale)[..., None, None] * rotated + self.translation[..., None, :]
-
-
-def umeyama(source: np.ndarray, target: np.ndarray, *, scale: bool = True) -> Transform:
-    """Least-squares similarity (``scale=True``) or rigid transform taking source to target.
-
-    Umeyama (1991), closed form, reflections excluded. source, target: (m, d) or
-    batched (n, m, d) with the same shapes (a single (m, d) target is broadcast
-    against a batch of sources). Minimises sum_i |target_i - (s R source_i + t)|^2.
-    """
-    src = np.asarray(source, dtype=np.float64)
-    tgt = np.asarray(target, dtype=np.float64)
-    if src.ndim < 2 or src.shape[-2:] != tgt.shape[-2:]:
-        raise ValueError(f"source {src.shape} and target {tgt.shape} must be (..., m, d) alike")
-    tgt = np.broadcast_to(tgt, src.shape)
-    m, d = src.shape[-2:]
-    mu_s = src.mean(axis=-2)
-    mu_t = tgt.mean(axis=-2)
-    sc = src - mu_s[..., None, :]
-    tc = tgt - mu_t[..., None, :]
-    cov = np.einsum("...mi,...mj->...ij", tc, sc) / m  # Sigma_ts (d, d)
-    u, sing, vt = np.linalg.svd(cov)
-    sign = np.sign(np.linalg.det(u) * np.linalg.det(vt))
-    sign = np.where(sign == 0, 1.0, sign)
-    diag = np.ones(src.shape[:-2] + (d,))
-    diag[..., -1] = sign
-    rot = np.einsum("...ij,...j,...jk->...ik", u, diag, vt)
-    if scale:
-        var_s = (sc ** 2).sum(axis=(-1, -2)) / m
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = (sing * diag).sum(axis=-1) / var_s
-        s = np.where(var_s > 0, s, 1.0)
-    else:
-        s = np.ones(src.shape[:-2])
-    trans = mu_t - s[..., None] * np.einsum("...ij,...j->...i", rot, mu_s)
-    return Transform(rotation=rot, scale=np.asarray(s), translation=trans)
-
-
-def align_to(shapes: np.ndarray, reference: np.ndarray, *, mode: str = "similarity") -> np.ndarray:
-    """Align each shape to ``reference`` (m, 3): (m, 3) or (n, m, 3) -> same shape.
-
-    mode: "rigid" (rotation + translation) or "similarity" (+ isotropic scale).
-    Rows containing NaN (no landmarks) stay NaN.
-    """
-    if mode not in ("rigid", "similarity"):
-        raise ValueError(f"align_to mode must be 'rigid' or 'similarity', got {mode!r}")
-    arr = np.asarray(shapes, dtype=np.float64)
-    single = arr.ndim == 2
-    batch = arr[None] if single else arr
-    out = np.full_like(batch, np.nan)
-    valid = np.isfinite(batch).all(axis=(-1, -2))
-    if valid.any():
-        tf = umeyama(batch[valid], reference, scale=(mode == "similarity"))
-        out[valid] = tf.apply(batch[valid])
-    return out[0] if single else out
-
-
-def centroid_size(shapes: np.ndarray) -> np.ndarray:
-    """Root of the summed squared distances of the points to their centroid: (..., m, 3) -> (...)."""
-    arr = np.asarray(shapes, dtype=np.float64)
-    centred = arr - arr.mean(axis=-2, keepdims=True)
-    return np.sqrt((centred ** 2).sum(axis=(-1, -2)))
-
-
-def procrustes_mean(shapes: np.ndarray, *, mode: str = "similarity", max_iter: int = 20,
-                    tol: float = 1e-10) -> np.ndarray:
-    """Generalised Procrustes mean of a set of shapes (n, m, 3) -> (m, 3).
-
-    Starts from the first valid shape, aligns all shapes to the current mean and
-    re-averages until the mean moves less than ``tol`` (squared, per point). NaN
-    rows are ignored. The mean is centred and, for ``similarity``, rescaled to the
-    average centroid size of the inputs so distances stay in the input units.
-    """
-    arr = np.asarray(shapes, dtype=np.float64)
-    if arr.ndim != 3:
-        raise ValueError(f"expected shapes (n, m, 3), got {arr.shape}")
-    valid = arr[np.isfinite(arr).all(axis=(-1, -2))]
-    if len(valid) == 0:
-        raise ValueError("procrustes_mean needs at least one shape without NaN")
-    target_size = float(centroid_size(valid).mean())
-    mean = valid[0] - valid[0].mean(axis=0)
-    for _ in range(max_iter):
-        aligned = align_to(valid, mean, mode=mode)
-        new = aligned.mean(axis=0)
-        new -= new.mean(axis=0)
-        if mode == "similarity":
-            size = centroid_size(new)
-            if size > 0:
-                new *= target_size / size
-        # keep the mean in the frame of the previous one (the average can drift in rotation)
-        new = align_to(new, mean, mode="rigid")
-        change = float(((new - mean) ** 2).sum(axis=-1).mean())
-        mean = new
-        if change < tol:
-            break
-    return mean
 
 
 def icp_point_to_point(source: np.ndarray, target: np.ndarray, *, max_correspondence_distance: float = 1.0,
@@ -212,7 +103,9 @@ def pairwise_distances(probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 
     One matrix product (|a|^2 + |b|^2 - 2 a.b); NaN where either set is missing.
     Near-identical pairs (where the expansion cancels) are recomputed directly, so
-    identical sets are exactly 0.
+    identical sets are exactly 0. Why not ``scipy.spatial.distance.cdist``: it agrees
+    to 1e-13 (tested) but is 3-4x slower from about 100 x 100 faces of 478 points
+    (0.64 s against 0.16 s for 500 x 2000), and it has no NaN rule.
     """
     probes = np.asarray(probes, dtype=np.float64)
     gallery = np.asarray(gallery, dtype=np.float64)

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.core import ranking
-from faceaudit.petct.alignment import ALIGN_MODES, align_to, icp_distance_matrix, pairwise_distances, procrustes_mean
+from faceaudit.core.geometry import align_to, procrustes_mean
+from faceaudit.petct.alignment import ALIGN_MODES, icp_distance_matrix, pairwise_distances
 from faceaudit.core.figures import figure_png, new_axes
 from faceaudit.core.files import (
     atomic_write_bytes,
@@ -154,9 +155,10 @@ def distance_matrix(probes: np.ndarray, gallery: np.ndarray, *, align: str = "no
         return pairwise_distances(probes, gallery)
     if align == "icp":
         return icp_distance_matrix(probes, gallery, progress=progress)
+    scale = align == "similarity"
     if reference is None:
-        reference = procrustes_mean(gallery, mode=align)
-    return pairwise_distances(align_to(probes, reference, mode=align), align_to(gallery, reference, mode=align))
+        reference = procrustes_mean(gallery, scale=scale)
+    return pairwise_distances(align_to(probes, reference, scale=scale), align_to(gallery, reference, scale=scale))
 
 
 @dataclass
