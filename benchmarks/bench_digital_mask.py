@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 ORL = ROOT / "src" / "faceaudit" / "data" / "orl_faces"
 
@@ -41,8 +40,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from faceaudit.mask import masking, selection
+    from faceaudit.mask import backends, flame, selection
     from faceaudit.mask.digital_mask import build_mask
+    from faceaudit.mask.renderer import MaskRenderer
 
     paths = [ORL / f"s{i % 40 + 1}" / f"{i // 40 + 1}.pgm" for i in range(args.n)]
     images = [selection.InputImage(p.parent.name, "", p.stem, str(p)) for p in paths]
@@ -58,22 +58,27 @@ def main(argv=None) -> int:
     print(f"selection ({len(images)} ORL photos, 92x112 -> 276x336): {rate_select:7.1f} images/s"
           f"   [RetinaFace alone {rate_detect:.1f}/s, face mesh on 224 prep alone {rate_mesh:.1f}/s]")
 
-    renderer = masking.MaskRenderer(224, 224)
-    mean = masking.bundled_mean_shape()
-    backends = {"mediapipe": masking.MediaPipeBackend(), "meanshape": masking.MeanShapeBackend(mean)}
-    flame_dict = masking.synthetic_flame_model(mean)
+    renderer = MaskRenderer(224, 224)
+    mean = backends.bundled_mean_shape()
+    mask_backends = {"mediapipe": backends.MediaPipeBackend(), "meanshape": backends.MeanShapeBackend(mean)}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from flame_fixtures import (
+        synthetic_flame_model,  # test-only model, not in the package
+    )
+
+    flame_dict = synthetic_flame_model(mean)
     import tempfile
 
     from faceaudit.core.files import write_npz
     with tempfile.TemporaryDirectory() as tmp:
-        write_npz(Path(tmp) / masking.FLAME_FILE, **flame_dict)
-        backends["flame"] = masking.FlameBackend(masking.load_flame(Path(tmp) / masking.FLAME_FILE))
+        write_npz(Path(tmp) / flame.FLAME_FILE, **flame_dict)
+        mask_backends["flame"] = flame.FlameBackend(flame.load_flame(Path(tmp) / flame.FLAME_FILE))
     rates = {}
-    for name, backend in backends.items():
-        rates[name] = _rate(lambda p: build_mask(p, backend=backend, face_mesh=mesh, renderer=renderer),
+    for name, backend in mask_backends.items():
+        rates[name] = _rate(lambda p, backend=backend: build_mask(p, backend=backend, face_mesh=mesh, renderer=renderer),
                             preps)
     lm = mesh.detect(preps[0])
-    result = backends["mediapipe"].build(preps[0], lm)
+    result = mask_backends["mediapipe"].build(preps[0], lm)
     rate_render = _rate(lambda _: renderer.render(result.vertices, result.faces), preps)
     for name, rate in rates.items():
         print(f"masking {name:9s} ({len(preps)} preps 224x224): {rate:7.1f} images/s"

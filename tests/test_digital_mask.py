@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flame_fixtures import synthetic_flame_model
 from PIL import Image
 
-from faceaudit.mask import digital_mask, masking
 from faceaudit.core.files import write_npz
 from faceaudit.core.manifest import read_manifest
+from faceaudit.mask import backends, digital_mask, topology
 
 ROOT = Path(__file__).resolve().parents[1]
 ORL = ROOT / "src" / "faceaudit" / "data" / "orl_faces"
@@ -92,10 +93,10 @@ def test_every_backend_masks_the_same_selection(tmp_path):
     src = _photos(tmp_path, ids=("s6", "s7"), n=3)
     model_dir = tmp_path / "models"
     model_dir.mkdir()
-    mean = masking.bundled_mean_shape()
-    write_npz(model_dir / "flame_model.npz", **masking.synthetic_flame_model(mean))
+    mean = backends.bundled_mean_shape()
+    write_npz(model_dir / "flame_model.npz", **synthetic_flame_model(mean))
     ids = {}
-    for backend in masking.BACKENDS:
+    for backend in backends.BACKENDS:
         out = tmp_path / f"DM_{backend}"
         code = digital_mask.run_digital_mask(src, out, backend=backend, model_dir=model_dir,
                                              protocol="across-video", seed=5, progress=False)
@@ -112,7 +113,7 @@ def test_a_mask_that_fails_is_recorded_and_nothing_is_written(tmp_path, monkeypa
 
     def failing(prep, **kwargs):
         if prep.mean() >= 0:  # every image
-            raise masking.MaskError("the rendered mask covers 10% of the face cut")
+            raise topology.MaskError("the rendered mask covers 10% of the face cut")
         return real(prep, **kwargs)
 
     monkeypatch.setattr(digital_mask, "build_mask", failing)
@@ -143,8 +144,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 def test_rerun_reuses_selection_decisions_but_retries_failures(tmp_path):
-    from faceaudit.mask import selection
     from faceaudit.core.files import write_csv, write_json
+    from faceaudit.mask import selection
 
     options = selection.SelectionOptions()
     rows = [{"source": "a.png", "status": "accepted", "reason": ""},
@@ -169,7 +170,7 @@ def test_a_bad_mean_shape_stops_before_selection(tmp_path):
 
 
 def test_worker_tools_follow_the_mean_shape_they_are_given():
-    mean = masking.bundled_mean_shape()
+    mean = backends.bundled_mean_shape()
     _, _, first = digital_mask._mask_tools("meanshape", None, mean)
     _, _, second = digital_mask._mask_tools("meanshape", None, mean * 1.1)
     assert np.array_equal(first.mean_shape, mean) and np.array_equal(second.mean_shape, mean * 1.1)

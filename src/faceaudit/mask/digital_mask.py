@@ -32,10 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.mask import masking, selection
 from faceaudit.core.files import (
-    atomic_write_bytes,
     InputError,
+    atomic_write_bytes,
     make_private_dir,
     read_npz,
     write_csv,
@@ -44,13 +43,18 @@ from faceaudit.core.files import (
     write_png,
 )
 from faceaudit.core.manifest import (
-    describe_exception,
-    ItemResult,
-    Manifest,
     STATUS_FAILED,
     STATUS_OK,
+    ItemResult,
+    Manifest,
+    describe_exception,
 )
 from faceaudit.core.runner import map_items, write_run_json
+from faceaudit.mask import selection
+from faceaudit.mask.backends import BACKENDS, bundled_mean_shape, make_backend
+from faceaudit.mask.flame import find_flame, load_flame
+from faceaudit.mask.renderer import MaskImages, MaskRenderer, compose, face_cut
+from faceaudit.mask.topology import MaskError, MaskResult
 
 VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
 SELECTION_COLUMNS = ("identity", "video", "name", "source", "status", "reason", "role", "n_faces",
@@ -74,29 +78,29 @@ def _mask_tools(backend: str, model_dir: str | None, mean_shape: np.ndarray | No
     if "mesh" not in _STATE:
         _STATE["mesh"] = FaceMesh()
     if "renderer" not in _STATE:
-        _STATE["renderer"] = masking.MaskRenderer(224, 224)
+        _STATE["renderer"] = MaskRenderer(224, 224)
     # keyed by the mean shape's content too: one process may mask with several means
     shape_tag = "" if mean_shape is None else hashlib.sha1(np.ascontiguousarray(mean_shape)).hexdigest()
     key = f"backend:{backend}:{model_dir}:{shape_tag}"
     if key not in _STATE:
-        _STATE[key] = masking.make_backend(backend, model_dir=model_dir, mean_shape=mean_shape)
+        _STATE[key] = make_backend(backend, model_dir=model_dir, mean_shape=mean_shape)
     return _STATE["mesh"], _STATE["renderer"], _STATE[key]
 
 
 def build_mask(prep: np.ndarray, *, backend, face_mesh, renderer
-               ) -> tuple[masking.MaskResult, masking.MaskImages]:
+               ) -> tuple[MaskResult, MaskImages]:
     """Mask one 224x224 RGB prep image: landmarks, backend mesh, render, cut, compose.
 
-    Raises masking.MaskError when any step fails.
+    Raises MaskError when any step fails.
     """
     landmarks = face_mesh.detect(prep)
     if landmarks is None:
-        raise masking.MaskError("no landmarks: MediaPipe face mesh found no face on the prep image")
+        raise MaskError("no landmarks: MediaPipe face mesh found no face on the prep image")
     result = backend.build(prep, landmarks)
     render, covered = renderer.render(result.vertices, result.faces)
     h, w = prep.shape[:2]
-    cut = masking.face_cut(landmarks, w, h)
-    return result, masking.compose(prep, render, covered, cut)
+    cut = face_cut(landmarks, w, h)
+    return result, compose(prep, render, covered, cut)
 
 
 def _ply_bytes(vertices: np.ndarray, faces: np.ndarray) -> bytes:
@@ -164,12 +168,12 @@ def _load_mean_shape(model_dir: str | None) -> tuple[np.ndarray, str]:
             raise InputError(f"{path}: mean_shape must be (478, 3), one row per MediaPipe "
                              f"landmark; found shape {mean.shape}")
         return mean, str(path)
-    return masking.bundled_mean_shape(), "bundled ORL faces (400 photos, 40 people)"
+    return bundled_mean_shape(), "bundled ORL faces (400 photos, 40 people)"
 
 
 def _write_montage(save_dir: Path, manifest: Manifest, *, max_rows: int = 8) -> None:
-    from faceaudit.core.images import read_rgb
     from faceaudit.core.figures import montage
+    from faceaudit.core.images import read_rgb
 
     ok = [r for r in sorted(manifest.rows.values(), key=lambda r: (r.get("subject", ""), r["id"]))
           if r.get("status") == STATUS_OK and r.get("prep")]
@@ -192,8 +196,8 @@ def run_digital_mask(input_dir: str | Path, save_dir: str | Path, *, backend: st
     """Select, pair and mask faces from ``input_dir`` into ``save_dir``; returns the exit code
     (0 all selected images masked, 1 some failed). Bad input folder or missing model: InputError."""
     started = time.time()
-    if backend not in masking.BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(masking.BACKENDS)}")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if protocol not in selection.PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; expected one of {', '.join(selection.PROTOCOLS)}")
     if detector not in ("retinaface", "mediapipe"):
@@ -202,7 +206,7 @@ def run_digital_mask(input_dir: str | Path, save_dir: str | Path, *, backend: st
     mean_shape, mean_source = None, ""
     # a missing or broken model fails here, before selection
     if backend == "flame":
-        masking.load_flame(masking.find_flame(model_dir))
+        load_flame(find_flame(model_dir))
     elif backend == "meanshape":
         mean_shape, mean_source = _load_mean_shape(model_dir)
     images = selection.discover_images(input_dir)
