@@ -7,11 +7,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from recognition_helpers import identify_folder
 
-from faceaudit.faces.embedding import (ArcFaceOnnxEmbedder, InsightFaceEmbedder, cosine_distances,
-                                 dlib_model_dir, make_embedder)
-from faceaudit.mask.recognition import identify_folder
 from faceaudit.core.files import InputError
+from faceaudit.faces.embedding import (
+    ArcFaceOnnxEmbedder,
+    InsightFaceEmbedder,
+    cosine_distances,
+    dlib_model_dir,
+    make_embedder,
+)
 
 # insightface's norm_crop, called directly below, uses a deprecated skimage API
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
@@ -162,8 +167,9 @@ def test_tiny_arcface_routes_through_insightface_model_zoo(tiny_models):
 
 
 def test_arcface_onnx_aligns_with_norm_crop_and_matches_a_hand_forward(tiny_models):
-    from faceaudit.faces.facedetect import RetinaFaceDetector
     from insightface.utils.face_align import norm_crop
+
+    from faceaudit.faces.facedetect import RetinaFaceDetector
 
     image = _astronaut()
     emb = make_embedder("arcface-onnx", model_dir=tiny_models["arcface"].parent)

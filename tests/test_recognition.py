@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from recognition_helpers import identify_folder
 
 from faceaudit.core import ranking
-from faceaudit.mask.recognition import (chance_topk_multi, identify_folder, rank_queries,
-                                   read_mask_run, resolve_scenarios, upstream_black_background,
-                                   wilson_interval)
 from faceaudit.core.files import InputError
+from faceaudit.core.stats import wilson_interval
+from faceaudit.mask.embedding_cache import upstream_black_background
+from faceaudit.mask.evaluation import chance_topk_multi, rank_queries
+from faceaudit.mask.scenarios import read_mask_run, resolve_scenarios
 
 ROOT = Path(__file__).resolve().parents[1]
 ORL = ROOT / "src" / "faceaudit" / "data" / "orl_faces"
@@ -326,7 +328,7 @@ def test_missing_model_dir_stops_the_stage_with_the_documented_error(mask_run, t
 
 def test_embedding_cache_round_trip_and_stale_or_corrupt_files(tmp_path):
     from faceaudit.faces.embedding import EmbeddingResult
-    from faceaudit.mask.recognition import EmbeddingCache
+    from faceaudit.mask.embedding_cache import EmbeddingCache
 
     path = tmp_path / "dlib.npz"
     cache = EmbeddingCache(path, "model A", 4)

@@ -1,0 +1,107 @@
+"""What the face-recognition stage writes and prints: results.csv/json, distances, CMC, table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from faceaudit.core.figures import figure_png, new_axes
+from faceaudit.core.files import atomic_write_bytes, write_csv, write_json, write_npz
+from faceaudit.mask.evaluation import ScenarioResult
+from faceaudit.mask.scenarios import MaskRun
+
+RESULT_COLUMNS = ("scenario", "protocol", "rank1", "rank1_ci_lo", "rank1_ci_hi", "rank5",
+                  "rank10", "mean_rank", "n_queries", "gallery_size", "chance", "n_no_face")
+EXTRA_RESULT_COLUMNS = ("rank5_ci_lo", "rank5_ci_hi", "rank10_ci_lo", "rank10_ci_hi",
+                        "chance5", "chance10", "median_rank", "n_gallery_subjects",
+                        "n_no_face_gallery", "n_failed", "n_unpaired_queries", "query",
+                        "database", "cross_mask", "backend")
+
+
+def result_rows(results: Sequence[ScenarioResult], *, backend: str) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        row = {"scenario": r.name, "protocol": r.protocol, **r.metrics, "query": r.query,
+               "database": r.database, "cross_mask": int(r.cross), "backend": backend}
+        rows.append({c: row.get(c, "") for c in RESULT_COLUMNS + EXTRA_RESULT_COLUMNS})
+    return rows
+
+
+def _json_row(row: Mapping[str, Any], result: ScenarioResult) -> dict[str, Any]:
+    return {**row, "rank1_wilson_lo": result.metrics["rank1_wilson_lo"],
+            "rank1_wilson_hi": result.metrics["rank1_wilson_hi"], "cmc": result.cmc.tolist(),
+            "queries": [{"id": i, "subject": s, "rank": int(k)} for i, s, k in
+                        zip(result.query_ids, result.query_subjects, result.ranks)]}
+
+
+def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend: str,
+                  detection: Mapping[str, Any] | None = None) -> None:
+    """results.csv / results.json, distances/<scenario>.npz and cmc.png."""
+    rows = result_rows(results, backend=backend)
+    write_csv(save_dir / "results.csv", rows, RESULT_COLUMNS + EXTRA_RESULT_COLUMNS)
+    write_json(save_dir / "results.json", {
+        "backend": backend, "detection": dict(detection or {}),
+        "scenarios": [_json_row(row, r) for row, r in zip(rows, results)]})
+    for r in results:
+        write_npz(save_dir / "distances" / f"{r.name}.npz",
+                  query_ids=np.array(r.query_ids, dtype=str),
+                  query_subjects=np.array(r.query_subjects, dtype=str),
+                  gallery_ids=np.array(r.gallery_ids, dtype=str),
+                  gallery_subjects=np.array(r.gallery_subjects, dtype=str),
+                  distances=r.distances, ranks=r.ranks)
+    atomic_write_bytes(save_dir / "cmc.png", plot_cmc(results))
+
+
+def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
+    """CMC curves (top-k accuracy vs k), one line per scenario, chance dashed; PNG bytes."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = new_axes(figsize=(9.5, 4.8), dpi=120)
+    shown = 1
+    for r in results:
+        n = min(max_rank, len(r.cmc))
+        if n == 0:
+            continue
+        shown = max(shown, n)
+        style = "--" if r.cross else "-"
+        ax.plot(np.arange(1, n + 1), 100 * r.cmc[:n], style, marker="o", ms=3,
+                label=f"{r.name} (n={len(r.ranks)})")
+    if results:
+        g = max(r.metrics["gallery_size"] for r in results) or 1
+        ks = np.arange(1, shown + 1)
+        ax.plot(ks, 100 * np.minimum(ks, g) / g, ":", color="grey", label=f"chance (G={g})")
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("top-k identification (%)")
+    ax.set_ylim(0, 101)
+    ax.set_xlim(0.5, shown + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title("Face recognition on masked photos: CMC")
+    return figure_png(fig)
+
+
+def format_table(results: Sequence[ScenarioResult], *, backend: str,
+                 masks: MaskRun | None = None) -> str:
+    """A plain-text table: scenario, rank-1 [95 % CI], rank-5, rank-10, mean rank, n, G, chance."""
+    head = (f"{'scenario':<34} {'rank-1 [95% CI]':>24} {'rank-5':>7} {'rank-10':>7} "
+            f"{'mean rk':>7} {'n':>5} {'G':>5} {'chance':>7} {'no face':>7}")
+    lines = []
+    if masks is not None:
+        lines.append(f"face recognition ({backend}) on {masks.folder} "
+                     f"(mask backend {masks.backend}, protocol {masks.protocol})")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        m = r.metrics
+        ci = f"{_pct(m['rank1'])} [{_pct(m['rank1_ci_lo'])}, {_pct(m['rank1_ci_hi'])}]"
+        lines.append(f"{r.name:<34} {ci:>24} {_pct(m['rank5']):>7} {_pct(m['rank10']):>7} "
+                     f"{m['mean_rank']:>7.2f} {m['n_queries']:>5d} {m['gallery_size']:>5d} "
+                     f"{_pct(m['chance']):>7} {m['n_no_face']:>7d}")
+    return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return "nan" if value is None or not np.isfinite(value) else f"{100 * value:.1f}%"
