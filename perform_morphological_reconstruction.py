@@ -11,17 +11,8 @@ import argparse
 import sys
 
 
-def _ct_threshold(text: str):
-    if text == "otsu":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'otsu' or a number of HU, got {text!r}") from None
-
-
 def main(argv=None) -> int:
-    from faceaudit.core.cli import add_common_args, run_guarded
+    from faceaudit.core.cli import add_common_args, run_guarded, run_settings
     from faceaudit.petct.reconstruction import ReconstructionOptions, run_reconstruction
     from faceaudit.petct.render import PROJECTIONS, SHADINGS
     from faceaudit.petct.surface import PET_THRESHOLDS
@@ -31,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--petct_path", required=True, help="folder of PET/CT studies")
     parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
     add_common_args(parser)
-    parser.add_argument("--ct-threshold", type=_ct_threshold, default=defaults.ct_threshold,
+    parser.add_argument("--ct-threshold", default=defaults.ct_threshold,
                         help="'otsu' (upstream, default) or a fixed level in HU, e.g. -300")
     parser.add_argument("--pet-threshold", choices=PET_THRESHOLDS, default=defaults.pet_threshold,
                         help="'adaptive' = fraction of the body's median SUV (default); "
@@ -53,16 +44,19 @@ def main(argv=None) -> int:
     parser.add_argument("--head-px", type=int, default=defaults.head_px,
                         help="pixels spanned by the head box (208: the head fits the 208 centre crop)")
     args = parser.parse_args(argv)
-    options = ReconstructionOptions(
-        ct_threshold=args.ct_threshold, pet_threshold=args.pet_threshold,
-        pet_percentile=args.pet_percentile, pet_body_fraction=args.pet_body_fraction,
-        head_height_mm=args.head_height_mm, fill_holes=not args.no_fill_holes,
-        opening_radius_mm=args.opening_radius_mm,
-        smoothing_iterations=args.smoothing_iterations, shading=args.shading,
-        projection=args.projection, head_px=args.head_px)
-    return run_guarded(run_reconstruction, args.petct_path, args.save_dir, jobs=args.jobs,
-                       overwrite=args.overwrite, seed=args.seed, progress=not args.quiet,
-                       options=options, cli_args=vars(args))
+
+    def build_and_run(*, run):
+        # options are built inside the guarded call: a nonsense value exits 2, not a traceback
+        options = ReconstructionOptions(
+            ct_threshold=args.ct_threshold, pet_threshold=args.pet_threshold,
+            pet_percentile=args.pet_percentile, pet_body_fraction=args.pet_body_fraction,
+            head_height_mm=args.head_height_mm, fill_holes=not args.no_fill_holes,
+            opening_radius_mm=args.opening_radius_mm,
+            smoothing_iterations=args.smoothing_iterations, shading=args.shading,
+            projection=args.projection, head_px=args.head_px)
+        return run_reconstruction(args.petct_path, args.save_dir, options, run=run)
+
+    return run_guarded(build_and_run, run=run_settings(args))
 
 
 if __name__ == "__main__":

@@ -9,16 +9,18 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from conftest import load_script
+from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, OptionsError, RunSettings
 from faceaudit.petct.reconstruction import ReconstructionOptions, reconstruct_volume, run_reconstruction
-from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 SPACING_XYZ = (4.0, 4.0, 4.0)
 
 
-def _phantom(modality: str) -> np.ndarray:
-    """(z, y, x) head-on-neck phantom, canonical LPS: head on top (high z), nose anterior (low y)."""
+def _phantom(modality: str, half_width: float = 9.0) -> np.ndarray:
+    """(z, y, x) head-on-neck phantom, canonical LPS: head on top (high z), nose anterior (low y).
+    ``half_width`` (voxels) makes another patient's head."""
     z, y, x = np.mgrid[:40, :36, :36].astype(np.float32)
-    head = ((z - 27) / 11.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 18) / 9.0) ** 2 <= 1.0
+    head = ((z - 27) / 11.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 18) / half_width) ** 2 <= 1.0
     nose = ((z - 26) / 3.0) ** 2 + ((y - 8) / 3.0) ** 2 + ((x - 18) / 2.0) ** 2 <= 1.0
     neck = (((y - 20) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0) & (z < 20)
     body = head | nose | neck
@@ -38,6 +40,11 @@ def _write(path, array_zyx):
 def _good_study(root, patient, study):
     _write(root / patient / study / "CTres.nii.gz", _phantom("ct"))
     _write(root / patient / study / "SUV.nii.gz", _phantom("pet"))
+
+
+def _run(root, out, options=None, **settings) -> int:
+    settings.setdefault("progress", False)
+    return run_reconstruction(root, out, options, run=RunSettings(**settings)).exit_code
 
 
 def _read_manifest(save_dir):
@@ -83,7 +90,7 @@ def cohort_with_broken_studies(tmp_path):
 def test_broken_studies_fail_with_reasons_while_the_others_finish(tmp_path, cohort_with_broken_studies):
     root, out = cohort_with_broken_studies, tmp_path / "out"
     options = ReconstructionOptions(head_height_mm=120.0)
-    code = run_reconstruction(root, out, options=options, progress=False)
+    code = _run(root, out, options, jobs=2)                # two worker processes
     assert code == EXIT_ITEMS_FAILED
     rows = _read_manifest(out)
     assert set(rows) == {"PETCT_good_s1", "PETCT_good_s2", "PETCT_trunc_s1", "PETCT_empty_s1",
@@ -118,29 +125,23 @@ def test_rerun_produces_the_missing_pet_and_skips_finished_work(tmp_path):
     root, out = tmp_path / "petct", tmp_path / "out"
     _write(root / "PETCT_a" / "s1" / "CTres.nii.gz", _phantom("ct"))
     options = ReconstructionOptions(head_height_mm=120.0)
-    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_ITEMS_FAILED
+    assert _run(root, out, options) == EXIT_ITEMS_FAILED
     ct_png = out / "cts" / "PETCT_a_s1.png"
     first_mtime = ct_png.stat().st_mtime_ns
     # the PET arrives: a re-run renders it (the upstream resume skipped it forever)
     _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", _phantom("pet"))
-    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_OK
+    assert _run(root, out, options) == EXIT_OK
     row = _read_manifest(out)["PETCT_a_s1"]
     assert row["status"] == "ok" and row["pet_status"] == "ok" and row["ct_status"] == "ok"
     assert row["ct_n_vertices"] != ""                      # the first run's CT numbers are kept
     assert (out / "pets" / "PETCT_a_s1.png").is_file()
     assert ct_png.stat().st_mtime_ns == first_mtime        # finished CT not redone
-    assert run_reconstruction(root, out, options=options, progress=False, overwrite=True) == EXIT_OK
+    assert _run(root, out, options, overwrite=True) == EXIT_OK
     assert ct_png.stat().st_mtime_ns != first_mtime
 
 
 def test_script_exit_codes(tmp_path, cohort_with_broken_studies):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "perform_morphological_reconstruction.py"
-    spec = importlib.util.spec_from_file_location("perform_morphological_reconstruction", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("perform_morphological_reconstruction")
     out = tmp_path / "out"
     argv = ["--petct_path", str(cohort_with_broken_studies), "--save_dir", str(out), "--quiet",
             "--head-height-mm", "120", "--ct-threshold", "-300", "--pet-threshold", "percentile",
@@ -156,7 +157,7 @@ def test_flat_layout_ids_and_subjects(tmp_path):
     _write(root / "p1_ct.nii.gz", _phantom("ct"))
     _write(root / "p1_pet.nii.gz", _phantom("pet"))
     options = ReconstructionOptions(head_height_mm=120.0, projection="pinhole")
-    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_OK
+    assert _run(root, out, options) == EXIT_OK
     row = _read_manifest(out)["p1"]
     assert row["subject"] == "p1" and row["status"] == "ok"
     assert (out / "cts" / "p1.png").is_file() and (out / "pets" / "p1.png").is_file()
@@ -166,16 +167,15 @@ def test_a_volume_that_fails_on_overwrite_is_not_reported_ok_by_the_next_run(tmp
     root, out = tmp_path / "petct", tmp_path / "out"
     _good_study(root, "PETCT_a", "s1")
     options = ReconstructionOptions(head_height_mm=120.0)
-    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_OK
+    assert _run(root, out, options) == EXIT_OK
     # the PET is replaced by a broken one and the study redone: the old PET render must go
     _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", np.zeros((40, 36, 36), np.float32))
-    assert run_reconstruction(root, out, options=options, progress=False,
-                              overwrite=True) == EXIT_ITEMS_FAILED
+    assert _run(root, out, options, overwrite=True) == EXIT_ITEMS_FAILED
     assert not (out / "pets" / "PETCT_a_s1.png").exists()
     assert not (out / "meshes" / "PETCT_a_s1_pet.ply").exists()
     assert (out / "cts" / "PETCT_a_s1.png").is_file()
     # a plain re-run retries the PET and still fails; it does not skip it as finished
-    assert run_reconstruction(root, out, options=options, progress=False) == EXIT_ITEMS_FAILED
+    assert _run(root, out, options) == EXIT_ITEMS_FAILED
     row = _read_manifest(out)["PETCT_a_s1"]
     assert row["pet_status"] == "failed" and "empty" in row["reason"]
     assert row["ct_status"] == "ok"
@@ -203,6 +203,87 @@ def test_missing_side_names_the_file_expected_in_each_layout(tmp_path):
     options = ReconstructionOptions(head_height_mm=120.0)
     for root, sid, expected in ((tmp_path / "flat", "p2", "expected p2_pet.nii.gz"),
                                 (tmp_path / "auto", "PETCT_b_s1", "expected CTres.nii.gz")):
-        assert run_reconstruction(root, out, options=options, progress=False) == EXIT_ITEMS_FAILED
+        assert _run(root, out, options) == EXIT_ITEMS_FAILED
         row = _read_manifest(out)[sid]
         assert expected in row["reason"], row["reason"]
+
+
+@pytest.mark.parametrize("field, value", [("head_height_mm", -5.0), ("head_height_mm", float("nan")),
+                                          ("pet_body_fraction", 0.0), ("pet_body_fraction", 1.5),
+                                          ("pet_percentile", 120.0), ("shading", "phong"),
+                                          ("projection", "fisheye"), ("pet_threshold", "max"),
+                                          ("ct_threshold", "bone"), ("smoothing_iterations", -1),
+                                          ("opening_radius_mm", -1.0), ("head_px", 1000)])
+def test_options_that_no_run_could_use_are_refused_on_creation(field, value):
+    with pytest.raises(OptionsError, match=f"expected {field}.*found"):
+        ReconstructionOptions(**{field: value})
+
+
+def test_options_normalise_a_numeric_ct_threshold():
+    assert ReconstructionOptions(ct_threshold="-300").ct_threshold == -300.0
+    assert ReconstructionOptions(ct_threshold=-300).ct_threshold == -300.0
+
+
+def test_script_refuses_bad_options_with_exit_2_before_any_work(tmp_path, capsys):
+    module = load_script("perform_morphological_reconstruction")
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    for flag, value in (("--head-height-mm", "-5"), ("--pet-body-fraction", "2"),
+                        ("--ct-threshold", "bone")):
+        assert module.main(["--petct_path", str(root), "--save_dir", str(out), "--quiet",
+                            flag, value]) == EXIT_USAGE
+        assert "expected" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _mtimes(out, sid):
+    return {m: (out / f / f"{sid}.png").stat().st_mtime_ns for m, f in (("ct", "cts"), ("pet", "pets"))}
+
+
+def test_a_ct_replaced_by_another_patients_is_redone_and_the_pet_kept(tmp_path, capsys):
+    """Issue 12 point 2: the upstream resume (and this stage until now) skipped by output
+    existence, so the replaced CT's old render stayed and the row said ok."""
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    options = ReconstructionOptions(head_height_mm=120.0)
+    result = run_reconstruction(root, out, options, run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_OK and result.counts == {"ok": 1, "failed": 0, "skipped": 0}
+    assert "1 studies: 1 ok, 0 failed, 0 skipped" in result.summary
+    assert capsys.readouterr().out == ""                     # the library prints nothing
+    first = _read_manifest(out)["PETCT_a_s1"]
+    old_png = (out / "cts" / "PETCT_a_s1.png").read_bytes()
+    before = _mtimes(out, "PETCT_a_s1")
+
+    # the same bytes written again (new mtime, same content): nothing is redone
+    ct = root / "PETCT_a" / "s1" / "CTres.nii.gz"
+    ct.write_bytes(ct.read_bytes())
+    result = run_reconstruction(root, out, options, run=RunSettings(progress=False))
+    assert result.counts["skipped"] == 1 and _mtimes(out, "PETCT_a_s1") == before
+    assert _read_manifest(out)["PETCT_a_s1"]["ct_n_vertices"] == first["ct_n_vertices"]
+
+    # another patient's CT under the same name: the CT is redone, the PET is not
+    _write(ct, _phantom("ct", half_width=6.0))
+    assert _run(root, out, options) == EXIT_OK
+    row = _read_manifest(out)["PETCT_a_s1"]
+    after = _mtimes(out, "PETCT_a_s1")
+    assert after["ct"] != before["ct"] and after["pet"] == before["pet"]
+    assert (out / "cts" / "PETCT_a_s1.png").read_bytes() != old_png
+    assert row["status"] == "ok" and row["ct_fingerprint"] != first["ct_fingerprint"]
+    assert row["pet_fingerprint"] == first["pet_fingerprint"]
+    assert float(row["ct_head_width_mm"]) < float(first["ct_head_width_mm"]) - 10.0
+    assert row["pet_n_vertices"] == first["pet_n_vertices"]
+
+
+def test_an_option_that_shapes_only_the_pet_redoes_only_the_pet(tmp_path):
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    assert _run(root, out, ReconstructionOptions(head_height_mm=120.0)) == EXIT_OK
+    before = _mtimes(out, "PETCT_a_s1")
+    assert _run(root, out, ReconstructionOptions(head_height_mm=120.0, pet_body_fraction=0.4)) == EXIT_OK
+    after = _mtimes(out, "PETCT_a_s1")
+    assert after["ct"] == before["ct"] and after["pet"] != before["pet"]
+    # an option that shapes both renders redoes both
+    assert _run(root, out, ReconstructionOptions(head_height_mm=120.0, pet_body_fraction=0.4,
+                                                 shading="lambert")) == EXIT_OK
+    final = _mtimes(out, "PETCT_a_s1")
+    assert final["ct"] != after["ct"] and final["pet"] != after["pet"]

@@ -9,45 +9,46 @@ a re-run produces the missing PET), and writes
     OUT/meshes/<id>_{ct,pet}.ply               smoothed head mesh, LPS mm
     OUT/depth/<id>_{ct,pet}.npz                depth (mm, NaN = background) + camera numbers
     OUT/manifest.csv, OUT/run.json, OUT/qa_montage.png (CT row above PET row)
+
+Re-runs are keyed on content: each modality's row holds the fingerprint of its volume
+(file or DICOM folder) and of the options that shape its render. A modality is redone
+when that fingerprint changed (a CT replaced by another patient's, a new threshold), its
+earlier attempt failed, or one of its files is gone; otherwise its earlier numbers stay.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from faceaudit.petct.render import render_frontal
-from faceaudit.core.files import (
-    atomic_write_bytes,
-    InputError,
-    make_private_dir,
-    write_npz,
-    write_png,
-)
-from faceaudit.core.manifest import (
-    describe_exception,
-    ItemResult,
-    Manifest,
-    STATUS_FAILED,
-    STATUS_OK,
-    STATUS_SKIPPED,
-)
-from faceaudit.core.runner import map_items, write_run_json
-from faceaudit.petct.surface import extract_head_surface
+from faceaudit.core.contracts import CT_RENDERS, PET_RENDERS, RENDER_SIZE
+from faceaudit.core.files import InputError, atomic_write_bytes, make_private_dir, write_npz, write_png
+from faceaudit.core.manifest import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult,
+                                     describe_exception)
+from faceaudit.core.runner import OptionsError, RunSettings, StageResult, StageRun, fingerprint, map_items
+from faceaudit.petct.render import PROJECTIONS, SHADINGS, render_frontal
+from faceaudit.petct.surface import PET_THRESHOLDS, extract_head_surface
 from faceaudit.petct.volumes import Study, discover_studies, load_volume
 
 MODALITIES = ("ct", "pet")
-PNG_FOLDERS = {"ct": "cts", "pet": "pets"}
+PNG_FOLDERS = {"ct": CT_RENDERS, "pet": PET_RENDERS}
+MESH_DIR = "meshes"
+DEPTH_DIR = "depth"
+QA_MONTAGE = "qa_montage.png"
 
 
 @dataclass(frozen=True)
 class ReconstructionOptions:
-    """Every knob of the stage; the defaults are the fixed pipeline, the comments say upstream."""
+    """Every knob of the stage; the defaults are the fixed pipeline, the comments say upstream.
+
+    Validated on creation: a value no run could use raises OptionsError (exit 2).
+    """
 
     ct_threshold: str | float = "otsu"          # upstream: "otsu"; or HU, e.g. -300
     pet_threshold: str = "adaptive"             # upstream: "percentile" (95th, whole volume)
@@ -61,7 +62,65 @@ class ReconstructionOptions:
     shading: str = "normals"                    # upstream: grey of |face normal|; or "lambert"
     projection: str = "orthographic"            # or "pinhole"
     head_px: int = 208                          # head box size in pixels (fits the 208 crop)
-    size: int = 512
+    size: int = RENDER_SIZE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ct_threshold", _ct_threshold_value(self.ct_threshold))
+        _check_choice("pet_threshold", self.pet_threshold, PET_THRESHOLDS)
+        _check_choice("shading", self.shading, SHADINGS)
+        _check_choice("projection", self.projection, PROJECTIONS)
+        _check_number("pet_percentile", self.pet_percentile, "a percentile in (0, 100]",
+                      lambda v: 0 < v <= 100)
+        _check_number("pet_body_fraction", self.pet_body_fraction, "a fraction in (0, 1]",
+                      lambda v: 0 < v <= 1)
+        _check_number("head_height_mm", self.head_height_mm, "a height > 0 mm", lambda v: v > 0)
+        _check_number("core_radius_mm", self.core_radius_mm, "a radius > 0 mm", lambda v: v > 0)
+        _check_number("opening_radius_mm", self.opening_radius_mm, "a radius >= 0 mm (0: off)",
+                      lambda v: v >= 0)
+        _check_whole("smoothing_iterations", self.smoothing_iterations, 0)
+        _check_whole("size", self.size, 16)
+        _check_whole("head_px", self.head_px, 8)
+        if self.head_px > self.size:
+            raise OptionsError(f"expected head_px <= size ({self.size}), found {self.head_px}")
+        if not isinstance(self.fill_holes, bool):
+            raise OptionsError(f"expected fill_holes to be True or False, found {self.fill_holes!r}")
+
+    def shaping(self, modality: str) -> dict:
+        """The options that shape ``modality``'s outputs (the other modality's threshold
+        options do not), as a dict for fingerprints."""
+        other = {"ct": ("pet_threshold", "pet_percentile", "pet_body_fraction"),
+                 "pet": ("ct_threshold",)}[modality]
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in other}
+
+
+def _ct_threshold_value(value) -> str | float:
+    if value == "otsu":
+        return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OptionsError(f"expected ct_threshold 'otsu' or a number of HU, found {value!r}") from None
+    if not math.isfinite(number):
+        raise OptionsError(f"expected ct_threshold 'otsu' or a finite number of HU, found {value!r}")
+    return number
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise OptionsError(f"expected {name} to be one of {list(choices)}, found {value!r}")
+
+
+def _check_number(name: str, value, expected: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not ok(value):
+        raise OptionsError(f"expected {name} to be {expected}, found {value!r}")
+
+
+def _check_whole(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise OptionsError(f"expected {name} to be a whole number >= {minimum}, found {value!r}")
 
 
 @dataclass
@@ -103,18 +162,27 @@ def reconstruct_volume(array: np.ndarray, spacing, *, modality: str, origin=(0.0
 # --------------------------------------------------------------------------- files of one study
 
 def output_paths(save_dir: Path, study_id: str, modality: str) -> dict[str, Path]:
+    save_dir = Path(save_dir)
     return {"png": save_dir / PNG_FOLDERS[modality] / f"{study_id}.png",
-            "ply": save_dir / "meshes" / f"{study_id}_{modality}.ply",
-            "depth": save_dir / "depth" / f"{study_id}_{modality}.npz"}
+            "ply": save_dir / MESH_DIR / f"{study_id}_{modality}.ply",
+            "depth": save_dir / DEPTH_DIR / f"{study_id}_{modality}.npz"}
 
 
-def _modality_done(save_dir: Path, study_id: str, modality: str) -> bool:
-    return all(p.is_file() for p in output_paths(save_dir, study_id, modality).values())
+def _remove_outputs(save_dir: Path, study_id: str, modality: str) -> None:
+    for path in output_paths(save_dir, study_id, modality).values():
+        path.unlink(missing_ok=True)
+
+
+def _source(study: Study, modality: str) -> Path | None:
+    return study.ct if modality == "ct" else study.pet
 
 
 def _load(study: Study, modality: str):
-    """(volume, seconds); a missing side is an InputError naming the file expected."""
-    path = study.ct if modality == "ct" else study.pet
+    """(volume, seconds); a missing or ambiguous side is an InputError naming what was expected."""
+    problem = study.problems.get(modality)
+    if problem:
+        raise InputError(f"study {study.id}: {problem}")
+    path = _source(study, modality)
     if path is None:
         if study.layout == "flat":
             expected = f"{study.id}_{modality}.nii.gz"
@@ -145,27 +213,24 @@ def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str,
 
 
 def process_study(study: Study, *, save_dir: str | os.PathLike, options: ReconstructionOptions,
-                  overwrite: bool = False) -> dict:
-    """CT and PET of one study, each on its own: returns per modality status/reason/numbers.
+                  modalities=MODALITIES) -> dict:
+    """Reconstruct the listed modalities of one study, each on its own.
 
-    A modality whose png, ply and depth files exist is skipped unless ``overwrite``.
-    Never raises for a bad volume: the error becomes that modality's reason and its
-    output files are removed. Both volumes are read in two threads at once (decompression
-    releases the GIL), so the PET is decompressed while the CT is processed; the CT is
-    freed before the PET is processed.
+    Returns ``{"id", "subject", <modality>: {"status", "reason", "seconds", "numbers",
+    "timings"}}`` for each modality in ``modalities`` (the stage decides which need work).
+    Never raises for a bad volume: the error becomes that modality's reason and its output
+    files are removed (an earlier run's render of a since replaced volume included). Both
+    volumes are read in two threads at once (decompression releases the GIL), so the PET
+    is decompressed while the CT is processed; the CT is freed before the PET is processed.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     save_dir = Path(save_dir)
     out: dict = {"id": study.id, "subject": study.subject}
-    todo = [m for m in MODALITIES if overwrite or not _modality_done(save_dir, study.id, m)]
-    started = time.perf_counter()
+    todo = [m for m in MODALITIES if m in modalities]
     with ThreadPoolExecutor(max_workers=2) as pool:
         loads = {m: pool.submit(_load, study, m) for m in todo}
-        for modality in MODALITIES:
-            if modality not in todo:
-                out[modality] = {"status": STATUS_SKIPPED, "reason": "outputs exist"}
-                continue
+        for modality in todo:
             t0 = time.perf_counter()
             try:
                 volume, t_load = loads.pop(modality).result()
@@ -174,48 +239,114 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
                 record["status"], record["reason"] = STATUS_OK, ""
             except Exception as exc:  # one bad volume must not lose the other modality
                 record = {"status": STATUS_FAILED, "reason": describe_exception(exc)}
-                # outputs of an earlier run (--overwrite) or a partial write would make the
-                # next run skip this modality and report it ok
-                for path in output_paths(save_dir, study.id, modality).values():
-                    path.unlink(missing_ok=True)
+                _remove_outputs(save_dir, study.id, modality)
             record["seconds"] = time.perf_counter() - t0
             out[modality] = record
-    out["study_seconds"] = time.perf_counter() - started
     return out
 
 
-def _manifest_row(result: dict, previous: dict | None) -> ItemResult:
+# --------------------------------------------------------------------------- rows
+
+def modality_fingerprint(study: Study, modality: str, options: ReconstructionOptions) -> str | None:
+    """Content of the modality's volume (file or DICOM folder) and the options that shape
+    its render; None when the volume is missing or ambiguous (nothing to skip)."""
+    path = _source(study, modality)
+    if path is None or study.problems.get(modality):
+        return None
+    return fingerprint(path, {"modality": modality, **options.shaping(modality)})
+
+
+def _is_fresh(previous: dict | None, save_dir: Path, study_id: str, modality: str,
+              item_fingerprint: str | None, run: RunSettings) -> bool:
+    """The modality finished ok earlier from the same volume content and options, and its
+    files are all there."""
+    if run.overwrite or previous is None or item_fingerprint is None:
+        return False
+    if previous.get(f"{modality}_status") != STATUS_OK:
+        return False
+    if previous.get(f"{modality}_fingerprint") != item_fingerprint:
+        return False
+    return all(p.is_file() for p in output_paths(save_dir, study_id, modality).values())
+
+
+def _modality_values(modality: str, record: dict, item_fingerprint: str | None) -> dict:
+    values = {f"{modality}_status": record["status"],
+              f"{modality}_seconds": round(record["seconds"], 3)}
+    for key, value in record.get("numbers", {}).items():
+        values[f"{modality}_{key}"] = value
+    for key, value in record.get("timings", {}).items():
+        values[f"{modality}_t_{key}"] = round(value, 4)
+    if record["status"] == STATUS_OK and item_fingerprint is not None:
+        values[f"{modality}_fingerprint"] = item_fingerprint
+    return values
+
+
+def study_row(study: Study, result: dict, previous: dict | None, fps: dict) -> ItemResult:
+    """The manifest row of a study: the redone modalities' new numbers, the earlier numbers of
+    the modalities left as they were. ``study_seconds`` is the sum of the modalities' seconds,
+    so it stays coherent with them when one modality is kept from an earlier run."""
     values: dict = {}
-    reasons, statuses = [], []
+    reasons, statuses, seconds = [], [], 0.0
     for modality in MODALITIES:
-        record = result[modality]
-        status = record["status"]
-        if status == STATUS_SKIPPED and previous is not None:
-            # finished earlier: keep that run's numbers for this modality
-            values.update({k: v for k, v in previous.items() if k.startswith(f"{modality}_")})
-            status = previous.get(f"{modality}_status", STATUS_OK) or STATUS_OK
-            if status == STATUS_FAILED:     # outputs exist, so the earlier failure was fixed since
-                status = STATUS_OK
-        values[f"{modality}_status"] = status
-        if record.get("reason") and record["status"] == STATUS_FAILED:
-            reasons.append(f"{modality}: {record['reason']}")
-        if "seconds" in record:
-            values[f"{modality}_seconds"] = round(record["seconds"], 3)
-        for key, value in record.get("numbers", {}).items():
-            values[f"{modality}_{key}"] = value
-        for key, value in record.get("timings", {}).items():
-            values[f"{modality}_t_{key}"] = round(value, 4)
-        statuses.append(status)
-    if "study_seconds" in result:
-        values["study_seconds"] = round(result["study_seconds"], 3)
-    if STATUS_FAILED in statuses:
-        status = STATUS_FAILED
-    elif all(s == STATUS_SKIPPED for s in statuses):
-        status = STATUS_SKIPPED
-    else:
-        status = STATUS_OK
-    return ItemResult(id=result["id"], subject=result["subject"], status=status,
+        if modality in result:
+            record = result[modality]
+            values.update(_modality_values(modality, record, fps.get(modality)))
+            if record["status"] == STATUS_FAILED:
+                reasons.append(f"{modality}: {record['reason']}")
+        else:           # fresh: this modality's columns of the earlier row
+            values.update({k: v for k, v in (previous or {}).items() if k.startswith(f"{modality}_")})
+        values[f"{modality}_source"] = str(_source(study, modality) or "")
+        statuses.append(values[f"{modality}_status"])
+        seconds += _as_float(values.get(f"{modality}_seconds"))
+    values["study_seconds"] = round(seconds, 3)
+    status = STATUS_FAILED if STATUS_FAILED in statuses else STATUS_OK
+    return ItemResult(id=study.id, subject=study.subject, status=status,
                       reason="; ".join(reasons), values=values)
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _study_fingerprint(fps: dict) -> str | None:
+    if any(fps.get(m) is None for m in MODALITIES):
+        return None
+    return fingerprint(*(fps[m] for m in MODALITIES))
+
+
+# --------------------------------------------------------------------------- QA sheet
+
+def qa_labels(ids: list[str], *, width: int) -> list[str]:
+    """Labels of at most ``width`` characters that tell every id of ``ids`` apart.
+
+    An id that fits is shown whole (without the ``PETCT_`` prefix); a longer one as its
+    head, "..", its tail, with the split chosen so that no two labels are equal (two
+    studies of one patient share the head, so the tail or a longer head must differ).
+    Ids that no split tells apart get their position appended.
+    """
+    names = [i.removeprefix("PETCT_") for i in ids]
+    if all(len(n) <= width for n in names):
+        return names
+
+    def shorten(name: str, head: int) -> str:
+        return name if len(name) <= width else f"{name[:head]}..{name[len(name) - (width - 2 - head):]}"
+
+    room = width - 2
+    for head in [8, *range(9, room), *range(7, 0, -1)]:
+        if not 0 < head < room:
+            continue
+        labels = [shorten(n, head) for n in names]
+        if len(set(labels)) == len(labels):
+            return labels
+    labels = [shorten(n, 8) for n in names]
+    return [f"{label[: width - 4]}#{k}" for k, label in enumerate(labels)]
+
+
+#: characters core.figures.montage prints under a cell
+LABEL_CHARS = 26
 
 
 def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int = 24,
@@ -223,14 +354,15 @@ def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int 
     """RGB sheet: for each block of ``ncols`` studies, a row of CT renders above their PET
     renders (central ``crop`` pixels of each render, where the head is); black = missing
     or unreadable."""
-    from faceaudit.core.images import center_crop, read_grey
     from faceaudit.core.figures import montage
+    from faceaudit.core.images import center_crop, read_grey
 
     save_dir = Path(save_dir)
     ids = ids[:max_studies]
     if not ids:
         return None
     ncols = min(ncols, len(ids))
+    names = dict(zip(ids, qa_labels(ids, width=LABEL_CHARS - 4)))
     images, labels = [], []
     blank = np.zeros((64, 64), dtype=np.uint8)
     for start in range(0, len(ids), ncols):
@@ -244,54 +376,90 @@ def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int 
                 if min(image.shape[:2]) > crop:
                     image = center_crop(image, crop)
                 images.append(image)
-                labels.append(f"{modality.upper()} {study_id.removeprefix('PETCT_')[:8]}"
-                              f"..{study_id[-5:]}")
+                labels.append(f"{modality.upper()} {names[study_id]}")
             images.extend([blank] * (ncols - len(block)))
             labels.extend([""] * (ncols - len(block)))
     return montage(images, labels=labels, ncols=ncols, tile=160)
 
 
-def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLike, *,
-                       jobs: int = 1, overwrite: bool = False, seed: int = 0,
-                       progress: bool = True, options: ReconstructionOptions | None = None,
-                       cli_args: dict | None = None) -> int:
-    """The stage. Returns EXIT_OK (0) when every study has CT and PET renders, else 1.
+# --------------------------------------------------------------------------- the stage
+
+def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLike,
+                       options: ReconstructionOptions | None = None, *,
+                       run: RunSettings | None = None) -> StageResult:
+    """The stage: every study's CT and PET, each redone only when its content fingerprint
+    changed. Exit code 0 when every study has CT and PET renders, 1 when one failed.
 
     Raises InputError when ``petct_path`` holds no study (the script turns it into exit 2).
-    ``seed`` is recorded only: the stage makes no random choice.
+    The stage makes no random choice; ``run.seed`` is only recorded.
     """
-    started = time.time()
     options = options or ReconstructionOptions()
+    run = run or RunSettings()
     studies = discover_studies(petct_path)
-    save_dir = make_private_dir(save_dir)
-    for folder in ("cts", "pets", "meshes", "depth"):
-        make_private_dir(save_dir / folder)
-    manifest = Manifest(save_dir / "manifest.csv")
-    worker = functools.partial(process_study, save_dir=str(save_dir), options=options,
-                               overwrite=overwrite)
-    ids = {s.id for s in studies}
-    for study, result, error in map_items(worker, studies, jobs=jobs, desc="reconstruct",
-                                          progress=progress):
-        if error is not None:   # a crash outside the per-modality guard (e.g. worker died)
-            manifest.add(ItemResult(id=study.id, subject=study.subject, status=STATUS_FAILED,
-                                    reason=describe_exception(error)))
+    with StageRun("reconstruction", save_dir, run, options=options) as stage:
+        for folder in (*PNG_FOLDERS.values(), MESH_DIR, DEPTH_DIR):
+            make_private_dir(stage.save_dir / folder)
+        stage.extra["n_studies"] = len(studies)
+        work, fps_of = _plan(stage, studies, options)
+        worker = functools.partial(_process_task, save_dir=str(stage.save_dir), options=options)
+        for (study, todo), result, error in map_items(worker, work, jobs=run.jobs,
+                                                       desc="reconstruct", progress=run.progress):
+            fps = fps_of[study.id]
+            if error is not None:   # outside the per-modality guard (the worker died)
+                for modality in todo:
+                    _remove_outputs(stage.save_dir, study.id, modality)
+                stage.record(ItemResult(id=study.id, subject=study.subject, status=STATUS_FAILED,
+                                        reason=describe_exception(error)))
+                continue
+            stage.record(study_row(study, result, stage.previous(study.id), fps),
+                         _study_fingerprint(fps))
+        _write_qa_montage(stage.save_dir, [s.id for s in studies])
+        return stage.finish(keep_ids=[s.id for s in studies],
+                            summary=_summary(stage, [s.id for s in studies]),
+                            details={"n_studies": len(studies), "n_processed": len(work)})
+
+
+def _process_task(task, *, save_dir: str, options: ReconstructionOptions) -> dict:
+    study, todo = task
+    return process_study(study, save_dir=save_dir, options=options, modalities=todo)
+
+
+def _plan(stage: StageRun, studies: list[Study], options: ReconstructionOptions):
+    """Record the studies whose CT and PET are both fresh as skipped; return the others with
+    the modalities to redo, and every study's per-modality fingerprints."""
+    work, fps_of = [], {}
+    for study in studies:
+        fps = {m: modality_fingerprint(study, m, options) for m in MODALITIES}
+        fps_of[study.id] = fps
+        previous = stage.previous(study.id)
+        todo = tuple(m for m in MODALITIES
+                     if not _is_fresh(previous, stage.save_dir, study.id, m, fps[m], stage.run))
+        if todo:
+            work.append((study, todo))
             continue
-        manifest.add(_manifest_row(result, manifest.get(result["id"])))
-        for modality in MODALITIES:
-            source = study.ct if modality == "ct" else study.pet
-            manifest.rows[study.id][f"{modality}_source"] = str(source) if source else ""
-    # rows of studies no longer present in the input stay out of this run's manifest
-    manifest.rows = {k: v for k, v in manifest.rows.items() if k in ids}
-    manifest.write()
-    rendered = sorted(k for k in manifest.rows
-                      if any(output_paths(save_dir, k, m)["png"].is_file() for m in MODALITIES))
+        row = stage.skipped(study.id)
+        row.values.update({f"{m}_source": str(_source(study, m)) for m in MODALITIES})
+        stage.record(row, _study_fingerprint(fps))
+    return work, fps_of
+
+
+def _write_qa_montage(save_dir: Path, ids: list[str]) -> None:
+    rendered = [i for i in sorted(ids)
+                if any(output_paths(save_dir, i, m)["png"].is_file() for m in MODALITIES)]
     sheet = qa_montage(save_dir, rendered)
     if sheet is not None:
-        write_png(save_dir / "qa_montage.png", sheet)
-    counts = {s: manifest.count(s) for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
-    write_run_json(save_dir, stage="reconstruction",
-                   args=cli_args or {"petct_path": str(petct_path), "save_dir": str(save_dir),
-                                     "jobs": jobs, "overwrite": overwrite},
-                   seed=seed, started=started,
-                   extra={"options": asdict(options), "n_studies": len(studies), "counts": counts})
-    return manifest.exit_code()
+        write_png(save_dir / QA_MONTAGE, sheet)
+
+
+def _summary(stage: StageRun, ids: list[str]) -> str:
+    rows = [stage.previous(i) for i in sorted(ids)]
+    counts = {s: sum(1 for row in rows if row and row.get("status") == s)
+              for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
+    lines = [f"reconstruction: {len(ids)} studies: {counts['ok']} ok, {counts['failed']} failed, "
+             f"{counts['skipped']} skipped (unchanged); renders in {stage.save_dir}"]
+    failed = [row for row in rows if row and row.get("status") == STATUS_FAILED]
+    for row in failed[:10]:
+        lines.append(f"  failed {row['id']}: {row.get('reason', '')}")
+    if len(failed) > 10:
+        lines.append(f"  ... and {len(failed) - 10} more (see manifest.csv)")
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +301,8 @@ class Study:
     ct: Path | None
     pet: Path | None
     layout: str
+    #: modality -> why its volume cannot be chosen (two candidates); the stage fails that side
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 def _strip_nifti(name: str) -> str | None:
