@@ -165,7 +165,7 @@ def run_faceaudit(ct_path: str, pet_path: str, out_dir: str) -> dict:
     shutil.rmtree(scratch, ignore_errors=True)
     study = Study(id="bench", subject="bench", ct=Path(ct_path), pet=Path(pet_path), layout="flat")
     start = time.perf_counter()
-    result = process_study(study, save_dir=scratch, options=ReconstructionOptions(), overwrite=True)
+    result = process_study(study, save_dir=scratch, options=ReconstructionOptions())
     wall = time.perf_counter() - start
     phases = {}
     for modality in ("ct", "pet"):

@@ -96,7 +96,9 @@ def test_demo_ct_renders_are_faces_for_mediapipe(demo_cohort, tmp_path):
     from faceaudit.petct.reconstruction import run_reconstruction
 
     out, plan = demo_cohort
-    assert run_reconstruction(out, tmp_path / "rec", progress=False) == 0
+    from faceaudit.core.runner import RunSettings
+
+    assert run_reconstruction(out, tmp_path / "rec", run=RunSettings(progress=False)).exit_code == 0
     with FaceMesh() as mesh:
         found = [mesh.detect(center_crop(np.asarray(Image.open(tmp_path / "rec" / "cts" / f"{e['id']}.png")),
                                          208)) is not None for e in plan]
