@@ -287,3 +287,15 @@ def test_an_option_that_shapes_only_the_pet_redoes_only_the_pet(tmp_path):
                                                  shading="lambert")) == EXIT_OK
     final = _mtimes(out, "PETCT_a_s1")
     assert final["ct"] != after["ct"] and final["pet"] != after["pet"]
+
+
+def test_two_candidate_files_for_one_side_are_a_failed_row_naming_both(tmp_path):
+    root, out = tmp_path / "flat", tmp_path / "out"
+    _write(root / "x_ct.nii.gz", _phantom("ct"))
+    _write(root / "x_ct.nii", _phantom("ct", half_width=6.0))     # which one is the patient's?
+    _write(root / "x_pet.nii.gz", _phantom("pet"))
+    assert _run(root, out, ReconstructionOptions(head_height_mm=120.0)) == EXIT_ITEMS_FAILED
+    row = _read_manifest(out)["x"]
+    assert row["status"] == "failed" and row["ct_status"] == "failed" and row["pet_status"] == "ok"
+    assert "x_ct.nii," in row["reason"] and "x_ct.nii.gz" in row["reason"]
+    assert not (out / "cts" / "x.png").exists() and (out / "pets" / "x.png").is_file()

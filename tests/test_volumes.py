@@ -248,3 +248,27 @@ def test_loaded_voxels_outlive_simpleitk_and_are_read_only(tmp_path, name):
     with pytest.raises(ValueError):
         loaded[0, 0, 0] = 1.0
     del churn
+
+
+def test_discovery_reports_two_candidates_for_one_side_instead_of_picking_one(tmp_path):
+    """Issue 12 point 11: directory order used to decide which of the two files was read."""
+    _touch(tmp_path / "x_ct.nii.gz")
+    _touch(tmp_path / "x_ct.nii")
+    _touch(tmp_path / "x_pet.nii.gz")
+    _touch(tmp_path / "y_CT.nii.gz")
+    _touch(tmp_path / "y_ct.nii.gz")
+    _touch(tmp_path / "y_pet.nii.gz")
+    _touch(tmp_path / "PETCT_z" / "s1" / "CTres.nii.gz")
+    _touch(tmp_path / "PETCT_z" / "s1" / "CTres.nii")
+    _touch(tmp_path / "PETCT_z" / "s1" / "CT.nii.gz")           # a lower-ranked name: no ambiguity
+    _touch(tmp_path / "PETCT_z" / "s1" / "SUV.nii.gz")
+    studies = {s.id: s for s in discover_studies(tmp_path)}
+    for sid, names in (("x", ("x_ct.nii ", "x_ct.nii.gz")), ("y", ("y_CT.nii.gz", "y_ct.nii.gz")),
+                       ("PETCT_z_s1", ("CTres.nii,", "CTres.nii.gz"))):
+        study = studies[sid]
+        assert study.ct is None and study.pet is not None
+        problem = study.problems["ct"]
+        assert "found 2 candidates" in problem
+        for name in names:
+            assert name.strip(" ,") in problem
+    assert studies["x"].problems.get("pet") is None

@@ -312,19 +312,55 @@ def _strip_nifti(name: str) -> str | None:
     return None
 
 
-def _find_named(folder: Path, names: tuple[str, ...]) -> Path | None:
-    """The first of ``names`` present in ``folder`` as NIfTI file or DICOM folder (exact name first)."""
+def _find_named(folder: Path, names: tuple[str, ...]) -> tuple[Path | None, list[Path]]:
+    """The first of ``names`` present in ``folder`` as NIfTI file or DICOM folder, and every
+    entry carrying that name (more than one: ``CT.nii`` beside ``CT.nii.gz`` or a ``CT/``
+    folder, which the stage reports instead of choosing one by directory order)."""
     entries = {p.name: p for p in folder.iterdir()}
     for name in names:
-        for suffix in NIFTI_SUFFIXES:
-            if name + suffix in entries and entries[name + suffix].is_file():
-                return entries[name + suffix]
+        found = [entries[name + suffix] for suffix in NIFTI_SUFFIXES
+                 if name + suffix in entries and entries[name + suffix].is_file()]
         if name in entries and entries[name].is_dir():
-            return entries[name]
-    return None
+            found.append(entries[name])
+        if found:
+            return found[0], found
+    return None, []
+
+
+def _ambiguity(modality: str, candidates: list[Path]) -> str:
+    names = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in candidates))
+    return (f"expected one {modality.upper()} volume, found {len(candidates)} candidates in "
+            f"{candidates[0].parent}: {names} (remove or rename all but one)")
 
 
 _FLAT = re.compile(r"^(?P<id>.+)_(?P<side>ct|pet)$", re.IGNORECASE)
+
+
+def _autopet_study(patient_dir: Path, study_dir: Path) -> Study | None:
+    sid = f"{patient_dir.name}_{study_dir.name}"
+    study = Study(id=sid, subject=patient_dir.name, ct=None, pet=None, layout="autopet")
+    for side, names in (("ct", CT_NAMES), ("pet", PET_NAMES)):
+        chosen, candidates = _find_named(study_dir, names)
+        if len(candidates) > 1:
+            study.problems[side] = _ambiguity(side, candidates)
+        else:
+            setattr(study, side, chosen)
+    if study.ct is None and study.pet is None and not study.problems:
+        # a folder with neither side (e.g. only SEG) is still reported, not skipped
+        if not any(_strip_nifti(p.name) for p in study_dir.iterdir()):
+            return None
+    return study
+
+
+def _flat_candidates(root: Path) -> dict[tuple[str, str], list[Path]]:
+    """(study id, "ct" | "pet") -> the files named ``<id>_<side>.nii[.gz]``, side in any case."""
+    found: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(root.iterdir()):
+        stem = _strip_nifti(path.name) if path.is_file() else None
+        match = _FLAT.match(stem) if stem else None
+        if match:
+            found.setdefault((match["id"], match["side"].lower()), []).append(path)
+    return found
 
 
 def discover_studies(root: str | os.PathLike) -> list[Study]:
@@ -334,7 +370,9 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
     folder of that name); id = ``PETCT_<patient>_<study>``, subject = ``PETCT_<patient>``.
     Flat layout: ``root/<id>_ct.nii.gz`` + ``root/<id>_pet.nii.gz``; subject = id.
     CT and PET are paired by study id; a study missing one side is returned with that
-    side None so the stage records it as failed.
+    side None so the stage records it as failed. Two candidates for one side (``x_ct.nii``
+    beside ``x_ct.nii.gz``, ``x_CT`` beside ``x_ct``, ``CT.nii`` beside ``CT.nii.gz``) are
+    never resolved by directory order: that side is None and ``problems`` names both.
     """
     root = Path(root)
     if not root.is_dir():
@@ -342,25 +380,15 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
     studies: dict[str, Study] = {}
     for patient_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("PETCT_")):
         for study_dir in sorted(p for p in patient_dir.iterdir() if p.is_dir()):
-            ct = _find_named(study_dir, CT_NAMES)
-            pet = _find_named(study_dir, PET_NAMES)
-            if ct is None and pet is None:
-                # a folder with neither side (e.g. only SEG) is still reported, not skipped
-                if not any(_strip_nifti(p.name) for p in study_dir.iterdir()):
-                    continue
-            sid = f"{patient_dir.name}_{study_dir.name}"
-            studies[sid] = Study(id=sid, subject=patient_dir.name, ct=ct, pet=pet, layout="autopet")
-    for path in sorted(root.iterdir()):
-        stem = _strip_nifti(path.name) if path.is_file() else None
-        match = _FLAT.match(stem) if stem else None
-        if not match:
-            continue
-        sid = match["id"]
+            study = _autopet_study(patient_dir, study_dir)
+            if study is not None:
+                studies[study.id] = study
+    for (sid, side), paths in sorted(_flat_candidates(root).items()):
         study = studies.setdefault(sid, Study(id=sid, subject=sid, ct=None, pet=None, layout="flat"))
-        if match["side"].lower() == "ct":
-            study.ct = path
+        if len(paths) > 1:
+            study.problems[side] = _ambiguity(side, paths)
         else:
-            study.pet = path
+            setattr(study, side, paths[0])
     if not studies:
         raise InputError(
             f"no PET/CT studies under {root}: expected PETCT_<patient>/<study>/"
