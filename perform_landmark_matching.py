@@ -5,9 +5,9 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
-    from faceaudit.core.cli import add_common_args, run_guarded
-    from faceaudit.petct.matching import DEFAULT_ALIGNS, run_landmark_matching
+def build_parser() -> argparse.ArgumentParser:
+    from faceaudit.core.cli import add_common_args
+    from faceaudit.petct.matching import DEFAULT_ALIGNS
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--landmarks_files", required=True,
@@ -27,15 +27,26 @@ def main(argv=None) -> int:
                              "landmarks_<gallery>.npz files): other people added to every gallery; a fold's "
                              "own files are skipped, so --distractors LM pools all folds' CTs")
     add_common_args(parser, jobs=False)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace):
+    """Options from the arguments (OptionsError: exit 2), then the stage."""
+    from faceaudit.core.cli import run_settings
+    from faceaudit.petct.matching import MatchingOptions, run_landmark_matching
+
     aligns = [a.strip() for a in args.align.split(",") if a.strip()]
     if args.icp and "icp" not in aligns:
         aligns.append("icp")
-    return run_guarded(
-        run_landmark_matching, args.landmarks_files, args.save_dir, n_folds=args.n_folds,
-        probe_variant=args.probe, gallery_variant=args.gallery, aligns=tuple(aligns),
-        distractors=args.distractors, overwrite=args.overwrite, seed=args.seed, quiet=args.quiet,
-        args=vars(args))
+    options = MatchingOptions(n_folds=args.n_folds, probe_variant=args.probe, gallery_variant=args.gallery,
+                              aligns=tuple(aligns), distractors=args.distractors)
+    return run_landmark_matching(args.landmarks_files, args.save_dir, options, run=run_settings(args))
+
+
+def main(argv=None) -> int:
+    from faceaudit.core.cli import run_guarded
+
+    return run_guarded(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

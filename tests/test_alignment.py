@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from faceaudit.petct.alignment import icp_distance_matrix, icp_point_to_point, pairwise_distances
+from faceaudit.petct.alignment import (
+    icp_distance_matrix,
+    icp_point_to_point,
+    pairwise_distances,
+)
 
 
 def _points(seed=0, n=478):

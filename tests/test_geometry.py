@@ -5,8 +5,14 @@ rotation matrices."""
 import numpy as np
 import pytest
 
-from faceaudit.core.geometry import (align_to, centroid_size, euler_angles, procrustes_mean,
-                                     rotation_from_euler, umeyama)
+from faceaudit.core.geometry import (
+    align_to,
+    centroid_size,
+    euler_angles,
+    procrustes_mean,
+    rotation_from_euler,
+    umeyama,
+)
 
 
 def _points(seed=0, n=478):

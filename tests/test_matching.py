@@ -1,16 +1,21 @@
 """Matching stage: distance matrices with ids, top-k/CMC against a brute force,
-misses, alignment, distractors, corrupt and missing landmark files."""
+misses, alignment, distractors, corrupt, missing and wrong-shaped landmark files,
+options, skips."""
 
 import csv
 import json
 
 import numpy as np
 import pytest
+from conftest import load_script
 from scipy.spatial.transform import Rotation
 
-from faceaudit.petct.matching import distance_matrix, read_landmark_set, run_landmark_matching
 from faceaudit.core.files import InputError, read_npz, write_npz
 from faceaudit.core.manifest import read_manifest
+from faceaudit.core.runner import OptionsError, RunSettings
+from faceaudit.petct.alignment import distance_matrix
+from faceaudit.petct.landmarks import read_landmark_set
+from faceaudit.petct.matching import MatchingOptions, run_landmark_matching
 
 N_POINTS = 478
 
@@ -51,6 +56,11 @@ def same_faces_fold(root, n=4):
     return faces, ids
 
 
+def match(landmarks, out, **options):
+    """Run the stage with MatchingOptions(**options), no progress bars; the exit code."""
+    return run_landmark_matching(landmarks, out, MatchingOptions(**options), run=RunSettings(progress=False)).exit_code
+
+
 def topk_rows(path):
     return {(r["align"], int(r["k"])): r for r in csv.DictReader(open(path))}
 
@@ -61,8 +71,8 @@ def test_identical_landmark_sets_rank_first_for_every_alignment(tmp_path):
     order = [3, 0, 5, 1, 4, 2]  # the gallery file lists the ids in another order
     write_fold(tmp_path / "LM", 0, "pet", ids, faces)
     write_fold(tmp_path / "LM", 0, "ct", [ids[i] for i in order], [faces[i] for i in order])
-    code = run_landmark_matching(tmp_path / "LM", tmp_path / "MT", n_folds=1,
-                                 aligns=("none", "rigid", "similarity", "icp"), quiet=True)
+    code = match(tmp_path / "LM", tmp_path / "MT", n_folds=1,
+                                 aligns=("none", "rigid", "similarity", "icp"))
     assert code == 0
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     for align in ("none", "rigid", "similarity", "icp"):
@@ -95,7 +105,7 @@ def test_topk_and_cmc_equal_a_brute_force_on_random_landmarks(tmp_path):
         ids = [f"f{k}_s{i}" for i in range(n)]
         write_fold(root, k, "pet_unet", ids, 0.5 + 0.1 * rng.normal(size=(n, N_POINTS, 3)))
         write_fold(root, k, "ct", ids, 0.5 + 0.1 * rng.normal(size=(n, N_POINTS, 3)))
-    assert run_landmark_matching(root, tmp_path / "MT", aligns=("none", "similarity"), quiet=True) == 0
+    assert match(root, tmp_path / "MT", aligns=("none", "similarity")) == 0
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
     assert summary["probe_variant"] == "pet_unet"  # the default when every fold has it
@@ -120,7 +130,7 @@ def test_probe_or_ct_without_landmarks_is_a_miss(tmp_path):
     ids = [f"s{i}" for i in range(5)]
     write_fold(tmp_path / "LM", 0, "pet", ids, faces, detected=[True, False, True, True, True])
     write_fold(tmp_path / "LM", 0, "ct", ids, faces, detected=[True, True, False, True, True])
-    assert run_landmark_matching(tmp_path / "LM", tmp_path / "MT", n_folds=1, aligns=("none",), quiet=True) == 0
+    assert match(tmp_path / "LM", tmp_path / "MT", n_folds=1, aligns=("none",)) == 0
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     assert float(rows[("none", 1)]["mean"]) == pytest.approx(3 / 5)
     assert float(rows[("none", 15)]["mean"]) == pytest.approx(3 / 5)  # a miss at every k
@@ -128,10 +138,16 @@ def test_probe_or_ct_without_landmarks_is_a_miss(tmp_path):
     assert float(rows[("none", 1)]["mean_probe_detected"]) == pytest.approx(3 / 4)  # upstream denominator
     assert rows[("none", 1)]["n_miss_no_landmarks"] == "2"
     assert float(rows[("none", 1)]["gallery_size"]) == 4  # only CTs with landmarks
-    man = {r["id"]: r for r in read_manifest(tmp_path / "MT" / "manifest.csv")}
-    assert man["fold0/s1"]["rank_none"] == "0" and "no landmarks on pet" in man["fold0/s1"]["reason"]
-    assert man["fold0/s2"]["rank_none"] == "0" and "no ct landmarks" in man["fold0/s2"]["reason"]
-    assert man["fold0/s0"]["rank_none"] == "1"
+    ranks = {r["id"]: r for r in csv.DictReader(open(tmp_path / "MT" / "ranks.csv"))}
+    assert ranks["s1"]["rank_none"] == "0" and "no landmarks on pet" in ranks["s1"]["reason"]
+    assert ranks["s2"]["rank_none"] == "0" and "no ct landmarks" in ranks["s2"]["reason"]
+    assert ranks["s0"]["rank_none"] == "1" and ranks["s0"]["fold"] == "0"
+    assert ranks["s2"]["own_ct_landmarks"] == "False" and ranks["s2"]["probe_landmarks"] == "True"
+    # the manifest has one row per fold (the items), with its counts
+    (fold,) = read_manifest(tmp_path / "MT" / "manifest.csv")
+    assert fold["id"] == "fold0" and fold["status"] == "ok"
+    assert fold["n_probes"] == "5" and fold["n_probe_no_landmarks"] == "1" and fold["gallery_size"] == "4"
+    assert float(fold["top1_none"]) == pytest.approx(3 / 5)
 
 
 def test_similarity_alignment_removes_pose_and_unaligned_exploits_it(tmp_path):
@@ -144,8 +160,7 @@ def test_similarity_alignment_removes_pose_and_unaligned_exploits_it(tmp_path):
     probes = [posed(f + rng.normal(0, 0.001, f.shape), rng) for f in faces]
     write_fold(tmp_path / "LM", 0, "pet", ids, probes)
     write_fold(tmp_path / "LM", 0, "ct", ids, gallery)
-    assert run_landmark_matching(tmp_path / "LM", tmp_path / "MT", aligns=("none", "rigid", "similarity"),
-                                 quiet=True) == 0
+    assert match(tmp_path / "LM", tmp_path / "MT", aligns=("none", "rigid", "similarity")) == 0
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     assert float(rows[("similarity", 1)]["mean"]) == 1.0
     assert float(rows[("none", 1)]["mean"]) < 0.5
@@ -156,8 +171,7 @@ def test_distractors_enlarge_the_gallery_and_never_match(tmp_path):
     # other people's landmarks, with colliding ids/subjects and one undetected face
     others = tmp_path / "others"
     write_fold(others, 0, "ct", ["s0", "s1", "x"], identities(3, seed=9), detected=[True, True, False])
-    assert run_landmark_matching(tmp_path / "LM", tmp_path / "MT", aligns=("none",), distractors=others,
-                                 quiet=True) == 0
+    assert match(tmp_path / "LM", tmp_path / "MT", aligns=("none",), distractors=others) == 0
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     assert float(rows[("none", 1)]["gallery_size"]) == 6
     assert float(rows[("none", 1)]["mean"]) == 1.0
@@ -175,37 +189,27 @@ def test_corrupt_and_missing_landmark_files_are_reported(tmp_path):
     blob = (root / "fold1" / "landmarks_ct.npz").read_bytes()
     (root / "fold1" / "landmarks_ct.npz").write_bytes(blob[: len(blob) // 2])  # truncated
     (root / "fold2" / "landmarks_pet.npz").unlink()
-    code = run_landmark_matching(root, tmp_path / "MT", n_folds=3, aligns=("none",), quiet=True)
+    code = match(root, tmp_path / "MT", n_folds=3, aligns=("none",))
     assert code == 1
     man = {r["id"]: r for r in read_manifest(tmp_path / "MT" / "manifest.csv")}
     assert man["fold1"]["status"] == "failed" and "cannot read" in man["fold1"]["reason"]
     assert "landmarks_ct.npz" in man["fold1"]["reason"]
     assert man["fold2"]["status"] == "failed" and "found nothing" in man["fold2"]["reason"]
-    assert man["fold0/a"]["status"] == "ok"
+    assert man["fold0"]["status"] == "ok"
     summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
     assert [f["fold"] for f in summary["failed_folds"]] == [1, 2]
     # once the files are back, a re-run into the same folder reports no failure
     write_fold(root, 1, "ct", ids, faces)
     write_fold(root, 2, "pet", ids, faces)
-    assert run_landmark_matching(root, tmp_path / "MT", n_folds=3, aligns=("none",), quiet=True) == 0
-    assert all(r["status"] == "ok" for r in read_manifest(tmp_path / "MT" / "manifest.csv"))
+    assert match(root, tmp_path / "MT", n_folds=3, aligns=("none",)) == 0
+    statuses = {r["id"]: r["status"] for r in read_manifest(tmp_path / "MT" / "manifest.csv")}
+    assert statuses == {"fold0": "skipped", "fold1": "ok", "fold2": "ok"}
     with pytest.raises(InputError, match="found no such folder"):
-        run_landmark_matching(tmp_path / "absent", tmp_path / "MT2", quiet=True)
+        match(tmp_path / "absent", tmp_path / "MT2")
     wrong = tmp_path / "wrong.npz"
     write_npz(wrong, ids=np.array(["a", "b"]), landmarks=np.zeros((2, 478)))
     with pytest.raises(InputError, match="expected landmarks of shape"):
         read_landmark_set(wrong)
-
-
-def load_script(name):
-    """Import a repo-root script by path (independent of how pytest sets sys.path)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_script_icp_flag_adds_the_icp_rows(tmp_path, capsys):
@@ -218,6 +222,63 @@ def test_script_icp_flag_adds_the_icp_rows(tmp_path, capsys):
     assert {a for a, _ in topk_rows(tmp_path / "MT" / "topk.csv")} == {"none", "similarity", "icp"}
     assert script.main(["--landmarks_files", str(tmp_path / "LM"), "--save_dir", str(tmp_path / "MT"),
                         "--align", "warp"]) == 2
+    assert "expected --align to be a comma-separated list" in capsys.readouterr().err
+
+
+def test_unusable_options_exit_2_before_any_work(tmp_path, capsys):
+    same_faces_fold(tmp_path / "LM")
+    script = load_script("perform_landmark_matching")
+    for extra, message in ((["--n_folds", "0"], "expected --n_folds to be a whole number >= 1, found 0"),
+                           (["--align", ""], "expected --align"),
+                           (["--probe", "../x"], "expected --probe to be a variant name")):
+        assert script.main(["--landmarks_files", str(tmp_path / "LM"), "--save_dir", str(tmp_path / "MT"),
+                            *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "MT").exists()
+    with pytest.raises(OptionsError, match="expected ranks k to be whole numbers >= 1, found"):
+        MatchingOptions(ks=(1, 0))
+    assert MatchingOptions(aligns=("none", "icp", "none")).aligns == ("none", "icp")
+
+
+def test_a_wrong_shaped_landmark_file_fails_its_fold_and_the_others_finish(tmp_path, capsys):
+    """Issue 12 point 8: a readable file of the wrong shape used to abort the stage (exit 2,
+    no output); now it is a failed fold row with the reason, and the other folds are written."""
+    faces = identities(3)
+    ids = ["a", "b", "c"]
+    root = tmp_path / "LM"
+    for k in range(4):
+        write_fold(root, k, "pet", ids, faces)
+        write_fold(root, k, "ct", ids, faces)
+    out = tmp_path / "MT"
+    assert match(root, out, aligns=("none", "similarity")) == 0
+    assert (out / "distances_fold1_none.npz").is_file()
+    # fold 1: 468 points (a mesh without irises); fold 2: one (n, 1434) array; both readable npz
+    write_npz(root / "fold1" / "landmarks_pet.npz", ids=np.array(ids), subjects=np.array(ids),
+              landmarks=np.stack(faces)[:, :468], detected=np.ones(3, bool))
+    write_npz(root / "fold2" / "landmarks_ct.npz", ids=np.array(ids),
+              landmarks=np.stack(faces).reshape(3, -1), detected=np.ones(3, bool))
+    script = load_script("perform_landmark_matching")
+    assert script.main(["--landmarks_files", str(root), "--save_dir", str(out), "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "2 of 4 folds scored" in printed and "failed fold 1" in printed
+    man = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert set(man) == {"fold0", "fold1", "fold2", "fold3"}
+    assert man["fold1"]["status"] == "failed"
+    assert "expected landmarks of shape (3, 478, 3)" in man["fold1"]["reason"]
+    assert "found (3, 468, 3)" in man["fold1"]["reason"] and "landmarks_pet.npz" in man["fold1"]["reason"]
+    assert man["fold2"]["status"] == "failed" and "found (3, 1434)" in man["fold2"]["reason"]
+    assert man["fold0"]["status"] == "skipped" and man["fold3"]["status"] == "skipped"
+    # the good folds are scored and written; a failed fold keeps no distances of an earlier run
+    rows = topk_rows(out / "topk.csv")
+    assert "fold0" in rows[("none", 1)] and "fold3" in rows[("none", 1)] and "fold1" not in rows[("none", 1)]
+    assert float(rows[("similarity", 1)]["mean"]) == 1.0
+    assert sorted(p.name for p in out.glob("distances_fold*")) == [
+        "distances_fold0_none.npz", "distances_fold0_similarity.npz",
+        "distances_fold3_none.npz", "distances_fold3_similarity.npz"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [f["fold"] for f in summary["failed_folds"]] == [1, 2]
+    assert [f["fold"] for f in summary["folds"]] == [0, 3]
+    assert json.loads((out / "run.json").read_text())["counts"] == {"ok": 0, "failed": 2, "skipped": 2}
 
 
 def test_distance_matrix_rejects_unknown_alignment():
@@ -230,13 +291,18 @@ def test_rerun_reuses_distances_only_for_unchanged_inputs(tmp_path):
 
     faces, ids = same_faces_fold(tmp_path / "LM")
     out = tmp_path / "MT"
-    assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
+    assert match(tmp_path / "LM", out, aligns=("none",)) == 0
     path = out / "distances_fold0_none.npz"
     stamp = os.stat(path).st_mtime_ns
-    assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
+    assert match(tmp_path / "LM", out, aligns=("none",)) == 0
     assert os.stat(path).st_mtime_ns == stamp  # same inputs: reused
+    assert read_manifest(out / "manifest.csv")[0]["status"] == "skipped"
+    assert match(tmp_path / "LM", out, aligns=("none", "rigid")) == 0  # another option: redone ...
+    assert os.stat(path).st_mtime_ns == stamp  # ... reusing the matrix it already has
+    assert read_manifest(out / "manifest.csv")[0]["status"] == "ok"
     write_fold(tmp_path / "LM", 0, "pet", ids, [f + 0.01 for f in faces])  # placement re-run
-    assert run_landmark_matching(tmp_path / "LM", out, aligns=("none",), quiet=True) == 0
+    assert match(tmp_path / "LM", out, aligns=("none",)) == 0
+    assert read_manifest(out / "manifest.csv")[0]["status"] == "ok"
     d = read_npz(path)["distances"]
     assert d[0, 0] == pytest.approx(np.linalg.norm(np.full((N_POINTS, 3), 0.01)))
 
@@ -249,7 +315,7 @@ def test_distractors_from_a_placement_folder_pool_the_other_folds(tmp_path):
         ids = [f"f{k}_s{i}" for i in range(3)]
         write_fold(root, k, "pet", ids, faces[3 * k:3 * k + 3])
         write_fold(root, k, "ct", ids, faces[3 * k:3 * k + 3])
-    assert run_landmark_matching(root, tmp_path / "MT", aligns=("none",), distractors=root, quiet=True) == 0
+    assert match(root, tmp_path / "MT", aligns=("none",), distractors=root) == 0
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     assert float(rows[("none", 1)]["gallery_size"]) == 6  # 3 own + 3 of the other fold (CT only)
     assert float(rows[("none", 1)]["mean"]) == 1.0
@@ -266,7 +332,7 @@ def test_a_fold_with_no_probes_is_counted_not_a_crash(tmp_path):
     write_fold(root, 0, "ct", ids, faces)
     write_fold(root, 1, "pet", [], np.zeros((0, N_POINTS, 3)))
     write_fold(root, 1, "ct", ids, faces)
-    assert run_landmark_matching(root, tmp_path / "MT", aligns=("none", "similarity"), quiet=True) == 0
+    assert match(root, tmp_path / "MT", aligns=("none", "similarity")) == 0
     d = read_npz(tmp_path / "MT" / "distances_fold1_similarity.npz")
     assert d["distances"].shape == (0, 3)
     summary = json.loads((tmp_path / "MT" / "summary.json").read_text())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from faceaudit.core.geometry import umeyama
+from faceaudit.core.geometry import align_to, procrustes_mean, umeyama
 
 ALIGN_MODES = ("none", "rigid", "similarity", "icp")
 
@@ -132,3 +132,23 @@ def pairwise_distances(probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     d[~p_ok, :] = np.nan
     d[:, ~g_ok] = np.nan
     return d
+
+
+def distance_matrix(probes: np.ndarray, gallery: np.ndarray, *, align: str = "none",
+                    reference: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+    """(P, m, 3) probes x (G, m, 3) gallery -> (P, G) distances, NaN where landmarks are missing.
+
+    align: "none" (raw coordinates), "rigid" / "similarity" (each face Procrustes-
+    aligned once to ``reference``, default the Procrustes mean of the gallery), or
+    "icp" (upstream: per pair, gallery face ICP-registered onto the probe).
+    """
+    if align not in ALIGN_MODES:
+        raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
+    if align == "none":
+        return pairwise_distances(probes, gallery)
+    if align == "icp":
+        return icp_distance_matrix(probes, gallery, progress=progress)
+    scale = align == "similarity"
+    if reference is None:
+        reference = procrustes_mean(gallery, scale=scale)
+    return pairwise_distances(align_to(probes, reference, scale=scale), align_to(gallery, reference, scale=scale))

@@ -12,16 +12,22 @@ distance (IOD) of the *reference* (CT) landmarks::
 with n = 478 (the number of points summed) by default, and n = 468 with
 ``upstream=True`` (upstream divides the 478-point sum by 468). z is not used.
 "Well placed" means MAD < 15 %.
+
+The placement stage writes each fold's landmarks of one image variant to
+``landmarks_<variant>.npz`` (:func:`faceaudit.core.contracts.landmarks_file`); the
+matching stage reads them with :func:`read_landmark_set`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-from faceaudit.faces.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
+from faceaudit.core.contracts import N_FACE_LANDMARKS, N_LANDMARKS, landmarks_file
+from faceaudit.core.files import InputError, read_npz
 
 #: "Well placed" threshold on the MAD, in % of the IOD (upstream).
 WELL_PLACED_MAD = 15.0
@@ -202,3 +208,110 @@ def place_landmarks_batch(images, *, framing: Framing = Framing(),
             landmarks[i] = lm
             detected[i] = True
     return landmarks, detected
+
+
+# --------------------------------------------------------------------------- landmark files
+
+
+@dataclass
+class LandmarkSet:
+    """Landmarks of n images: ids (n,), subjects (n,), landmarks (n, 478, 3) NaN where
+    absent, detected (n,) bool; ``source`` names the file they came from."""
+
+    ids: np.ndarray
+    subjects: np.ndarray
+    landmarks: np.ndarray
+    detected: np.ndarray
+    source: str = ""
+
+    def subset(self, mask: np.ndarray) -> LandmarkSet:
+        return LandmarkSet(self.ids[mask], self.subjects[mask], self.landmarks[mask],
+                           self.detected[mask], self.source)
+
+
+def read_landmark_set(path: str | Path) -> LandmarkSet:
+    """Read a ``landmarks_<variant>.npz``: arrays ``ids`` and ``landmarks`` (n, 478, 3),
+    optional ``subjects`` (default: the ids) and ``detected`` (default: rows without NaN).
+
+    A missing, corrupt or malformed file (wrong shape, lengths that disagree, a detected
+    row holding NaN, an id twice) is an InputError naming the file.
+    """
+    path = Path(path)
+    data = read_npz(path, required=("ids", "landmarks"))
+    ids = data["ids"].astype(str)
+    lm = np.asarray(data["landmarks"], dtype=np.float64)
+    if lm.shape != (len(ids), N_LANDMARKS, 3):
+        raise InputError(f"expected landmarks of shape ({len(ids)}, {N_LANDMARKS}, 3) for "
+                         f"{len(ids)} ids at {path}, found {lm.shape}")
+    subjects = data["subjects"].astype(str) if "subjects" in data else ids.copy()
+    if len(subjects) != len(ids):
+        raise InputError(f"expected one subject per id at {path}, found {len(subjects)} for {len(ids)} ids")
+    finite = np.isfinite(lm).all(axis=(1, 2))
+    detected = data["detected"].astype(bool) if "detected" in data else finite
+    if len(detected) != len(ids):
+        raise InputError(f"expected one detected flag per id at {path}, found {len(detected)} "
+                         f"for {len(ids)} ids")
+    if np.any(detected & ~finite):
+        raise InputError(f"expected finite landmarks for every detected face at {path}, found "
+                         f"{int(np.sum(detected & ~finite))} detected with NaN")
+    lm[~detected] = np.nan
+    if len(set(ids.tolist())) != len(ids):
+        raise InputError(f"expected each id once at {path}, found duplicate ids")
+    return LandmarkSet(ids, subjects, lm, detected, str(path))
+
+
+#: Ids and subjects of distractors start with this, so a distractor never counts as a true match.
+DISTRACTOR_PREFIX = "distractor:"
+
+
+def read_distractors(path: str | Path, *, variant: str = "ct") -> list[LandmarkSet]:
+    """Landmarks of other people, one set per file: a single .npz, or a folder of them.
+
+    In a folder, the ``landmarks_<variant>.npz`` files are used when there are any
+    (so another placement output contributes its CT faces, not its PET ones), else
+    every ``*.npz``. Only detected faces are kept. Ids and subjects get a
+    ``distractor:<file>:`` prefix so a distractor never counts as a true match.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(path.rglob(landmarks_file(".", variant).name)) or sorted(path.rglob("*.npz"))
+        if not files:
+            raise InputError(f"expected .npz landmark files in --distractors {path}, found none")
+    else:
+        raise InputError(f"expected a landmarks .npz or a folder of them at --distractors {path}, "
+                         f"found no such file or folder")
+    parts = []
+    for f in files:
+        s = read_landmark_set(f)
+        s = s.subset(s.detected)
+        tag = f"{DISTRACTOR_PREFIX}{f.relative_to(path) if path.is_dir() else f.name}:"
+        parts.append(LandmarkSet(np.char.add(tag, s.ids), np.char.add(tag, s.subjects),
+                                 s.landmarks, s.detected, str(f)))
+    return parts
+
+
+def distractors_for(parts: list[LandmarkSet] | None, *exclude: str | Path) -> LandmarkSet | None:
+    """All distractor sets except those read from ``exclude`` (the fold's own files), so
+    ``--distractors LM`` pools the other folds' faces into each fold's gallery."""
+    if not parts:
+        return None
+    skip = {Path(p).resolve() for p in exclude}
+    keep = [p for p in parts if Path(p.source).resolve() not in skip]
+    if not keep:
+        return None
+    return LandmarkSet(np.concatenate([p.ids for p in keep]), np.concatenate([p.subjects for p in keep]),
+                       np.concatenate([p.landmarks for p in keep]), np.concatenate([p.detected for p in keep]),
+                       ",".join(p.source for p in keep))
+
+
+def concat_sets(a: LandmarkSet, b: LandmarkSet | None) -> LandmarkSet:
+    if b is None or len(b.ids) == 0:
+        return a
+    if a.landmarks.shape[1:] != b.landmarks.shape[1:]:
+        raise InputError(f"expected distractor landmarks of shape {a.landmarks.shape[1:]} like the "
+                         f"gallery's, found {b.landmarks.shape[1:]} in {b.source}")
+    return LandmarkSet(np.concatenate([a.ids, b.ids]), np.concatenate([a.subjects, b.subjects]),
+                       np.concatenate([a.landmarks, b.landmarks]), np.concatenate([a.detected, b.detected]),
+                       a.source)

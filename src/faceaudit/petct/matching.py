@@ -1,4 +1,4 @@
-"""PET -> CT identification from face-mesh landmarks (the matching stage).
+"""PET -> CT identification from face-mesh landmarks (stage 4, the matching stage).
 
 Per fold, every probe (a PET variant's landmarks, by default the U-Net-denoised PET)
 is compared with a gallery (the CT landmarks of the same fold's test set, plus
@@ -12,153 +12,139 @@ A probe without landmarks, or whose subject has no CT with landmarks in the
 gallery, is a miss and is counted. Identity is the subject (patient): another
 study of the same patient in the gallery is a correct re-identification.
 
+The items are the folds: a fold whose landmark files are missing, unreadable or of
+the wrong shape is a failed row with the reason, and the other folds are scored. A
+fold is skipped (its distances reused) when the landmarks it was computed from and
+the options that shape it are unchanged.
+
 Outputs (``save_dir``): distances_fold{k}_{align}.npz (probe_ids, gallery_ids,
-probe_subjects, gallery_subjects, probe_valid, distances), topk.csv, cmc.png,
-summary.json, manifest.csv (one row per fold x probe), run.json.
+probe_subjects, gallery_subjects, probe_valid, distances, input_sha1), topk.csv,
+ranks.csv (one row per fold x probe), cmc.png, summary.json, manifest.csv (one row
+per fold), run.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from faceaudit.core import ranking
-from faceaudit.core.geometry import align_to, procrustes_mean
-from faceaudit.petct.alignment import ALIGN_MODES, icp_distance_matrix, pairwise_distances
+from faceaudit.core.contracts import fold_dir, landmarks_file
 from faceaudit.core.figures import figure_png, new_axes
 from faceaudit.core.files import (
-    atomic_write_bytes,
     InputError,
-    make_private_dir,
+    atomic_write_bytes,
     read_npz,
     write_csv,
     write_json,
     write_npz,
 )
-from faceaudit.core.manifest import ItemResult, Manifest, STATUS_FAILED, STATUS_OK
-from faceaudit.core.runner import write_run_json
+from faceaudit.core.manifest import (
+    STATUS_FAILED,
+    STATUS_OK,
+    ItemResult,
+    describe_exception,
+)
+from faceaudit.core.runner import (
+    OptionsError,
+    RunSettings,
+    StageResult,
+    StageRun,
+    fingerprint,
+)
+from faceaudit.petct.alignment import ALIGN_MODES, distance_matrix
+from faceaudit.petct.landmarks import (
+    LandmarkSet,
+    concat_sets,
+    distractors_for,
+    read_distractors,
+    read_landmark_set,
+)
 
 DEFAULT_KS = (1, 3, 5, 10, 15)
 DEFAULT_ALIGNS = ("none", "similarity")
-DISTRACTOR_PREFIX = "distractor:"
+RANKS_FILE = "ranks.csv"
 
 
-@dataclass
-class LandmarkSet:
-    """Landmarks of n images: ids (n,), subjects (n,), landmarks (n, m, 3) NaN if absent, detected (n,)."""
-
-    ids: np.ndarray
-    subjects: np.ndarray
-    landmarks: np.ndarray
-    detected: np.ndarray
-    source: str = ""
-
-    def subset(self, mask: np.ndarray) -> "LandmarkSet":
-        return LandmarkSet(self.ids[mask], self.subjects[mask], self.landmarks[mask],
-                           self.detected[mask], self.source)
+# --------------------------------------------------------------------------- options
 
 
-def read_landmark_set(path: str | Path) -> LandmarkSet:
-    """Read a ``landmarks_<variant>.npz``; a missing, corrupt or malformed file is an InputError."""
-    path = Path(path)
-    data = read_npz(path, required=("ids", "landmarks"))
-    ids = data["ids"].astype(str)
-    lm = np.asarray(data["landmarks"], dtype=np.float64)
-    if lm.ndim != 3 or lm.shape[-1] != 3 or lm.shape[0] != len(ids):
-        raise InputError(f"{path}: expected landmarks of shape ({len(ids)}, n_points, 3) for "
-                         f"{len(ids)} ids, found {lm.shape}")
-    subjects = data["subjects"].astype(str) if "subjects" in data else ids.copy()
-    if len(subjects) != len(ids):
-        raise InputError(f"{path}: {len(subjects)} subjects for {len(ids)} ids")
-    finite = np.isfinite(lm).all(axis=(1, 2))
-    detected = data["detected"].astype(bool) if "detected" in data else finite
-    if len(detected) != len(ids):
-        raise InputError(f"{path}: {len(detected)} detected flags for {len(ids)} ids")
-    if np.any(detected & ~finite):
-        raise InputError(f"{path}: {int(np.sum(detected & ~finite))} items flagged detected hold NaN landmarks")
-    lm[~detected] = np.nan
-    if len(set(ids.tolist())) != len(ids):
-        raise InputError(f"{path}: duplicate ids")
-    return LandmarkSet(ids, subjects, lm, detected, str(path))
+@dataclass(frozen=True)
+class MatchingOptions:
+    """What the matching stage computes; validated on creation (OptionsError, exit 2)."""
+
+    n_folds: int | None = None            # folds 0..K-1; None: every fold<k>/ found
+    probe_variant: str | None = None      # None: pet_unet when every fold has it, else pet
+    gallery_variant: str = "ct"
+    aligns: tuple[str, ...] = DEFAULT_ALIGNS
+    distractors: str | None = None        # a landmarks .npz or a folder of them
+    ks: tuple[int, ...] = DEFAULT_KS
+
+    def __post_init__(self) -> None:
+        aligns = tuple(dict.fromkeys(self.aligns))
+        if not aligns or any(a not in ALIGN_MODES for a in aligns):
+            raise OptionsError(f"expected --align to be a comma-separated list of {list(ALIGN_MODES)}, "
+                               f"found {list(self.aligns)}")
+        object.__setattr__(self, "aligns", aligns)
+        if self.n_folds is not None and (isinstance(self.n_folds, bool) or not isinstance(self.n_folds, int)
+                                         or self.n_folds < 1):
+            raise OptionsError(f"expected --n_folds to be a whole number >= 1, found {self.n_folds!r}")
+        ks = tuple(self.ks)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise OptionsError(f"expected ranks k to be whole numbers >= 1, found {list(self.ks)}")
+        object.__setattr__(self, "ks", ks)
+        for flag, name in (("--probe", self.probe_variant), ("--gallery", self.gallery_variant)):
+            if name is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
+                raise OptionsError(f"expected {flag} to be a variant name such as pet_unet or ct, "
+                                   f"found {name!r}")
+        if self.distractors is not None:
+            object.__setattr__(self, "distractors", str(self.distractors))
 
 
-def read_distractors(path: str | Path, *, variant: str = "ct") -> list[LandmarkSet]:
-    """Landmarks of other people, one set per file: a single .npz, or a folder of them.
-
-    In a folder, the ``landmarks_<variant>.npz`` files are used when there are any
-    (so another placement output contributes its CT faces, not its PET ones), else
-    every ``*.npz``. Only detected faces are kept. Ids and subjects get a
-    ``distractor:<file>:`` prefix so a distractor never counts as a true match.
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(path.rglob(f"landmarks_{variant}.npz")) or sorted(path.rglob("*.npz"))
-        if not files:
-            raise InputError(f"--distractors {path}: no .npz landmark files found in that folder")
-    else:
-        raise InputError(f"--distractors {path}: no such file or folder")
-    parts = []
-    for f in files:
-        s = read_landmark_set(f)
-        s = s.subset(s.detected)
-        tag = f"{DISTRACTOR_PREFIX}{f.relative_to(path) if path.is_dir() else f.name}:"
-        parts.append(LandmarkSet(np.char.add(tag, s.ids), np.char.add(tag, s.subjects),
-                                 s.landmarks, s.detected, str(f)))
-    n_points = {p.landmarks.shape[1] for p in parts}
-    if len(n_points) > 1:
-        raise InputError(f"--distractors {path}: files hold different landmark counts {sorted(n_points)}")
-    return parts
+# --------------------------------------------------------------------------- inputs
 
 
-def distractors_for(parts: list[LandmarkSet] | None, *exclude: str | Path) -> LandmarkSet | None:
-    """All distractor sets except those read from ``exclude`` (the fold's own files), so
-    ``--distractors LM`` pools the other folds' faces into each fold's gallery."""
-    if not parts:
-        return None
-    skip = {Path(p).resolve() for p in exclude}
-    keep = [p for p in parts if Path(p.source).resolve() not in skip]
-    if not keep:
-        return None
-    return LandmarkSet(np.concatenate([p.ids for p in keep]), np.concatenate([p.subjects for p in keep]),
-                       np.concatenate([p.landmarks for p in keep]), np.concatenate([p.detected for p in keep]),
-                       ",".join(p.source for p in keep))
+def fold_folders(landmarks_dir: Path, n_folds: int | None) -> list[tuple[int, Path]]:
+    """(k, LM/fold{k}) of folds 0..n_folds-1, or of every fold<k>/ found (also fold_<k>/)."""
+    if not landmarks_dir.is_dir():
+        raise InputError(f"expected a folder with fold<k>/ sub-folders at --landmarks_files "
+                         f"{landmarks_dir}, found no such folder")
+    found = {}
+    for p in landmarks_dir.iterdir():
+        m = re.fullmatch(r"fold_?(\d+)", p.name)
+        if m and p.is_dir():
+            found[int(m.group(1))] = p
+    if n_folds is None:
+        if not found:
+            raise InputError(f"expected fold<k>/ sub-folders in --landmarks_files {landmarks_dir}, "
+                             f"found none")
+        return sorted(found.items())
+    return [(k, found.get(k, fold_dir(landmarks_dir, k))) for k in range(n_folds)]
 
 
-def concat_sets(a: LandmarkSet, b: LandmarkSet | None) -> LandmarkSet:
-    if b is None or len(b.ids) == 0:
-        return a
-    if a.landmarks.shape[1:] != b.landmarks.shape[1:]:
-        raise InputError(f"{b.source}: landmarks {b.landmarks.shape[1:]} do not match the gallery's "
-                         f"{a.landmarks.shape[1:]}")
-    return LandmarkSet(np.concatenate([a.ids, b.ids]), np.concatenate([a.subjects, b.subjects]),
-                       np.concatenate([a.landmarks, b.landmarks]), np.concatenate([a.detected, b.detected]),
-                       a.source)
+def default_probe_variant(folds: list[tuple[int, Path]]) -> str:
+    """pet_unet when every fold has it, else pet."""
+    if folds and all(landmarks_file(d, "pet_unet").is_file() for _, d in folds):
+        return "pet_unet"
+    return "pet"
 
 
-def distance_matrix(probes: np.ndarray, gallery: np.ndarray, *, align: str = "none",
-                    reference: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
-    """(P, m, 3) probes x (G, m, 3) gallery -> (P, G) distances, NaN where landmarks are missing.
+def input_fingerprint(probe: LandmarkSet, gallery: LandmarkSet) -> str:
+    """SHA-1 of the ids, subjects and landmark values a distance matrix was computed from
+    (stored in each distances file as ``input_sha1``)."""
+    h = hashlib.sha1()
+    for s in (probe, gallery):
+        h.update("\0".join(s.ids.tolist()).encode())
+        h.update("\0".join(s.subjects.tolist()).encode())
+        h.update(np.ascontiguousarray(s.landmarks, dtype=np.float64).tobytes())
+    return h.hexdigest()
 
-    align: "none" (raw coordinates), "rigid" / "similarity" (each face Procrustes-
-    aligned once to ``reference``, default the Procrustes mean of the gallery), or
-    "icp" (upstream: per pair, gallery face ICP-registered onto the probe).
-    """
-    if align not in ALIGN_MODES:
-        raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
-    if align == "none":
-        return pairwise_distances(probes, gallery)
-    if align == "icp":
-        return icp_distance_matrix(probes, gallery, progress=progress)
-    scale = align == "similarity"
-    if reference is None:
-        reference = procrustes_mean(gallery, scale=scale)
-    return pairwise_distances(align_to(probes, reference, scale=scale), align_to(gallery, reference, scale=scale))
+
+# --------------------------------------------------------------------------- one fold
 
 
 @dataclass
@@ -183,8 +169,8 @@ def match_fold(probe: LandmarkSet, gallery: LandmarkSet, *, align: str,
                distractors: LandmarkSet | None = None, progress: bool = False) -> FoldMatch:
     """Identify every probe in the gallery (detected gallery items + distractors)."""
     if probe.landmarks.shape[1:] != gallery.landmarks.shape[1:]:
-        raise InputError(f"probe landmarks {probe.landmarks.shape[1:]} ({probe.source}) and gallery "
-                         f"landmarks {gallery.landmarks.shape[1:]} ({gallery.source}) differ in shape")
+        raise InputError(f"expected probe landmarks ({probe.source}) of the gallery's shape "
+                         f"{gallery.landmarks.shape[1:]} ({gallery.source}), found {probe.landmarks.shape[1:]}")
     full_gallery = concat_sets(gallery.subset(gallery.detected), distractors)
     if len(full_gallery.ids) == 0:
         d = np.full((len(probe.ids), 0), np.nan)
@@ -200,42 +186,11 @@ def _ranked(align: str, probe: LandmarkSet, full_gallery: LandmarkSet, distances
                      full_gallery.subjects, distances, ranks)
 
 
-def _fold_dirs(landmarks_dir: Path, n_folds: int | None) -> list[tuple[int, Path]]:
-    if not landmarks_dir.is_dir():
-        raise InputError(f"--landmarks_files {landmarks_dir}: expected a folder with fold<k>/ "
-                         f"sub-folders, found no such folder")
-    found = {}
-    for p in landmarks_dir.iterdir():
-        m = re.fullmatch(r"fold_?(\d+)", p.name)
-        if m and p.is_dir():
-            found[int(m.group(1))] = p
-    if n_folds is None:
-        if not found:
-            raise InputError(f"--landmarks_files {landmarks_dir}: no fold<k>/ sub-folders found")
-        return sorted(found.items())
-    return [(k, found.get(k, landmarks_dir / f"fold{k}")) for k in range(n_folds)]
+def distances_path(save_dir: Path, fold: int, align: str) -> Path:
+    return Path(save_dir) / f"distances_fold{fold}_{align}.npz"
 
 
-def default_probe_variant(folds: list[tuple[int, Path]]) -> str:
-    """pet_unet when every fold has it, else pet."""
-    if folds and all((d / "landmarks_pet_unet.npz").is_file() for _, d in folds):
-        return "pet_unet"
-    return "pet"
-
-
-def input_fingerprint(probe: LandmarkSet, gallery: LandmarkSet) -> str:
-    """SHA-1 of the ids and landmark values a distance matrix was computed from."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for s in (probe, gallery):
-        h.update("\0".join(s.ids.tolist()).encode())
-        h.update("\0".join(s.subjects.tolist()).encode())
-        h.update(np.ascontiguousarray(s.landmarks, dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
-def _load_cached(path: Path, fingerprint: str) -> np.ndarray | None:
+def _load_cached(path: Path, input_sha1: str) -> np.ndarray | None:
     """Distances from an earlier run, if they were computed from exactly these inputs."""
     if not path.is_file():
         return None
@@ -243,7 +198,177 @@ def _load_cached(path: Path, fingerprint: str) -> np.ndarray | None:
         old = read_npz(path, required=("distances", "input_sha1"))
     except InputError:
         return None
-    return old["distances"] if str(old["input_sha1"]) == fingerprint else None
+    return old["distances"] if str(old["input_sha1"]) == input_sha1 else None
+
+
+@dataclass
+class FoldOutcome:
+    """A scored fold: its matches per alignment, its counts and its per-probe rows."""
+
+    fold: int
+    matches: dict[str, FoldMatch]
+    info: dict
+    probe_rows: list[dict] = field(default_factory=list)
+    recomputed: bool = False
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every fold of one run shares."""
+
+    save_dir: Path
+    options: MatchingOptions
+    probe_variant: str
+    distractors: list[LandmarkSet] | None
+    overwrite: bool
+    progress: bool
+
+
+def _fold_distances(ctx: _Context, k: int, probe: LandmarkSet, gallery: LandmarkSet,
+                    extra: LandmarkSet | None, full_gallery: LandmarkSet, input_sha1: str
+                    ) -> tuple[dict[str, FoldMatch], bool]:
+    """Every alignment's FoldMatch, reusing a stored matrix of the same inputs; whether any
+    matrix was computed anew."""
+    matches, recomputed = {}, False
+    for align in ctx.options.aligns:
+        out = distances_path(ctx.save_dir, k, align)
+        cached = None if ctx.overwrite else _load_cached(out, input_sha1)
+        if cached is not None:
+            matches[align] = _ranked(align, probe, full_gallery, cached)
+            continue
+        fm = match_fold(probe, gallery, align=align, distractors=extra, progress=ctx.progress)
+        write_npz(out, probe_ids=fm.probe_ids, gallery_ids=fm.gallery_ids,
+                  probe_subjects=fm.probe_subjects, gallery_subjects=fm.gallery_subjects,
+                  probe_valid=fm.probe_valid, distances=fm.distances, input_sha1=np.array(input_sha1))
+        matches[align] = fm
+        recomputed = True
+    return matches, recomputed
+
+
+def _probe_rows(k: int, matches: dict[str, FoldMatch], gallery: LandmarkSet, ctx: _Context) -> list[dict]:
+    """One row per probe: whether it and its subject's CT had landmarks, its rank per alignment."""
+    gallery_variant = ctx.options.gallery_variant
+    first = next(iter(matches.values()))
+    ct_detected = dict(zip(gallery.ids.tolist(), gallery.detected.tolist()))
+    gallery_subjects = set(first.gallery_subjects.tolist())
+    rows = []
+    for i, pid in enumerate(first.probe_ids.tolist()):
+        has_probe = bool(first.probe_valid[i])
+        has_ct = first.probe_subjects[i] in gallery_subjects
+        reason = "" if has_probe and has_ct else "miss: " + ", ".join(
+            ([f"no landmarks on {ctx.probe_variant}"] if not has_probe else [])
+            + ([f"no {gallery_variant} landmarks of this subject in the gallery"] if not has_ct else []))
+        row = {"fold": k, "id": pid, "subject": str(first.probe_subjects[i]), "probe_landmarks": has_probe,
+               f"own_{gallery_variant}_landmarks": bool(ct_detected.get(pid, False)),
+               "gallery_has_subject": has_ct}
+        row.update({f"rank_{a}": int(fm.ranks[i]) for a, fm in matches.items()})
+        row["reason"] = reason
+        rows.append(row)
+    return rows
+
+
+def _fold_info(k: int, matches: dict[str, FoldMatch], extra: LandmarkSet | None) -> dict:
+    first = next(iter(matches.values()))
+    gallery_subjects = set(first.gallery_subjects.tolist())
+    n_ct_missing = sum(1 for s in first.probe_subjects.tolist() if s not in gallery_subjects)
+    return {"fold": k, "n_probes": len(first.probe_ids),
+            "n_probe_no_landmarks": int((~first.probe_valid).sum()),
+            "n_subject_not_in_gallery": n_ct_missing,
+            "gallery_size": first.gallery_size,
+            "gallery_subjects": len(gallery_subjects),
+            "n_distractors": 0 if extra is None else len(extra.ids)}
+
+
+def score_fold(ctx: _Context, k: int, folder: Path) -> tuple[FoldOutcome, str]:
+    """Read one fold's landmark files and rank its probes; returns the outcome and the
+    fold's fingerprint (its landmark content and the options that shape its outputs)."""
+    probe = read_landmark_set(landmarks_file(folder, ctx.probe_variant))
+    gallery = read_landmark_set(landmarks_file(folder, ctx.options.gallery_variant))
+    extra = distractors_for(ctx.distractors, probe.source, gallery.source)
+    full_gallery = concat_sets(gallery.subset(gallery.detected), extra)
+    input_sha1 = input_fingerprint(probe, full_gallery)
+    matches, recomputed = _fold_distances(ctx, k, probe, gallery, extra, full_gallery, input_sha1)
+    outcome = FoldOutcome(k, matches, _fold_info(k, matches, extra), _probe_rows(k, matches, gallery, ctx),
+                          recomputed)
+    shaping = {"probe": ctx.probe_variant, "gallery": ctx.options.gallery_variant,
+               "aligns": list(ctx.options.aligns)}
+    return outcome, fingerprint(input_sha1, shaping)
+
+
+def _fold_row_values(outcome: FoldOutcome) -> dict:
+    values = dict(outcome.info)
+    values.update({f"top1_{a}": ranking.topk_accuracy(fm.ranks, (1,))[1] if len(fm.ranks) else float("nan")
+                   for a, fm in outcome.matches.items()})
+    return values
+
+
+def _run_fold(stage: StageRun, ctx: _Context, k: int, folder: Path) -> FoldOutcome | dict:
+    """Score one fold and journal its row. A fold that cannot be scored is a failed row
+    (its distance files removed); then ``{"fold": k, "reason": ...}`` is returned."""
+    item_id = f"fold{k}"
+    try:
+        outcome, item_fingerprint = score_fold(ctx, k, folder)
+    except OSError:
+        raise                   # the output location (full, read-only): exit 2, not a bad fold
+    except Exception as exc:    # a bad fold never stops the others
+        for path in ctx.save_dir.glob(f"distances_fold{k}_*.npz"):
+            path.unlink(missing_ok=True)
+        reason = describe_exception(exc)
+        stage.record(ItemResult(item_id, "", STATUS_FAILED, reason, {"fold": k}))
+        return {"fold": k, "reason": reason}
+    outputs = [distances_path(ctx.save_dir, k, a) for a in ctx.options.aligns]
+    if not outcome.recomputed and stage.is_fresh(item_id, item_fingerprint, outputs):
+        row = stage.skipped(item_id)
+    else:
+        row = ItemResult(item_id, "", STATUS_OK, "", _fold_row_values(outcome))
+    stage.record(row, item_fingerprint)
+    return outcome
+
+
+# --------------------------------------------------------------------------- tables and figure
+
+
+def _topk_row(align: str, kk: int, fms: list[FoldMatch], fold_ids: list[int]) -> dict:
+    accs = np.array([ranking.topk_accuracy(fm.ranks, (kk,))[kk] for fm in fms])
+    # upstream's denominator: probes with landmarks (their CT missing is still a miss)
+    probe_det = [_subset_topk(fm.ranks, fm.probe_valid, kk) for fm in fms]
+    # both landmark sets present: how well the landmarks identify, detection aside
+    both = [_subset_topk(fm.ranks, fm.probe_valid & np.isin(fm.probe_subjects, fm.gallery_subjects), kk)
+            for fm in fms]
+    chance = np.array([ranking.chance_topk(fm.gallery_size, kk) for fm in fms])
+    # a fold without probes (all its placements failed) has no accuracy: left out
+    return {"align": align, "k": kk, "mean": _nanmean(accs), "std": _nanstd(accs),
+            **{f"fold{f}": float(a) for f, a in zip(fold_ids, accs)},
+            "gallery_size": float(np.mean([fm.gallery_size for fm in fms])),
+            "chance": float(np.mean(chance)),
+            "mean_probe_detected": _nanmean(probe_det), "std_probe_detected": _nanstd(probe_det),
+            "mean_both_detected": _nanmean(both),
+            "n_probes": int(sum(len(fm.probe_ids) for fm in fms)),
+            "n_miss_no_landmarks": int(sum(
+                int((~fm.probe_valid | ~np.isin(fm.probe_subjects, fm.gallery_subjects)).sum())
+                for fm in fms))}
+
+
+def topk_rows(outcomes: list[FoldOutcome], aligns: tuple[str, ...], ks: tuple[int, ...]) -> list[dict]:
+    """One row per (alignment, k): mean ± std over the scored folds, per fold, chance."""
+    fold_ids = [o.fold for o in outcomes]
+    if not outcomes:
+        return []
+    return [_topk_row(align, kk, [o.matches[align] for o in outcomes], fold_ids)
+            for align in aligns for kk in ks]
+
+
+def cmc_curves(outcomes: list[FoldOutcome], aligns: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Mean CMC over folds per alignment, up to the smallest gallery (at most 50), and
+    the matching chance curve."""
+    if not outcomes:
+        return {}, np.zeros(0)
+    max_rank = max(1, min(50, min(o.info["gallery_size"] for o in outcomes) or 1))
+    curves = {a: np.mean([ranking.cmc_curve(o.matches[a].ranks, max_rank) for o in outcomes], axis=0)
+              for a in aligns}
+    chance = np.array([np.mean([ranking.chance_topk(o.info["gallery_size"], r) for o in outcomes])
+                       for r in range(1, max_rank + 1)])
+    return curves, chance
 
 
 def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, title: str) -> None:
@@ -265,147 +390,40 @@ def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, t
     atomic_write_bytes(path, figure_png(fig))
 
 
-def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path, *, n_folds: int | None = None,
-                          probe_variant: str | None = None, gallery_variant: str = "ct",
-                          aligns: tuple[str, ...] = DEFAULT_ALIGNS, distractors: str | Path | None = None,
-                          ks: tuple[int, ...] = DEFAULT_KS, overwrite: bool = False, seed: int = 0,
-                          quiet: bool = False, args: dict | None = None) -> int:
-    """The matching stage: read LM/fold{k}/landmarks_*.npz, write distances, top-k, CMC.
+def _summary_record(ctx: _Context, outcomes: list[FoldOutcome], rows: list[dict],
+                    curves: dict[str, np.ndarray], failed: list[dict]) -> dict:
+    opts = ctx.options
+    topk = {a: {str(r["k"]): r for r in rows if r["align"] == a} for a in opts.aligns}
+    return {"probe_variant": ctx.probe_variant, "gallery_variant": opts.gallery_variant,
+            "aligns": list(opts.aligns), "ks": list(opts.ks), "folds": [o.info for o in outcomes],
+            "failed_folds": failed,
+            "distractors": None if not ctx.distractors else {
+                "source": opts.distractors, "files": [p.source for p in ctx.distractors],
+                "n": int(sum(len(p.ids) for p in ctx.distractors)),
+                "note": "a fold's own landmark files are never its distractors"},
+            "identity": "subject (another study of the same patient counts as a correct match)",
+            "distance": "Frobenius norm of the (n_points, 3) landmark difference",
+            "reference_frame": "generalised Procrustes mean of each fold's gallery (rigid/similarity)",
+            "topk": topk, "cmc_mean": {a: c.tolist() for a, c in curves.items()}}
 
-    Returns 0, or 1 when a fold's landmark files were missing or unreadable (those
-    folds are recorded as failed in the manifest and left out of the means).
-    """
-    started = time.time()
-    landmarks_dir, save_dir = Path(landmarks_dir), Path(save_dir)
-    aligns = tuple(dict.fromkeys(aligns))
-    bad = [a for a in aligns if a not in ALIGN_MODES]
-    if bad or not aligns:
-        raise InputError(f"--align: expected a comma-separated list of {ALIGN_MODES}, got {list(aligns)}")
-    folds = _fold_dirs(landmarks_dir, n_folds)
-    probe_variant = probe_variant or default_probe_variant(folds)
-    distractor_sets = read_distractors(distractors, variant=gallery_variant) if distractors else None
-    make_private_dir(save_dir)
-    manifest = Manifest(save_dir / "manifest.csv")
-    manifest.rows.clear()  # every fold is re-read each run: an old failure must not linger
-    progress = not quiet
 
-    per_fold: dict[str, list[FoldMatch]] = {a: [] for a in aligns}
-    fold_info = []
-    failed_folds = []
-    for k, fdir in folds:
-        try:
-            probe = read_landmark_set(fdir / f"landmarks_{probe_variant}.npz")
-            gallery = read_landmark_set(fdir / f"landmarks_{gallery_variant}.npz")
-        except InputError as exc:
-            failed_folds.append({"fold": k, "reason": str(exc)})
-            manifest.add(ItemResult(f"fold{k}", "", STATUS_FAILED, str(exc)))
-            continue
-        extra = distractors_for(distractor_sets, probe.source, gallery.source)
-        ct_detected = dict(zip(gallery.ids.tolist(), gallery.detected.tolist()))
-        full_gallery = concat_sets(gallery.subset(gallery.detected), extra)
-        fingerprint = input_fingerprint(probe, full_gallery)
-        results = {}
-        for align in aligns:
-            out = save_dir / f"distances_fold{k}_{align}.npz"
-            cached = None if overwrite else _load_cached(out, fingerprint)
-            if cached is not None:
-                fm = _ranked(align, probe, full_gallery, cached)
-            else:
-                fm = match_fold(probe, gallery, align=align, distractors=extra, progress=progress)
-                write_npz(out, probe_ids=fm.probe_ids, gallery_ids=fm.gallery_ids,
-                          probe_subjects=fm.probe_subjects, gallery_subjects=fm.gallery_subjects,
-                          probe_valid=fm.probe_valid, distances=fm.distances,
-                          input_sha1=np.array(fingerprint))
-            per_fold[align].append(fm)
-            results[align] = fm
-        first = results[aligns[0]]
-        gallery_subjects = set(first.gallery_subjects.tolist())
-        n_ct_missing = 0
-        for i, pid in enumerate(first.probe_ids.tolist()):
-            subject = first.probe_subjects[i]
-            has_probe = bool(first.probe_valid[i])
-            has_ct = subject in gallery_subjects
-            n_ct_missing += int(not has_ct)
-            reason = "" if has_probe and has_ct else "miss: " + ", ".join(
-                ([f"no landmarks on {probe_variant}"] if not has_probe else [])
-                + ([f"no {gallery_variant} landmarks of this subject in the gallery"] if not has_ct else []))
-            values = {"fold": k, "probe_landmarks": has_probe,
-                      f"own_{gallery_variant}_landmarks": bool(ct_detected.get(pid, False)),
-                      "gallery_has_subject": has_ct}
-            values.update({f"rank_{a}": int(results[a].ranks[i]) for a in aligns})
-            manifest.add(ItemResult(f"fold{k}/{pid}", str(subject), STATUS_OK, reason, values))
-        fold_info.append({"fold": k, "n_probes": len(first.probe_ids),
-                          "n_probe_no_landmarks": int((~first.probe_valid).sum()),
-                          "n_subject_not_in_gallery": n_ct_missing,
-                          "gallery_size": first.gallery_size,
-                          "gallery_subjects": len(gallery_subjects),
-                          "n_distractors": 0 if extra is None else len(extra.ids)})
-
-    fold_ids = [f["fold"] for f in fold_info]
-    rows = []
-    summary_rows = {}
-    curves = {}
-    max_rank = 0
-    if fold_info:
-        max_rank = max(1, min(50, min(f["gallery_size"] for f in fold_info) or 1))
-    for align in aligns:
-        summary_rows[align] = {}
-        fms = per_fold[align]
-        if not fms:
-            continue
-        curves[align] = np.mean([ranking.cmc_curve(fm.ranks, max_rank) for fm in fms], axis=0)
-        for kk in ks:
-            accs = np.array([ranking.topk_accuracy(fm.ranks, (kk,))[kk] for fm in fms])
-            # upstream's denominator: probes with landmarks (their CT missing is still a miss)
-            probe_det = [_subset_topk(fm.ranks, fm.probe_valid, kk) for fm in fms]
-            # both landmark sets present: how well the landmarks identify, detection aside
-            both = [_subset_topk(fm.ranks, fm.probe_valid & np.isin(fm.probe_subjects, fm.gallery_subjects), kk)
-                    for fm in fms]
-            chance = np.array([ranking.chance_topk(fm.gallery_size, kk) for fm in fms])
-            # a fold without probes (all its placements failed) has no accuracy: left out
-            row = {"align": align, "k": kk, "mean": _nanmean(accs), "std": _nanstd(accs),
-                   **{f"fold{f}": float(a) for f, a in zip(fold_ids, accs)},
-                   "gallery_size": float(np.mean([fm.gallery_size for fm in fms])),
-                   "chance": float(np.mean(chance)),
-                   "mean_probe_detected": _nanmean(probe_det), "std_probe_detected": _nanstd(probe_det),
-                   "mean_both_detected": _nanmean(both),
-                   "n_probes": int(sum(len(fm.probe_ids) for fm in fms)),
-                   "n_miss_no_landmarks": int(sum(
-                       int((~fm.probe_valid | ~np.isin(fm.probe_subjects, fm.gallery_subjects)).sum())
-                       for fm in fms))}
-            rows.append(row)
-            summary_rows[align][kk] = row
-    columns = (["align", "k", "mean", "std"] + [f"fold{f}" for f in fold_ids]
+def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]) -> list[dict]:
+    """topk.csv, ranks.csv, cmc.png and summary.json of the scored folds; the top-k rows."""
+    opts, save_dir = ctx.options, ctx.save_dir
+    rows = topk_rows(outcomes, opts.aligns, opts.ks)
+    columns = (["align", "k", "mean", "std"] + [f"fold{o.fold}" for o in outcomes]
                + ["gallery_size", "chance", "mean_probe_detected", "std_probe_detected", "mean_both_detected",
                   "n_probes", "n_miss_no_landmarks"])
     write_csv(save_dir / "topk.csv", rows, columns)
+    write_csv(save_dir / RANKS_FILE, [r for o in outcomes for r in o.probe_rows])
+    curves, chance = cmc_curves(outcomes, opts.aligns)
     if curves:
-        chance_curve = np.array([np.mean([ranking.chance_topk(f["gallery_size"], r) for f in fold_info])
-                                 for r in range(1, max_rank + 1)])
-        gsize = np.mean([f["gallery_size"] for f in fold_info])
-        plot_cmc(curves, chance_curve, save_dir / "cmc.png",
-                 title=f"{probe_variant} probes vs {gallery_variant} gallery, {len(fold_info)} folds, "
+        gsize = np.mean([o.info["gallery_size"] for o in outcomes])
+        plot_cmc(curves, chance, save_dir / "cmc.png",
+                 title=f"{ctx.probe_variant} probes vs {opts.gallery_variant} gallery, {len(outcomes)} folds, "
                        f"mean gallery {gsize:.0f}")
-    summary = {"probe_variant": probe_variant, "gallery_variant": gallery_variant, "aligns": list(aligns),
-               "ks": list(ks), "folds": fold_info, "failed_folds": failed_folds,
-               "distractors": None if not distractor_sets else {
-                   "source": str(distractors), "files": [p.source for p in distractor_sets],
-                   "n": int(sum(len(p.ids) for p in distractor_sets)),
-                   "note": "a fold's own landmark files are never its distractors"},
-               "identity": "subject (another study of the same patient counts as a correct match)",
-               "distance": "Frobenius norm of the (n_points, 3) landmark difference",
-               "reference_frame": "generalised Procrustes mean of each fold's gallery (rigid/similarity)",
-               "topk": {a: {str(k): v for k, v in r.items()} for a, r in summary_rows.items()},
-               "cmc_mean": {a: c.tolist() for a, c in curves.items()}}
-    write_json(save_dir / "summary.json", summary)
-    manifest.write()
-    write_run_json(save_dir, stage="landmark_matching", args=args or {
-        "landmarks_files": str(landmarks_dir), "save_dir": str(save_dir), "n_folds": n_folds,
-        "probe_variant": probe_variant, "align": list(aligns), "distractors": distractors and str(distractors)},
-        seed=seed, started=started)
-    if not quiet:
-        print(format_topk_table(rows, probe_variant, gallery_variant))
-    return manifest.exit_code()
+    write_json(save_dir / "summary.json", _summary_record(ctx, outcomes, rows, curves, failed))
+    return rows
 
 
 def format_topk_table(rows: list[dict], probe_variant: str, gallery_variant: str) -> str:
@@ -421,6 +439,14 @@ def format_topk_table(rows: list[dict], probe_variant: str, gallery_variant: str
     return "\n".join(lines)
 
 
+def _summary_text(ctx: _Context, rows: list[dict], n_folds: int, failed: list[dict]) -> str:
+    lines = [format_topk_table(rows, ctx.probe_variant, ctx.options.gallery_variant)] if rows else []
+    lines.append(f"landmark matching: {n_folds - len(failed)} of {n_folds} folds scored; "
+                 f"results in {ctx.save_dir}")
+    lines += [f"  failed fold {f['fold']}: {f['reason']}" for f in failed]
+    return "\n".join(lines)
+
+
 def _subset_topk(ranks: np.ndarray, mask: np.ndarray, k: int) -> float:
     return ranking.topk_accuracy(ranks[mask], (k,))[k] if mask.any() else float("nan")
 
@@ -433,3 +459,35 @@ def _nanmean(values) -> float:
 def _nanstd(values) -> float:
     values = np.asarray(values, dtype=np.float64)
     return float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path,
+                          options: MatchingOptions | None = None, *,
+                          run: RunSettings | None = None) -> StageResult:
+    """The matching stage: read LM/fold{k}/landmarks_*.npz, write distances, top-k, CMC.
+
+    Exit code 0, or 1 when a fold could not be scored (missing, unreadable or
+    wrong-shaped landmark files): that fold is a failed manifest row with the reason
+    and is left out of the means; the other folds are scored and written. A missing
+    landmarks folder or unreadable distractors raise InputError (exit 2).
+    """
+    options = options or MatchingOptions()
+    run = run or RunSettings()
+    folds = fold_folders(Path(landmarks_dir), options.n_folds)
+    distractor_sets = (read_distractors(options.distractors, variant=options.gallery_variant)
+                       if options.distractors else None)
+    with StageRun("landmark_matching", save_dir, run, options=options) as stage:
+        ctx = _Context(stage.save_dir, options, options.probe_variant or default_probe_variant(folds),
+                       distractor_sets, run.overwrite, run.progress)
+        stage.extra.update(probe_variant=ctx.probe_variant, landmarks_dir=str(landmarks_dir))
+        results = [_run_fold(stage, ctx, k, folder) for k, folder in folds]
+        outcomes = [r for r in results if isinstance(r, FoldOutcome)]
+        failed = [r for r in results if not isinstance(r, FoldOutcome)]
+        rows = write_results(ctx, outcomes, failed)
+        return stage.finish(keep_ids=[f"fold{k}" for k, _ in folds],
+                            summary=_summary_text(ctx, rows, len(folds), failed),
+                            details={"probe_variant": ctx.probe_variant, "topk": rows,
+                                     "folds": [o.info for o in outcomes], "failed_folds": failed})
