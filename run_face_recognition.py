@@ -14,19 +14,22 @@ import sys
 
 
 def main(argv=None) -> int:
-    from faceaudit.core.cli import add_common_args, run_guarded
+    from faceaudit.core.cli import add_common_args, run_guarded, run_settings
     from faceaudit.faces.embedding import BACKENDS
-    from faceaudit.mask.recognition import SCENARIOS, run_face_recognition
+    from faceaudit.mask.recognition import SCENARIOS, RecognitionOptions, run_face_recognition
 
+    defaults = RecognitionOptions()
     parser = argparse.ArgumentParser(
         description="Embed the photos and masks of a run_digital_mask.py folder and report "
-                    "closed-set identification (rank-1/5/10 with bootstrap CIs, CMC) for each "
-                    "query/database scenario.")
+                    "closed-set identification (rank-1/5/10 with Wilson 95%% intervals, CMC) and "
+                    "open-set rates (true-accept rate at a false-accept rate of 1%% and 0.1%%, ROC) "
+                    "for each query/database scenario.")
     parser.add_argument("--masks_dir", required=True,
                         help="output folder of run_digital_mask.py (manifest.csv + PNGs)")
     parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
-    parser.add_argument("--backend", choices=BACKENDS, default="dlib",
-                        help="embedding model (default: dlib, bundled, offline)")
+    parser.add_argument("--backend", default=defaults.backend,
+                        help=f"embedding model, one of {', '.join(BACKENDS)} "
+                             "(default: dlib, bundled, offline)")
     parser.add_argument("--model_dir", "--model-dir", default=None,
                         help="insightface: a buffalo_l-style folder (det_10g.onnx, "
                              "w600k_r50.onnx); arcface-onnx: an ArcFace .onnx or its folder")
@@ -44,17 +47,24 @@ def main(argv=None) -> int:
                         help="reproduce upstream's MaskOnlyBlack2Face (black masks on both sides)")
     parser.add_argument("--rgb-to-insightface", dest="rgb_to_insightface", action="store_true",
                         help="pass RGB to the insightface models as upstream did (default: BGR)")
-    parser.add_argument("--n_boot", type=int, default=2000,
-                        help="bootstrap resamples for the 95%% intervals (default: 2000)")
+    parser.add_argument("--n_boot", type=int, default=defaults.n_boot,
+                        help="bootstrap resamples for the 95%% intervals of the mean rank and of "
+                             "differences between scenarios (default: 2000)")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    return run_guarded(
-        run_face_recognition, args.masks_dir, args.save_dir, backend=args.backend,
-        model_dir=args.model_dir, cross_masks_dir=args.cross_masks_dir, scenarios=args.scenarios,
-        upstream_black_bug=args.upstream_black_bug,
-        upstream_scenario_bug=args.upstream_scenario_bug,
-        rgb_to_insightface=args.rgb_to_insightface, n_boot=args.n_boot, seed=args.seed,
-        overwrite=args.overwrite, jobs=args.jobs, progress=not args.quiet, args_record=vars(args))
+
+    def build_and_run(*, run):
+        # options are built inside the guarded call: a nonsense value exits 2, not a traceback
+        options = RecognitionOptions(
+            backend=args.backend, model_dir=args.model_dir,
+            scenarios=tuple(args.scenarios) if args.scenarios else None,
+            upstream_black_bug=args.upstream_black_bug,
+            upstream_scenario_bug=args.upstream_scenario_bug,
+            rgb_to_insightface=args.rgb_to_insightface, n_boot=args.n_boot)
+        return run_face_recognition(args.masks_dir, args.save_dir, options, run=run,
+                                    cross_masks_dir=args.cross_masks_dir)
+
+    return run_guarded(build_and_run, run=run_settings(args))
 
 
 if __name__ == "__main__":

@@ -348,3 +348,78 @@ def test_embedding_cache_round_trip_and_stale_or_corrupt_files(tmp_path):
     broken = EmbeddingCache(path, "model A", 4)
     broken.load()
     assert broken.entries == {} and "unreadable cache ignored" in broken.discarded_reason
+
+
+# ---------------------------------------------------------------- the stage API (issue 11, 13.4)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "39"])
+def test_nonsense_n_boot_is_a_usage_error_before_any_work(mask_run, tmp_path, capsys, value):
+    save = tmp_path / "FR"
+    code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir", str(save),
+                                      "--n_boot", value, "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: expected --n_boot to be a whole number >= 40") and value in err
+    assert not save.exists()  # stopped before embedding anything
+
+
+def test_options_are_validated_on_creation():
+    from faceaudit.core.runner import OptionsError
+    from faceaudit.mask.recognition import RecognitionOptions
+
+    with pytest.raises(OptionsError, match="expected --backend to be one of .*found 'facenet'"):
+        RecognitionOptions(backend="facenet")
+    with pytest.raises(OptionsError, match="expected --scenarios among .*Mask2Nothing"):
+        RecognitionOptions(scenarios=("Face2Face", "Mask2Nothing"))
+    with pytest.raises(OptionsError, match="n_boot"):
+        RecognitionOptions(n_boot=2000.0)
+    opts = RecognitionOptions(scenarios=["Face2Face", "Face2Face"])
+    assert opts.scenarios == ("Face2Face",) and opts.backends == ("dlib",)
+
+
+def test_unknown_backend_on_the_command_line_exits_2(mask_run, tmp_path, capsys):
+    code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir",
+                                      str(tmp_path / "FR"), "--backend", "facenet"])
+    assert code == 2 and "facenet" in capsys.readouterr().err
+    assert not (tmp_path / "FR").exists()
+
+
+def test_library_returns_the_table_and_prints_nothing(mask_run, tmp_path, capsys):
+    from faceaudit.core.runner import RunSettings, StageResult
+    from faceaudit.mask.recognition import RecognitionOptions
+    from faceaudit.mask.recognition import run_face_recognition as run_fr
+
+    save = tmp_path / "FR"
+    options = RecognitionOptions(scenarios=("Face2Face",), n_boot=100)
+    result = run_fr(mask_run, save, options, run=RunSettings(progress=False))
+    assert isinstance(result, StageResult) and result.exit_code == 0
+    assert capsys.readouterr().out == ""
+    assert "Face2Face" in result.summary and "faces found: prep 16/16" in result.summary
+    assert result.counts == {"ok": 16, "failed": 0, "skipped": 0}
+    run = json.loads((save / "run.json").read_text())
+    assert run["stage"] == "face_recognition" and run["options"]["n_boot"] == 100
+    # a re-run reuses every embedding: the rows say skipped and keep their numbers
+    again = run_fr(mask_run, save, options, run=RunSettings(progress=False))
+    assert again.counts == {"ok": 0, "failed": 0, "skipped": 16}
+    row = _manifest(save)["prep/query/s3/2"]
+    assert row["status"] == "skipped" and row["face_found"] == "1" and row["fingerprint"]
+    # --overwrite recomputes them
+    fresh = run_fr(mask_run, save, options, run=RunSettings(progress=False, overwrite=True))
+    assert fresh.counts["ok"] == 16
+
+
+def test_a_second_run_into_a_locked_folder_exits_2(mask_run, tmp_path, capsys):
+    from faceaudit.core.runner import OutputLock
+
+    save = tmp_path / "FR"
+    save.mkdir()
+    lock = OutputLock(save)
+    lock.acquire()
+    try:
+        code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir", str(save),
+                                          "--scenarios", "Face2Face", "--quiet"])
+    finally:
+        lock.release()
+    assert code == 2 and "another --save_dir" in capsys.readouterr().err
+    assert not (save / "results.csv").exists()

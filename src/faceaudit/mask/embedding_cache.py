@@ -84,6 +84,8 @@ class EmbeddingRecord:
     vector: np.ndarray | None = None
     det_score: float = float("nan")
     detector: str = ""
+    #: True when the vector came from the cache (same image bytes, same embedder)
+    from_cache: bool = False
 
     @property
     def found(self) -> bool:
@@ -181,7 +183,7 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
             computed[digest] = hit
         else:
             todo.append((digest, str(group[0].path)))
-    n_cached = len(computed)
+    cached = set(computed)
     if todo:
         fn = partial(_embed_pair, config=config)
         for (digest, _), result, error in map_items(fn, todo, jobs=jobs, desc="embed",
@@ -200,9 +202,9 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
             else:
                 records[ref.id] = EmbeddingRecord(
                     STATUS_OK, outcome.reason, digest, outcome.vector, outcome.det_score,
-                    outcome.detector)
+                    outcome.detector, from_cache=digest in cached)
     info = {"embedder": description, "n_images": len(refs), "n_unique": len(by_hash),
-            "n_from_cache": n_cached, "n_embedded": len(todo),
+            "n_from_cache": len(cached), "n_embedded": len(todo),
             "cache": str(cache.path) if cache else None,
             "cache_note": cache.discarded_reason if cache else ""}
     return records, info
