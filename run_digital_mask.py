@@ -10,7 +10,6 @@ import sys
 
 def main(argv=None) -> int:
     from faceaudit.core.cli import add_common_args, run_guarded
-    from faceaudit.mask.digital_mask import run_digital_mask
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input_dir", required=True,
@@ -18,7 +17,8 @@ def main(argv=None) -> int:
     parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
     parser.add_argument("--backend", default="mediapipe", choices=("mediapipe", "flame", "meanshape"))
     parser.add_argument("--model_dir", "--model-dir", default=None,
-                        help="flame: holds flame_model.npz; meanshape: may hold meanshape.npz")
+                        help="flame: holds flame_model.npz; meanshape: holds meanshape.npz "
+                             "(leave out for the bundled ORL mean)")
     parser.add_argument("--protocol", default="same-video", choices=("same-video", "across-video"))
     parser.add_argument("--detector", default="retinaface", choices=("retinaface", "mediapipe"))
     parser.add_argument("--min_confidence", type=float, default=0.9,
@@ -33,13 +33,20 @@ def main(argv=None) -> int:
                         help="upscale images whose shorter side is below this (integer factor)")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    return run_guarded(run_digital_mask, args.input_dir, args.save_dir, backend=args.backend,
-                       protocol=args.protocol, detector=args.detector,
-                       min_confidence=args.min_confidence,
-                       max_other_confidence=args.max_other_confidence, max_yaw=args.max_yaw,
-                       max_pitch=args.max_pitch, max_roll=args.max_roll, min_side=args.min_side,
-                       model_dir=args.model_dir, seed=args.seed, jobs=args.jobs,
-                       overwrite=args.overwrite, progress=not args.quiet, run_args=vars(args))
+    return run_guarded(_run, args)
+
+
+def _run(args):
+    """Options are built inside the guarded call, so a nonsense value exits 2 before any work."""
+    from faceaudit.core.cli import run_settings
+    from faceaudit.mask.digital_mask import DigitalMaskOptions, run_digital_mask
+
+    options = DigitalMaskOptions(
+        backend=args.backend, protocol=args.protocol, model_dir=args.model_dir,
+        detector=args.detector, min_confidence=args.min_confidence,
+        max_other_confidence=args.max_other_confidence, max_yaw=args.max_yaw,
+        max_pitch=args.max_pitch, max_roll=args.max_roll, min_side=args.min_side)
+    return run_digital_mask(args.input_dir, args.save_dir, options, run=run_settings(args))
 
 
 if __name__ == "__main__":

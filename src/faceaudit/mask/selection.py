@@ -48,12 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.core.images import read_rgb
 from faceaudit.core.files import InputError
+from faceaudit.core.images import read_rgb
+from faceaudit.core.runner import OptionsError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif",
                               ".tiff", ".webp", ".gif"})
 PROTOCOLS = ("same-video", "across-video")
+DETECTORS = ("retinaface", "mediapipe")
 ACCEPTED, REJECTED = "accepted", "rejected"
 DATABASE, QUERY = "database", "query"
 
@@ -74,18 +76,50 @@ class InputImage:
 
 @dataclass(frozen=True)
 class SelectionOptions:
+    """The selection rules (module docstring); validated on creation, so a value no run
+    could use (a negative yaw limit) is an OptionsError naming the command-line flag."""
+
     detector: str = "retinaface"
     min_confidence: float = 0.9
     max_other_confidence: float = 0.1
-    max_yaw: float = 20.0
-    max_pitch: float = 20.0
-    max_roll: float | None = None
-    min_side: int = 224
+    max_yaw: float = 20.0            # degrees
+    max_pitch: float = 20.0          # degrees
+    max_roll: float | None = None    # degrees; None: roll is not checked
+    min_side: int = 224              # px: smaller images are upscaled by an integer factor
     crop_scale: float = 2.5
-    size: int = 224
+    size: int = 224                  # px: side of the prep crop
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise OptionsError(f"expected --detector to be one of {list(DETECTORS)}, "
+                               f"found {self.detector!r}")
+        _check_number("min_confidence", self.min_confidence, "a confidence in [0, 1)",
+                      lambda v: 0 <= v < 1)
+        _check_number("max_other_confidence", self.max_other_confidence,
+                      "a confidence in (0, 1]", lambda v: 0 < v <= 1)
+        for name in ("max_yaw", "max_pitch"):
+            _check_number(name, getattr(self, name), "an angle in (0, 90] degrees",
+                          lambda v: 0 < v <= 90)
+        if self.max_roll is not None:
+            _check_number("max_roll", self.max_roll, "an angle in (0, 180] degrees (or unset)",
+                          lambda v: 0 < v <= 180)
+        _check_whole("min_side", self.min_side, 1)
+        _check_number("crop_scale", self.crop_scale, "a factor >= 1", lambda v: v >= 1)
+        _check_whole("size", self.size, 32)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_number(name: str, value, expected: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not ok(value):
+        raise OptionsError(f"expected --{name} to be {expected}, found {value!r}")
+
+
+def _check_whole(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise OptionsError(f"expected --{name} to be a whole number >= {minimum}, found {value!r}")
 
 
 @dataclass
@@ -170,7 +204,7 @@ def _unique(name: str, path: Path, used: set[str]) -> str:
 def upscale_factor(height: int, width: int, min_side: int) -> int:
     """Smallest integer factor bringing the shorter side to >= ``min_side`` (1 if already)."""
     short = min(height, width)
-    return 1 if short >= min_side or short <= 0 else int(math.ceil(min_side / short))
+    return 1 if short >= min_side or short <= 0 else math.ceil(min_side / short)
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
@@ -193,8 +227,8 @@ def crop_face(image: np.ndarray, box: tuple[float, float, float, float], *,
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0) * scale
     cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    n = max(int(round(side)), 1)
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    n = max(round(side), 1)
     h, w = image.shape[:2]
     canvas = np.zeros((n, n, 3), dtype=np.uint8)
     sx0, sy0 = max(left, 0), max(top, 0)
