@@ -194,25 +194,103 @@ def test_nifti_scaling_slope_and_intercept_are_applied(tmp_path):
     assert volume.array.dtype == np.float32
 
 
-def test_simpleitk_fast_path_is_used_only_when_the_gzip_crc_matches(tmp_path):
-    from faceaudit.petct.volumes import _read_nifti_gz_fast
+def test_nifti_files_in_all_48_axis_orders_read_as_simpleitk_reads_them(tmp_path):
+    """nibabel's voxels and the qform/sform rule give what SimpleITK (the reader before) gave,
+    for every axis order and flip a file may be stored in."""
+    import itertools
 
-    clean = np.random.default_rng(4).normal(size=(6, 7, 8)).astype(np.float32)
-    with_nan = clean.copy()
-    with_nan[1, 2, 3] = np.nan
-    for name, array in (("clean.nii.gz", clean), ("nan.nii.gz", with_nan)):
-        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
-    info = sitk.ImageFileReader()
-    info.SetFileName(str(tmp_path / "clean.nii.gz"))
-    info.ReadImageInformation()
-    fast = _read_nifti_gz_fast(tmp_path / "clean.nii.gz", info)
-    assert fast is not None
-    np.testing.assert_array_equal(fast.array, clean)
-    # SimpleITK turns the NaN into 0: the CRC no longer matches, the careful decoder takes over
-    info.SetFileName(str(tmp_path / "nan.nii.gz"))
-    info.ReadImageInformation()
-    assert _read_nifti_gz_fast(tmp_path / "nan.nii.gz", info) is None
-    np.testing.assert_array_equal(load_volume(tmp_path / "clean.nii.gz").array, clean)
+    image = _canonical_image(np.random.default_rng(6).normal(size=(5, 6, 7)).astype(np.float32),
+                             spacing_xyz=(1.0, 2.0, 3.0), origin=(4.0, -5.0, 6.0))
+    for n, (perm, flip) in enumerate(itertools.product(itertools.permutations([0, 1, 2]),
+                                                       itertools.product([False, True], repeat=3))):
+        path = tmp_path / f"o{n}.nii.gz"
+        sitk.WriteImage(sitk.Flip(sitk.PermuteAxes(image, list(perm)), list(flip)), str(path))
+        reference = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+        volume = load_volume(path)
+        np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))
+        np.testing.assert_allclose(volume.spacing, reference.GetSpacing()[::-1])
+        np.testing.assert_allclose(volume.origin, reference.GetOrigin(), atol=1e-4)
+
+
+def _nifti_with_two_frames(path, *, sform_code: int, shear: bool = False, qform_code: int = 1):
+    """A (6, 5, 4) int16 image (nibabel order i, j, k) whose qform and sform disagree: both
+    run i to the patient's left (RAS -x) and k superior, the qform runs j posterior (RAS -y),
+    the sform anterior."""
+    import nibabel as nib
+
+    data = (np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4) * 7 % 251 - 100).astype(np.int16)
+    qform = np.diag([-2.0, -3.0, 4.0, 1.0])
+    qform[:3, 3] = [10.0, 20.0, 30.0]
+    sform = np.diag([-2.0, 3.0, 4.0, 1.0])
+    sform[:3, 3] = [-10.0, -20.0, 30.0]
+    if shear:
+        sform[0, 1] = 1.5
+    image = nib.Nifti1Image(data, None)
+    image.set_qform(qform if qform_code else None, code=qform_code)
+    image.set_sform(sform, code=sform_code)
+    image.header.set_zooms((2.0, 3.0, 4.0))
+    nib.save(image, str(path))
+    return data
+
+
+@pytest.mark.parametrize("sform_code, shear, qform_code, winner", [
+    (1, False, 1, "sform"),     # both scanner frames: the sform (full precision) wins
+    (2, False, 1, "qform"),     # an aligned (registered) sform is another space: the qform wins
+    (4, False, 1, "qform"),     # MNI template space: the qform wins
+    (1, True, 1, "qform"),      # a sheared sform is no patient frame: the qform wins
+    (2, False, 0, "sform"),     # no qform: the sform is all there is
+])
+def test_which_of_qform_and_sform_places_the_patient(tmp_path, sform_code, shear, qform_code, winner):
+    path = tmp_path / "two_frames.nii"
+    data = _nifti_with_two_frames(path, sform_code=sform_code, shear=shear, qform_code=qform_code)
+    volume = load_volume(path)
+    # canonical axis 1 runs posterior: the qform stores j posterior already, the sform anterior
+    expected = data.transpose(2, 1, 0)
+    if winner == "sform":
+        expected = expected[:, ::-1, :]
+    np.testing.assert_array_equal(volume.array, expected)
+    # the same rule as SimpleITK's reader (ITK), which this module used before nibabel
+    reference = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(volume.origin, reference.GetOrigin(), atol=1e-4)
+
+
+def test_truncated_uncompressed_nifti_is_an_input_error(tmp_path):
+    path = tmp_path / "CTres.nii"
+    sitk.WriteImage(_canonical_image(_asymmetric_volume((30, 30, 30))), str(path))
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(InputError, match=r"CTres.nii.*truncated"):
+        load_volume(path)
+
+
+def test_nan_survives_the_nifti_reader_and_is_reported(tmp_path):
+    """SimpleITK's NIfTI reader turns NaN into 0 without a word (a PET with a hole would pass)."""
+    array = np.ones((8, 8, 8), np.float32)
+    array[2, 3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "SUV.nii.gz"))
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "SUV.nii.gz")))).all()
+    with pytest.raises(InputError, match=r"1 NaN/inf"):
+        load_volume(tmp_path / "SUV.nii.gz")
+
+
+def test_scaled_int16_volume_is_read_without_a_float64_copy(tmp_path):
+    """A scaled int16 CT of n voxels: the file's int16 buffer (2n bytes) and one float32 copy
+    (4n) at most; a float64 copy alone would be 8n."""
+    import tracemalloc
+
+    import nibabel as nib
+
+    data = np.random.default_rng(7).integers(-1000, 2000, (64, 64, 64)).astype(np.int16)
+    image = nib.Nifti1Image(data, np.diag([-1.0, -1.0, 1.0, 1.0]))        # stored in LPS order
+    image.header.set_slope_inter(0.5, -1024.0)
+    nib.save(image, str(tmp_path / "scaled.nii"))
+    load_volume(tmp_path / "scaled.nii")            # imports and caches outside the measurement
+    tracemalloc.start()
+    volume = load_volume(tmp_path / "scaled.nii")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_array_equal(volume.array, (data * np.float32(0.5) - np.float32(1024.0)).transpose(2, 1, 0))
+    assert peak < 7 * data.size, peak / data.size
 
 
 def _owner(array: np.ndarray):
@@ -224,15 +302,15 @@ def _owner(array: np.ndarray):
 
 @pytest.mark.parametrize("name", ["fast.nii.gz", "scaled.nii.gz", "plain.nii", "image.mha"])
 def test_loaded_voxels_outlive_simpleitk_and_are_read_only(tmp_path, name):
-    """Every decoder (SimpleITK's .nii.gz fast path, the careful NIfTI decoder, other
-    SimpleITK formats): the array must not view a SimpleITK buffer, which is freed with its
-    image (a view once read freed memory), and must be read-only."""
+    """Every decoder (nibabel for NIfTI, SimpleITK for other formats): the array must not
+    view a SimpleITK buffer, which is freed with its image (a view once read freed memory),
+    and must be read-only. nibabel decodes into a bytearray Python owns."""
     import gc
 
     array = np.random.default_rng(5).normal(size=(6, 7, 8)).astype(np.float32)
     path = tmp_path / name
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
-    if name == "scaled.nii.gz":          # non-unit slope: CRC path refused, decoded here
+    if name == "scaled.nii.gz":          # non-unit slope: a float32 copy
         sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "x.nii"))
         data = bytearray((tmp_path / "x.nii").read_bytes())
         data[112:120] = np.array([2.0, 1.0], "<f4").tobytes()
@@ -243,7 +321,7 @@ def test_loaded_voxels_outlive_simpleitk_and_are_read_only(tmp_path, name):
     churn = [np.full(array.shape, 7.0, np.float32) for _ in range(8)]   # reuse freed memory
     np.testing.assert_array_equal(loaded, array)
     owner = _owner(loaded)
-    assert isinstance(owner, (np.ndarray, bytes)), type(owner)
+    assert isinstance(owner, (np.ndarray, bytes, bytearray)), type(owner)
     assert not loaded.flags.writeable
     with pytest.raises(ValueError):
         loaded[0, 0, 0] = 1.0

@@ -1,5 +1,5 @@
-"""Volume input: NIfTI files and DICOM series through SimpleITK, one canonical orientation,
-and discovery of PET/CT studies in the AutoPET and flat folder layouts.
+"""Volume input: NIfTI files through nibabel, DICOM series (and NRRD, MHA) through
+SimpleITK, one canonical orientation, and discovery of PET/CT studies in the AutoPET and flat folder layouts.
 
 Canonical frame. Every volume is reoriented from its direction cosines to LPS
 (``sitk.DICOMOrient(image, "LPS")``): voxel index i grows towards the patient's Left,
@@ -55,13 +55,9 @@ class Volume:
         return tuple(self.array.shape)  # type: ignore[return-value]
 
 
-_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2",
-                 768: "u4", 1024: "i8", 1280: "u8"}
-
-
 @dataclass
 class _Raw:
-    """Voxels in file order (k, j, i) and the geometry SimpleITK derives for them (LPS)."""
+    """Voxels in file order (k, j, i) and their geometry in LPS (as SimpleITK states it)."""
 
     array: np.ndarray
     spacing_xyz: tuple
@@ -69,132 +65,92 @@ class _Raw:
     direction: np.ndarray          # (3, 3), column a = world direction of index axis a
 
 
-def _nifti_header(head: bytes, path: Path) -> tuple[tuple[int, int, int], np.dtype, int, float, float]:
-    """(shape (nz, ny, nx), voxel dtype, vox_offset, slope, intercept) from NIfTI-1/2 bytes."""
-    if len(head) < 348:
-        raise InputError(f"cannot read volume {path}: {len(head)} bytes, shorter than a NIfTI header")
-    endian = "<" if int.from_bytes(head[:4], "little") in (348, 540) else ">"
-    header_size = int(np.frombuffer(head, endian + "i4", 1, 0)[0])
-    if header_size == 348:
-        dims = np.frombuffer(head, endian + "i2", 8, 40).astype(np.int64)
-        code = int(np.frombuffer(head, endian + "i2", 1, 70)[0])
-        vox_offset = int(np.frombuffer(head, endian + "f4", 1, 108)[0])
-        slope, inter = (float(v) for v in np.frombuffer(head, endian + "f4", 2, 112))
-    elif header_size == 540 and len(head) >= 540:
-        code = int(np.frombuffer(head, endian + "i2", 1, 12)[0])
-        dims = np.frombuffer(head, endian + "i8", 8, 16)
-        vox_offset = int(np.frombuffer(head, endian + "i8", 1, 168)[0])
-        slope, inter = (float(v) for v in np.frombuffer(head, endian + "f8", 2, 176))
-    else:
-        raise InputError(f"{path} is not a NIfTI file (header size {header_size})")
-    ndim = int(dims[0])
-    shape = [int(d) for d in dims[1: 1 + ndim]]
-    if ndim < 3 or (ndim > 3 and any(d > 1 for d in shape[3:])):
-        raise InputError(f"expected a 3-D volume in {path}, found a {ndim}-D image of size {shape}")
-    if code not in _NIFTI_DTYPES:
-        raise InputError(f"{path}: NIfTI datatype {code} is not a scalar type this reader handles")
-    # NIfTI: scl_slope 0 or not finite means "no scaling"
-    slope = slope if np.isfinite(slope) and slope != 0.0 else 1.0
-    inter = inter if np.isfinite(inter) else 0.0
-    return ((shape[2], shape[1], shape[0]), np.dtype(endian + _NIFTI_DTYPES[code]), vox_offset,
-            slope, inter)
+#: NIfTI xform codes
+_XFORM_UNKNOWN, _XFORM_SCANNER_ANAT = 0, 1
+#: RAS (NIfTI world) -> LPS (DICOM/ITK world)
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-def _inflate(data: bytes) -> bytes:
-    """Every gzip member of ``data`` (bgzip/pigz files have several); EOFError if cut short."""
-    import zlib
+def _nifti_affine(header) -> np.ndarray | None:
+    """The voxel -> RAS mm affine (4, 4) that places the patient, or None when the file has none.
 
-    parts = []
-    while data:
-        inflater = zlib.decompressobj(wbits=47)          # 32 + 15: gzip or zlib header
-        parts.append(inflater.decompress(data))
-        if not inflater.eof:
-            raise EOFError("compressed file ended before the end-of-stream marker was reached")
-        data = inflater.unused_data
-        if not data.strip(b"\0"):
-            break
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _read_nifti_gz_fast(path: Path, info) -> _Raw | None:
-    """SimpleITK's own reader (its zlib-ng inflates ~1.3-2x faster than Python's zlib),
-    accepted only when the voxels it returns are byte for byte the file's: header + voxel
-    bytes must give the CRC-32 and size stored in the gzip trailer. A truncated file (which
-    SimpleITK zero-fills), NaNs (which it turns into 0), scaling, byte swapping or several
-    gzip members all fail that check and return None: the caller then decodes the file itself.
+    When qform and sform disagree, the sform wins only if it is a scanner frame
+    (sform_code 1, NIFTI_XFORM_SCANNER_ANAT) or the qform is unset, and it has no shear.
+    Why: the render needs where the patient lay in the scanner (which way is superior,
+    anterior, left). The qform can only hold that (a rotation, voxel sizes and a shift),
+    and it is what converters write from the DICOM geometry. A scanner-frame sform says the
+    same thing at full float precision (dcm2niix and ITK write both), but an "aligned",
+    Talairach or MNI sform is the result of a registration to another image or a template,
+    and a sheared sform is no patient frame at all. This is also the rule of ITK (and so of
+    SimpleITK, this module's reader before nibabel), so no stored study changes its
+    geometry. nibabel's own ``image.affine`` would take any sform with a code > 0.
     """
-    import gzip
-    import struct
-    import zlib
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if sform_code != _XFORM_UNKNOWN and (sform_code == _XFORM_SCANNER_ANAT or qform_code == _XFORM_UNKNOWN):
+        sform = np.asarray(header.get_sform(), dtype=np.float64)
+        linear = sform[:3, :3]
+        gram = linear.T @ linear
+        off_diagonal = np.abs(gram - np.diag(np.diag(gram))).max()
+        if off_diagonal <= 1e-4 * np.diag(gram).max() or qform_code == _XFORM_UNKNOWN:
+            return sform
+    if qform_code != _XFORM_UNKNOWN:
+        return np.asarray(header.get_qform(), dtype=np.float64)
+    return None
 
-    import SimpleITK as sitk
 
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(-8, os.SEEK_END)
-            crc_stored, size_stored = struct.unpack("<II", fh.read(8))
-        with gzip.open(path, "rb") as fh:
-            head = fh.read(540)
-            shape, dtype, vox_offset, slope, inter = _nifti_header(head, path)
-            if vox_offset > len(head):
-                head += fh.read(vox_offset - len(head))
-        if (slope, inter) != (1.0, 0.0) or not dtype.isnative or len(head) < vox_offset:
-            return None
-        image = sitk.ReadImage(str(path))
-    except (InputError, OSError, EOFError, RuntimeError, zlib.error, struct.error):
-        return None
-    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
-        return None
-    # a copy: a view would dangle once the SimpleITK image is freed
-    array = sitk.GetArrayFromImage(image)
-    if array.dtype != dtype or array.shape != shape or not array.flags["C_CONTIGUOUS"]:
-        return None
-    crc = zlib.crc32(memoryview(array).cast("B"), zlib.crc32(head[:vox_offset]))
-    if crc != crc_stored or (vox_offset + array.nbytes) & 0xFFFFFFFF != size_stored:
-        return None
-    direction = np.asarray(info.GetDirection()).reshape(info.GetDimension(), -1)[:3, :3]
-    return _Raw(array=array, spacing_xyz=tuple(info.GetSpacing()[:3]),
-                origin=tuple(info.GetOrigin()[:3]), direction=direction)
+def _nifti_geometry(header) -> tuple[tuple, tuple, np.ndarray]:
+    """(spacing (sx, sy, sz) mm, LPS origin of voxel [0, 0, 0], LPS direction (3, 3)).
+
+    Spacing is pixdim (as ITK reads it); a file without qform and sform is taken as stored
+    in LPS order with its origin at 0 (ITK's reading as well: nothing says otherwise)."""
+    spacing = tuple(float(v) for v in header.get_zooms()[:3])
+    affine = _nifti_affine(header)
+    if affine is None:
+        return spacing, (0.0, 0.0, 0.0), np.eye(3)
+    lps = _RAS_TO_LPS @ affine[:3]
+    linear = lps[:, :3]
+    norms = np.linalg.norm(linear, axis=0)
+    norms[norms == 0] = 1.0
+    return spacing, tuple(float(v) for v in lps[:, 3]), linear / norms
 
 
 def _read_nifti(path: Path) -> _Raw:
-    """NIfTI-1/2 (.nii, .nii.gz) -> voxels + geometry.
+    """NIfTI-1/2 (.nii, .nii.gz) through nibabel: voxels as stored (NaN kept), scl_slope and
+    scl_inter applied in float32, a truncated or corrupt file an InputError.
 
     SimpleITK's NIfTI reader zero-fills a truncated .nii.gz and turns NaN into 0 without a
-    word. The geometry (qform/sform -> LPS) comes from SimpleITK's header reader; the voxels
-    come from SimpleITK only when they match the gzip trailer's CRC (``_read_nifti_gz_fast``),
-    otherwise they are decoded here in one pass that fails on truncation and keeps NaNs.
+    word, so it is not used for NIfTI. nibabel decodes into one buffer of the file's type;
+    scaling makes one float32 copy of it, never a float64 one.
     """
-    import zlib
+    import nibabel as nib
 
-    import SimpleITK as sitk
-
-    info = sitk.ImageFileReader()
-    info.SetFileName(str(path))
-    info.ReadImageInformation()
-    gz = path.name.lower().endswith(".gz")
-    if gz:
-        fast = _read_nifti_gz_fast(path, info)
-        if fast is not None:
-            return fast
     try:
-        raw = path.read_bytes()
-        if gz:
-            raw = _inflate(raw)
-    except (EOFError, OSError, zlib.error) as exc:
+        image = nib.load(str(path), mmap=False)
+    except Exception as exc:  # nibabel raises ImageFileError, HeaderDataError, OSError ...
+        raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {exc}") from exc
+    shape = tuple(int(d) for d in image.shape)
+    if len(shape) < 3 or any(d > 1 for d in shape[3:]):
+        raise InputError(f"expected a 3-D volume in {path}, found a {len(shape)}-D image of size "
+                         f"{list(shape)}")
+    proxy = image.dataobj
+    try:
+        voxels = np.asarray(proxy.get_unscaled())
+    except (OSError, EOFError, ValueError) as exc:
         raise InputError(f"cannot read volume {path}: truncated or corrupt file "
-                         f"({type(exc).__name__}: {exc})") from exc
-    shape, dtype, vox_offset, slope, inter = _nifti_header(raw[:540], path)
-    n_voxels = int(np.prod(shape))
-    if len(raw) < vox_offset + n_voxels * dtype.itemsize:
-        raise InputError(f"cannot read volume {path}: truncated, {len(raw) - vox_offset} bytes of voxel "
-                         f"data for {n_voxels} voxels of {dtype.itemsize} bytes")
-    array = np.frombuffer(raw, dtype, n_voxels, vox_offset).reshape(shape)
+                         f"({type(exc).__name__}: {str(exc).strip()})") from exc
+    voxels = voxels.reshape(shape[:3], order="A")
+    if voxels.dtype.kind not in "iuf":
+        raise InputError(f"{path}: NIfTI voxel type {voxels.dtype} is not a scalar type this reader handles")
+    slope, inter = float(proxy.slope), float(proxy.inter)
     if (slope, inter) != (1.0, 0.0):
-        array = array.astype(np.float32) * np.float32(slope) + np.float32(inter)
-    direction = np.asarray(info.GetDirection()).reshape(info.GetDimension(), -1)[:3, :3]
-    return _Raw(array=array, spacing_xyz=tuple(info.GetSpacing()[:3]),
-                origin=tuple(info.GetOrigin()[:3]), direction=direction)
+        scaled = voxels.astype(np.float32)
+        del voxels
+        scaled *= np.float32(slope)
+        scaled += np.float32(inter)
+        voxels = scaled
+    spacing, origin, direction = _nifti_geometry(image.header)
+    # nibabel's (i, j, k) array transposed is SimpleITK's (k, j, i) order, as a view
+    return _Raw(array=voxels.T, spacing_xyz=spacing, origin=origin, direction=direction)
 
 
 def _read_sitk(path: Path) -> _Raw:
