@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from faceaudit.core.cli import add_common_args, run_guarded
-from faceaudit.petct.crossval import DEFAULT_CROP, DENOISERS, DEVICES, SCHEMES, run_crossval
+from faceaudit.core.cli import add_common_args, run_guarded, run_settings
+from faceaudit.core.contracts import RENDER_CROP
+from faceaudit.core.runner import StageResult
+from faceaudit.petct.crossval import DENOISERS, DEVICES, SCHEMES, CrossvalOptions, run_crossval
 from faceaudit.petct.unet import ARCHS
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ct_files", required=True, help="folder of CT renders <id>.png")
     parser.add_argument("--pet_files", required=True, help="folder of PET renders <id>.png")
@@ -37,14 +39,28 @@ def main(argv=None) -> int:
     parser.add_argument("--split_scheme", choices=SCHEMES, default="kfold",
                         help="kfold: K folds grouped by patient; upstream: repeated random "
                              "70/15/15 splits of studies")
-    parser.add_argument("--crop", type=int, default=DEFAULT_CROP,
-                        help=f"centre crop in px (default {DEFAULT_CROP})")
+    parser.add_argument("--crop", type=int, default=RENDER_CROP,
+                        help=f"centre crop in px (default {RENDER_CROP})")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default 0: torch's choice; 1 is often fastest "
                              "on a shared machine)")
     add_common_args(parser, jobs=False)
-    args = parser.parse_args(argv)
-    return run_guarded(run_crossval, **vars(args), args=vars(args))
+    return parser
+
+
+def run(args: argparse.Namespace) -> StageResult:
+    """Options are built here, inside the guarded call, so a bad value exits 2."""
+    options = CrossvalOptions(
+        n_epochs=args.n_epochs, n_folds=args.n_folds, batch_size=args.batch_size, lr=args.lr,
+        arch=args.arch, denoiser=args.denoiser, split_scheme=args.split_scheme, crop=args.crop,
+        splits_file=args.splits_file, models_path=args.models_path, device=args.device,
+        threads=args.threads)
+    return run_crossval(args.ct_files, args.pet_files, args.save_perfs_dir, options,
+                        run=run_settings(args))
+
+
+def main(argv=None) -> int:
+    return run_guarded(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,18 +18,10 @@ from faceaudit.core.images import to_uint8
 from faceaudit.core.files import InputError, write_png
 from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
-def _load_script(name):
-    """Import a repo-root script by path (pytest's sys.path need not hold the repo root)."""
-    import importlib.util
+from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+perform_crossval = load_script("perform_crossval")
 
-
-perform_crossval = _load_script("perform_crossval")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_torch_thread):
@@ -294,12 +286,14 @@ def _run(ct_dir, pet_dir, out, *extra):
         "--device", "cpu", "--quiet", *extra])
 
 
-def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsys):
+def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsys, caplog):
     ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=7, two_studies=(0, 3))
     (pet_dir / "PETCT_p05_s0.png").unlink()
     out = tmp_path / "cv"
     assert _run(ct_dir, pet_dir, out) == EXIT_ITEMS_FAILED
-    assert "PETCT_p05_s0: failed: unpaired: missing PET render" in capsys.readouterr().err
+    assert "PETCT_p05_s0: failed: unpaired: missing PET render" in caplog.text
+    printed = capsys.readouterr().out  # the summary, printed by the script, not the library
+    assert "3 folds (3 trained, 0 unchanged); studies: 1 failed (PETCT_p05_s0)" in printed
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
 
     splits = json.loads((out / "splits.json").read_text())
@@ -397,3 +391,135 @@ def test_stage_refuses_a_splits_file_with_repeated_fold_numbers(tmp_path, capsys
                 "--denoiser", "wavelet") == EXIT_USAGE
     assert "fold entry #1 (fold 0): fold number 0 is already used" in capsys.readouterr().err
     assert not (tmp_path / "cv2" / "metrics.csv").exists()
+
+
+# ---------------------------------------------------------------- the stage API (issues 11, 12)
+
+def _folds_reused(out):
+    return [f["reused"] for f in json.loads((out / "run.json").read_text())["folds"]]
+
+
+def test_a_replaced_render_retrains_exactly_the_folds_that_use_it(tmp_path):
+    """Issue 12.2: skip by content, not by name: the old run reused every fold after a CT
+    render was replaced by another study's."""
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    ids = sorted(p.stem for p in ct_dir.glob("*.png"))
+    # three hand-made folds; the last one never sees ids[0]
+    splits = {"scheme": "custom", "folds": [
+        {"fold": 0, "train": ids[2:4], "val": [ids[4]], "test": ids[:2]},
+        {"fold": 1, "train": ids[:2], "val": [ids[4]], "test": ids[2:4]},
+        {"fold": 2, "train": [ids[1], ids[2]], "val": [ids[3]], "test": ids[4:]}]}
+    path = tmp_path / "my_splits.json"
+    path.write_text(json.dumps(splits))
+    out = tmp_path / "cv"
+    args = ("--splits_file", str(path), "--denoiser", "wavelet")
+    assert _run(ct_dir, pet_dir, out, *args) == EXIT_OK
+    assert _run(ct_dir, pet_dir, out, *args) == EXIT_OK
+    assert _folds_reused(out) == [True, True, True]
+    before = (out / "denoised" / "fold0" / f"{ids[0]}.png").read_bytes()
+    (ct_dir / f"{ids[0]}.png").write_bytes((ct_dir / f"{ids[5]}.png").read_bytes())
+    (pet_dir / f"{ids[0]}.png").write_bytes((pet_dir / f"{ids[5]}.png").read_bytes())
+    assert _run(ct_dir, pet_dir, out, *args) == EXIT_OK
+    assert _folds_reused(out) == [False, False, True]
+    assert (out / "denoised" / "fold0" / f"{ids[0]}.png").read_bytes() != before
+    rows = {r["id"]: r for r in _read_csv(out / "manifest.csv")}
+    assert rows["fold2"]["status"] == "skipped" and rows["fold0"]["status"] == "ok"
+
+
+def test_a_failed_fold_leaves_nothing_and_the_others_finish(tmp_path):
+    """A fold that cannot write its model is a failed row (exit 1) instead of a traceback
+    that lost every fold; its partial outputs go, and a re-run trains only that fold."""
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    out = tmp_path / "cv"
+    (out / "models" / "best_model_fold1.pt").mkdir(parents=True)  # a folder where the model goes
+    assert _run(ct_dir, pet_dir, out) == EXIT_ITEMS_FAILED
+    rows = {r["id"]: r for r in _read_csv(out / "manifest.csv")}
+    assert rows["fold1"]["status"] == "failed" and "best_model_fold1.pt" in rows["fold1"]["reason"]
+    assert rows["fold0"]["status"] == rows["fold2"]["status"] == "ok"
+    assert not (out / "loss_fold1.csv").exists() and not (out / "denoised" / "fold1").exists()
+    assert not (out / "models" / "best_model_fold1.json").exists()
+    splits = json.loads((out / "splits.json").read_text())
+    fold1_test = set(splits["folds"][1]["test"])
+    assert not fold1_test & {r["id"] for r in _read_csv(out / "metrics.csv")}
+    run = json.loads((out / "run.json").read_text())
+    assert [f["status"] for f in run["folds"]] == ["ok", "failed", "ok"]
+
+    (out / "models" / "best_model_fold1.pt").rmdir()
+    assert _run(ct_dir, pet_dir, out) == EXIT_OK
+    assert _folds_reused(out) == [True, False, True]
+    assert fold1_test <= {r["id"] for r in _read_csv(out / "metrics.csv")}
+
+
+def test_fewer_folds_remove_the_outputs_of_the_dropped_ones(tmp_path):
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    out = tmp_path / "cv"
+    assert _run(ct_dir, pet_dir, out, "--denoiser", "wavelet") == EXIT_OK
+    assert (out / "denoised" / "fold2").is_dir()
+    assert _run(ct_dir, pet_dir, out, "--denoiser", "wavelet", "--n_folds", "2") == EXIT_OK
+    assert sorted(p.name for p in (out / "denoised").iterdir()) == ["fold0", "fold1"]
+    assert not any(r["id"] == "fold2" for r in _read_csv(out / "manifest.csv"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--n_epochs", "0", "expected --n_epochs to be a whole number >= 1, found 0"),
+    ("--batch_size", "-4", "expected --batch_size to be a whole number >= 1, found -4"),
+    ("--lr", "0", "expected --lr to be a finite number > 0, found 0.0"),
+    ("--lr", "nan", "expected --lr to be a finite number > 0, found nan"),
+    ("--n_folds", "1", "expected --n_folds to be a whole number >= 2 for the kfold scheme"),
+    ("--crop", "60", "expected --crop to be a multiple of 8 above 32 px, found 60"),
+    ("--threads", "-1", "expected --threads to be a whole number >= 0, found -1"),
+])
+def test_unusable_options_exit_2_before_any_work(tmp_path, capsys, flag, value, message):
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=2, two_studies=())
+    out = tmp_path / "cv"
+    assert _run(ct_dir, pet_dir, out, flag, value) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_options_are_checked_when_built():
+    from faceaudit.core.runner import OptionsError
+    from faceaudit.petct.crossval import CrossvalOptions
+
+    assert CrossvalOptions(split_scheme="upstream", n_folds=1).n_folds == 1  # one random split
+    with pytest.raises(OptionsError, match="expected --arch to be one of unet, upstream"):
+        CrossvalOptions(arch="resnet")
+    with pytest.raises(OptionsError, match="expected --n_epochs to be a whole number >= 1, "
+                                           "found True"):
+        CrossvalOptions(n_epochs=True)
+    with pytest.raises(OptionsError, match="validation fraction"):
+        CrossvalOptions(val_fraction=1.0)
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_the_folds_it_finished(tmp_path):
+    """Issue 12.3: a run killed (SIGKILL) during fold 1 keeps fold 0: its row is journaled, so
+    the re-run skips it instead of training it again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    out = tmp_path / "cv"
+    args = ["--ct_files", str(ct_dir), "--pet_files", str(pet_dir), "--save_perfs_dir", str(out),
+            "--n_epochs", "12", "--n_folds", "3", "--batch_size", "4", "--crop", str(CROP),
+            "--device", "cpu", "--threads", "1", "--quiet"]
+    script = Path(perform_crossval.__file__)
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    journal = out / "manifest.journal.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and '"id": "fold0"' in journal.read_text():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.csv").exists()  # killed before the end
+    model0 = (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns
+
+    assert perform_crossval.main(args) == EXIT_OK
+    assert _folds_reused(out) == [True, False, False]
+    assert (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns == model0
