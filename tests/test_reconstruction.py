@@ -299,3 +299,41 @@ def test_two_candidate_files_for_one_side_are_a_failed_row_naming_both(tmp_path)
     assert row["status"] == "failed" and row["ct_status"] == "failed" and row["pet_status"] == "ok"
     assert "x_ct.nii," in row["reason"] and "x_ct.nii.gz" in row["reason"]
     assert not (out / "cts" / "x.png").exists() and (out / "pets" / "x.png").is_file()
+
+
+def test_study_seconds_stay_coherent_with_the_modality_seconds_after_reruns(tmp_path):
+    """Issue 10 point 7: a re-run that skipped both modalities wrote study_seconds 0 beside
+    the earlier per-modality seconds."""
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _write(root / "PETCT_a" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    options = ReconstructionOptions(head_height_mm=120.0)
+    assert _run(root, out, options) == EXIT_ITEMS_FAILED             # no PET yet
+    _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    assert _run(root, out, options) == EXIT_OK                       # CT kept, PET made
+    partial = _read_manifest(out)["PETCT_a_s1"]
+    assert _run(root, out, options) == EXIT_OK                       # both kept
+    skipped = _read_manifest(out)["PETCT_a_s1"]
+    assert skipped["status"] == "skipped"
+    for row in (partial, skipped):
+        ct, pet, study = (float(row[k]) for k in ("ct_seconds", "pet_seconds", "study_seconds"))
+        assert ct > 0 and pet > 0
+        assert study == pytest.approx(ct + pet, abs=2e-3)
+    assert skipped["study_seconds"] == partial["study_seconds"]
+
+
+def test_qa_labels_tell_two_studies_of_one_patient_apart():
+    from faceaudit.petct.reconstruction import LABEL_CHARS, qa_labels
+
+    same_tail = ["PETCT_0af7ffe12a_08-12-2005-NA-PET-CT-10853",
+                 "PETCT_0af7ffe12a_03-17-2006-NA-PET-CT-10853"]
+    same_head = ["PETCT_0af7ffe12a_08-12-2005-NA-PET-CT-10853",
+                 "PETCT_0af7ffe12a_08-12-2005-NA-PET-CT-27462"]
+    # the labels used until now: "CT 0af7ffe1..10853" for both studies of the first pair
+    assert len({f"CT {i.removeprefix('PETCT_')[:8]}..{i[-5:]}" for i in same_tail}) == 1
+    for ids in (same_tail, same_head, [same_tail[0], same_tail[0][:-1] + "4", "p1", "p2"]):
+        labels = qa_labels(ids, width=LABEL_CHARS - 4)
+        assert len(set(labels)) == len(ids), labels
+        assert all(len(label) <= LABEL_CHARS - 4 for label in labels)
+    assert qa_labels(["p1", "p2"], width=22) == ["p1", "p2"]
+    # the patient's id stays readable at the start
+    assert all(label.startswith("0af7ffe1") for label in qa_labels(same_tail, width=22))
