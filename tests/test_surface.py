@@ -252,3 +252,38 @@ def test_simulated_demo_study_renders_are_identical_with_and_without_the_table_c
                                       ).render.image for radius in (6.0, 0.0)]
         assert renders[0].shape == (512, 512) and renders[0].any()
         np.testing.assert_array_equal(renders[0], renders[1])
+
+
+def _padded_head_ct(padding: float | None) -> np.ndarray:
+    """A head-on-neck CT (HU, 15 HU noise) whose voxels outside the in-plane reconstruction
+    circle hold the scanner's ``padding`` value (None: no padding, air there)."""
+    rng = np.random.default_rng(11)
+    z, y, x = np.mgrid[:48, :56, :56].astype(np.float32)
+    head = ((z - 32) / 13.0) ** 2 + ((y - 26) / 12.0) ** 2 + ((x - 28) / 10.0) ** 2 <= 1.0
+    nose = ((z - 31) / 3.0) ** 2 + ((y - 13) / 3.0) ** 2 + ((x - 28) / 2.0) ** 2 <= 1.0
+    neck = (((y - 28) / 7.0) ** 2 + ((x - 28) / 7.0) ** 2 <= 1.0) & (z < 24)
+    ct = np.where(head | nose | neck, 40.0, -1000.0) + rng.normal(0, 15, z.shape)
+    ct = np.clip(np.rint(ct), -1024, 3071).astype(np.float32)
+    if padding is not None:
+        ct[(y - 27.5) ** 2 + (x - 27.5) ** 2 > 27.5 ** 2] = padding
+    return ct
+
+
+@pytest.mark.parametrize("padding", [-3024.0, -2048.0, -1024.0])
+def test_scanner_padding_outside_the_reconstruction_circle_does_not_move_the_skin(padding):
+    """Issue 10 point 1: with -3024 HU padding Otsu landed at about -3017 HU, the body mask was
+    the whole circle and the render a flat grey band, status ok."""
+    from faceaudit.petct.reconstruction import ReconstructionOptions, reconstruct_volume
+
+    options = ReconstructionOptions(head_height_mm=150.0)
+    clean, padded = (reconstruct_volume(_padded_head_ct(p), (3.0, 3.0, 3.0), modality="ct",
+                                        options=options) for p in (None, padding))
+    assert -1000.0 + 3 * 15 < padded.numbers["threshold"] < 40.0 - 3 * 15     # air | tissue
+    assert padded.numbers["head_voxels"] == clean.numbers["head_voxels"]
+    np.testing.assert_array_equal(padded.render.image, clean.render.image)
+    assert padded.numbers["head_width_mm"] == pytest.approx(60.0, abs=6.0)   # 2 x 10 voxels x 3 mm
+
+
+def test_otsu_falls_back_to_the_whole_sample_when_everything_is_below_the_scanner_range():
+    values = np.where(np.arange(1000) % 2 == 0, -3000.0, -2000.0)
+    assert -3000.0 < ct_threshold(values, method="otsu") < -2000.0
