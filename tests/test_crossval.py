@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from faceaudit.petct.crossval import load_splits
+from faceaudit.petct.splits import load_splits
 from faceaudit.petct.denoise_metrics import image_metrics, msssim_window, summarise_metrics
 from faceaudit.petct.denoiser import load_denoiser, save_model, train_denoiser
 from faceaudit.petct.render_pairs import load_renders, pair_renders

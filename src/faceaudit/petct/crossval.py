@@ -25,7 +25,6 @@ best_model_fold{k}.json (architecture and training settings).
 
 from __future__ import annotations
 
-import csv
 import errno
 import logging
 import math
@@ -44,27 +43,26 @@ from faceaudit.core.contracts import (DENOISED_DIR, MANIFEST_FILE, MODELS_DIR, R
                                       denoised_fold_dir, model_info_path, model_path)
 from faceaudit.core.files import (InputError, atomic_write_bytes, file_digest, make_private_dir,
                                   write_csv, write_json, write_png)
-from faceaudit.core.images import read_grey, to_uint8, wavelet_denoise
+from faceaudit.core.images import to_uint8, wavelet_denoise
 from faceaudit.core.manifest import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult,
                                      describe_exception)
 from faceaudit.core.runner import OptionsError, RunSettings, StageResult, StageRun, fingerprint
 from faceaudit.petct.denoise_figures import denoising_montage, plot_loss_curves
 from faceaudit.petct.denoise_metrics import (METRIC_COLUMNS, MSSSIM_WEIGHTS, SUMMARY_COLUMNS,
-                                             format_summary, image_metrics, msssim_window,
+                                             fold_metrics, format_summary, msssim_window,
                                              summarise_metrics)
 from faceaudit.petct.denoiser import (DEVICES, denoise_arrays, fold_seed, load_denoiser,
-                                      resolve_device, save_model, torch_threads,
-                                      train_denoiser)
+                                      read_loss_csv, resolve_device, save_model, torch_threads,
+                                      train_denoiser, write_loss_csv)
 from faceaudit.petct.render_pairs import RenderPair, RenderSet, load_renders, pair_renders
-from faceaudit.petct.splits import (DEFAULT_VAL_FRACTION, PARTS, SCHEMES, make_splits,
-                                    read_splits, split_leakage)
+from faceaudit.petct.splits import (DEFAULT_VAL_FRACTION, PARTS, SCHEMES, load_splits,
+                                    make_splits, split_leakage)
 
 log = logging.getLogger(__name__)
 
 DENOISERS = ("unet", "wavelet")
 #: The crop stage 3 falls back to; kept here for the modules that import it from this stage.
 DEFAULT_CROP = RENDER_CROP
-LOSS_COLUMNS = ("epoch", "train_loss", "val_loss")
 #: Errors of the whole output location (not of one fold): the run stops with exit 2.
 LOCATION_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
@@ -163,28 +161,6 @@ def _load_studies(pairs: Sequence[RenderPair], problems: list[ItemResult], *, ct
     digests = {p.id: (file_digest(p.ct_path), file_digest(p.pet_path))
                for p in pairs if p.id in data.ct}
     return data, digests, problems
-
-
-def load_splits(path: str | os.PathLike, *, usable_ids: Sequence[str],
-                failed_ids: Sequence[str] = (),
-                subjects: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Read a splits.json with :func:`faceaudit.petct.splits.read_splits` for training.
-
-    Every id must be a usable pair (``usable_ids``) or one reported failed in this run
-    (``failed_ids``, removed from its fold since its row already says why); any other id
-    is an InputError, as is every rule of ``read_splits`` (``subjects``: id -> patient)
-    and an empty train or val set.
-    """
-    usable = set(usable_ids)
-    record = read_splits(path, known_ids=usable | set(failed_ids), subjects=subjects)
-    clean = []
-    for fold in record["folds"]:
-        parts = {part: sorted(i for i in fold[part] if i in usable) for part in PARTS}
-        for part in ("train", "val"):
-            if not parts[part]:
-                raise InputError(f"{path}: fold {fold['fold']} has no usable {part} ids")
-        clean.append({"fold": fold["fold"], **parts})
-    return {**record, "folds": clean}
 
 
 def _fold_plan(data: RenderSet, problems: Sequence[ItemResult], options: CrossvalOptions, *,
@@ -303,35 +279,6 @@ def run_fold(fold: Mapping[str, Any], data: RenderSet, options: CrossvalOptions,
     info["seconds"] = round(time.time() - started, 3)
     return info
 
-
-def write_loss_csv(path: Path, history: Sequence[Mapping[str, float]]) -> Path:
-    """``loss_fold{k}.csv``: epoch, train_loss (blank at epoch 0), val_loss."""
-    return write_csv(path, [
-        {**row, "train_loss": "" if math.isnan(row["train_loss"]) else row["train_loss"]}
-        for row in history], LOSS_COLUMNS)
-
-
-def read_loss_csv(path: Path) -> list[dict[str, float]]:
-    """The history :func:`write_loss_csv` wrote (epoch 0's train_loss as NaN)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [{"epoch": int(r["epoch"]), "train_loss": float(r["train_loss"] or "nan"),
-                 "val_loss": float(r["val_loss"])} for r in csv.DictReader(fh)]
-
-
-def fold_metrics(k: int, test_ids: Sequence[str], data: RenderSet, denoised_dir: Path
-                 ) -> list[dict[str, Any]]:
-    """metrics.csv rows of fold ``k``: PET vs CT before, and the written denoised PNG vs CT after."""
-    if not test_ids:
-        return []
-    pet, ct = data.stack(test_ids)
-    denoised = np.stack([read_grey(denoised_dir / f"{i}.png") for i in test_ids])
-    pet_f, ct_f = pet.astype(np.float32) / 255.0, ct.astype(np.float32) / 255.0
-    ms_before, psnr_before = image_metrics(pet_f, ct_f)
-    ms_after, psnr_after = image_metrics(denoised, ct_f)
-    return [{"fold": k, "id": item_id, "subject": data.subjects[item_id],
-             "msssim_before": float(ms_before[j]), "msssim_after": float(ms_after[j]),
-             "psnr_before": float(psnr_before[j]), "psnr_after": float(psnr_after[j])}
-            for j, item_id in enumerate(test_ids)]
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from faceaudit.core.images import read_grey
+
+if TYPE_CHECKING:
+    from faceaudit.petct.render_pairs import RenderSet
 
 #: MS-SSIM as upstream (piqa defaults): 5 scales, Gaussian window 11, sigma 1.5.
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -117,3 +123,17 @@ def format_summary(summary: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def fold_metrics(k: int, test_ids: Sequence[str], data: RenderSet, denoised_dir: Path
+                 ) -> list[dict[str, Any]]:
+    """metrics.csv rows of fold ``k``: PET vs CT before, and the written denoised PNG vs CT after."""
+    if not test_ids:
+        return []
+    pet, ct = data.stack(test_ids)
+    denoised = np.stack([read_grey(denoised_dir / f"{i}.png") for i in test_ids])
+    pet_f, ct_f = pet.astype(np.float32) / 255.0, ct.astype(np.float32) / 255.0
+    ms_before, psnr_before = image_metrics(pet_f, ct_f)
+    ms_after, psnr_after = image_metrics(denoised, ct_f)
+    return [{"fold": k, "id": item_id, "subject": data.subjects[item_id],
+             "msssim_before": float(ms_before[j]), "msssim_after": float(ms_after[j]),
+             "psnr_before": float(psnr_before[j]), "psnr_after": float(psnr_after[j])}
+            for j, item_id in enumerate(test_ids)]

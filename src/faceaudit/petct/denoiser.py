@@ -12,11 +12,13 @@ both back (``torch.load(weights_only=True)``: no pickle).
 from __future__ import annotations
 
 import copy
+import csv
 import io
+import math
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.core.files import InputError, atomic_write_bytes, write_json
+from faceaudit.core.files import InputError, atomic_write_bytes, write_csv, write_json
 from faceaudit.core.manifest import describe_exception
 from faceaudit.petct.denoise_metrics import msssim_loss
 
@@ -33,6 +35,8 @@ DEVICES = ("auto", "cpu", "cuda")
 #: Training images (the first ones, in id order) that set BatchNorm's running statistics
 #: after each epoch; caps that extra forward pass on large cohorts.
 BN_RECALIBRATION_IMAGES = 256
+
+LOSS_COLUMNS = ("epoch", "train_loss", "val_loss")
 
 
 def resolve_device(device: str) -> str:
@@ -282,6 +286,20 @@ def load_denoiser(pt_path: str | os.PathLike, device: str = "cpu", *,
     model.to(device).eval()
     return Denoiser(model, config, device=device, batch_size=batch_size)
 
+
+
+def write_loss_csv(path: Path, history: Sequence[Mapping[str, float]]) -> Path:
+    """``loss_fold{k}.csv``: epoch, train_loss (blank at epoch 0), val_loss."""
+    return write_csv(path, [
+        {**row, "train_loss": "" if math.isnan(row["train_loss"]) else row["train_loss"]}
+        for row in history], LOSS_COLUMNS)
+
+
+def read_loss_csv(path: Path) -> list[dict[str, float]]:
+    """The history :func:`write_loss_csv` wrote (epoch 0's train_loss as NaN)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{"epoch": int(r["epoch"]), "train_loss": float(r["train_loss"] or "nan"),
+                 "val_loss": float(r["val_loss"])} for r in csv.DictReader(fh)]
 
 
 @contextmanager

@@ -216,6 +216,21 @@ def _check_fold(parts: Mapping[str, list[str]], where: str, *, scheme: str,
                                  f"have studies in both {a} and {b}: {_few(shared)}")
 
 
+def _check_entry(entry: Any, position: int, path: Path, *, scheme: str,
+                 known_ids: Collection[str] | None, subjects: Mapping[str, str] | None
+                 ) -> dict[str, Any]:
+    """One fold entry as ``{"fold": k, "train": [...], "val": [...], "test": [...]}``."""
+    where = f"{path}: fold entry #{position}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected an object with 'fold', 'train', 'val' and "
+                         f"'test', found {type(entry).__name__}")
+    k = _fold_number(entry, position, where)
+    parts = _partitions(entry, f"{where} (fold {k})")
+    _check_fold(parts, f"{where} (fold {k})", scheme=scheme, known_ids=known_ids,
+                subjects=subjects)
+    return {"fold": k, **parts}
+
+
 def _check_header(record: Mapping[str, Any], where: str) -> tuple[str, int | None]:
     """The record's scheme (a string) and crop (a whole number > 0, or null for none)."""
     scheme = record.get("scheme", "custom")
@@ -225,6 +240,26 @@ def _check_header(record: Mapping[str, Any], where: str) -> tuple[str, int | Non
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop <= 0):
         raise InputError(f"{where}: 'crop' must be a positive integer, found {crop!r}")
     return scheme, crop
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """The file's JSON object, with a non-empty ``folds`` list."""
+    if not path.is_file():
+        raise InputError(f"expected the cross-validation {SPLITS_FILE} at {path}, found nothing")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path} as JSON (not valid JSON: {exc})") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(record, dict):
+        raise InputError(f"expected a JSON object in {path}, found {type(record).__name__}")
+    folds = record.get("folds")
+    if not isinstance(folds, list) or not folds:
+        raise InputError(f"{path}: expected a non-empty 'folds' list like "
+                         '{"folds": [{"fold": 0, "train": [...], "val": [...], "test": [...]}]}, '
+                         f"found keys {sorted(record)}")
+    return record
 
 
 def read_splits(path: str | os.PathLike, *, known_ids: Collection[str] | None = None,
@@ -260,48 +295,51 @@ def read_splits(path: str | os.PathLike, *, known_ids: Collection[str] | None = 
         (with ``subjects``), a study tested in two folds of a kfold file, a bad crop.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"expected the cross-validation {SPLITS_FILE} at {path}, found nothing")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path} as JSON (not valid JSON: {exc})") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(record, dict):
-        raise InputError(f"expected a JSON object in {path}, found {type(record).__name__}")
-    folds = record.get("folds")
-    if not isinstance(folds, list) or not folds:
-        raise InputError(f"{path}: expected a non-empty 'folds' list like "
-                         '{"folds": [{"fold": 0, "train": [...], "val": [...], "test": [...]}]}, '
-                         f"found keys {sorted(record)}")
+    record = _read_record(path)
     scheme, crop = _check_header(record, str(path))
     clean: list[dict[str, Any]] = []
     entry_of_fold: dict[int, int] = {}
     tested_in: dict[str, int] = {}
-    for position, entry in enumerate(folds):
-        where = f"{path}: fold entry #{position}"
-        if not isinstance(entry, dict):
-            raise InputError(f"{where}: expected an object with 'fold', 'train', 'val' and "
-                             f"'test', found {type(entry).__name__}")
-        k = _fold_number(entry, position, where)
-        where = f"{path}: fold entry #{position} (fold {k})"
+    for position, entry in enumerate(record["folds"]):
+        fold = _check_entry(entry, position, path, scheme=scheme, known_ids=known_ids,
+                            subjects=subjects)
+        k, where = fold["fold"], f"{path}: fold entry #{position} (fold {fold['fold']})"
         if k in entry_of_fold:
             raise InputError(f"{where}: fold number {k} is already used by fold entry "
                              f"#{entry_of_fold[k]}; each fold needs its own number")
         entry_of_fold[k] = position
-        parts = _partitions(entry, where)
-        _check_fold(parts, where, scheme=scheme, known_ids=known_ids, subjects=subjects)
         if scheme == "kfold":
-            again = sorted(i for i in parts["test"] if i in tested_in)
+            again = sorted(i for i in fold["test"] if i in tested_in)
             if again:
                 raise InputError(f"{where}: scheme 'kfold' tests each study once, but "
                                  f"{_few(again)} is also tested in fold {tested_in[again[0]]}")
-            tested_in.update({i: k for i in parts["test"]})
-        clean.append({"fold": k, **parts})
+            tested_in.update({i: k for i in fold["test"]})
+        clean.append(fold)
     return {"scheme": scheme, "n_folds": len(clean), "seed": record.get("seed"), "crop": crop,
             "folds": clean}
 
 
-__all__ = ["DEFAULT_VAL_FRACTION", "PARTS", "SCHEMES", "kfold_patient_splits", "make_splits",
-           "read_splits", "split_leakage", "upstream_random_splits"]
+def load_splits(path: str | os.PathLike, *, usable_ids: Sequence[str],
+                failed_ids: Sequence[str] = (),
+                subjects: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read a splits.json with :func:`read_splits` for training (stage 2).
+
+    Every id must be a usable pair (``usable_ids``) or one reported failed in this run
+    (``failed_ids``, removed from its fold since its row already says why); any other id
+    is an InputError, as is every rule of ``read_splits`` (``subjects``: id -> patient)
+    and an empty train or val set.
+    """
+    usable = set(usable_ids)
+    record = read_splits(path, known_ids=usable | set(failed_ids), subjects=subjects)
+    clean = []
+    for fold in record["folds"]:
+        parts = {part: sorted(i for i in fold[part] if i in usable) for part in PARTS}
+        for part in ("train", "val"):
+            if not parts[part]:
+                raise InputError(f"{path}: fold {fold['fold']} has no usable {part} ids")
+        clean.append({"fold": fold["fold"], **parts})
+    return {**record, "folds": clean}
+
+
+__all__ = ["DEFAULT_VAL_FRACTION", "PARTS", "SCHEMES", "kfold_patient_splits", "load_splits",
+           "make_splits", "read_splits", "split_leakage", "upstream_random_splits"]
