@@ -222,3 +222,13 @@ def test_real_recognizer_on_orl(name, floor):
     other = emb.embed(orl_face(3, 1)).vector
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     assert cos(*same) > cos(same[0], other) + 0.2
+
+
+def test_registered_as_embedding_backends(tmp_path, tiny_cache):
+    from faceaudit.faces.embedding import BACKENDS, make_embedder
+
+    assert {"mobilefacenet", "mobileface"} <= set(BACKENDS)
+    emb = make_embedder("mobilefacenet", model_dir=tiny_cache)
+    assert isinstance(emb, TfjsOnnxEmbedder) and emb.embed(orl_face(4, 2)).vector.shape == (192,)
+    with pytest.raises(InputError, match="make models"):
+        make_embedder("mobileface", model_dir=tmp_path)

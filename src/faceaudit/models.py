@@ -219,9 +219,10 @@ def orl_rank1(embedder: TfjsOnnxEmbedder, check: OrlCheck = OrlCheck()) -> dict:
                 crops.append(crop)
                 where.append((s - 1, p - 1))
     vectors = np.full((check.subjects, check.photos, embedder.dim), np.nan)
-    for start in range(0, len(crops), 32):
-        batch = embedder.embed_aligned(np.stack(crops[start:start + 32]))
-        for (s, p), v in zip(where[start:start + 32], batch):
+    step = 8  # small batches: larger ones run slower on one CPU thread
+    for start in range(0, len(crops), step):
+        batch = embedder.embed_aligned(np.stack(crops[start:start + step]))
+        for (s, p), v in zip(where[start:start + step], batch):
             vectors[s, p] = v
     rates = pair_rank1(vectors)
     return {"dataset": "ORL (bundled faceaudit/data/orl_faces)", "subjects": check.subjects,

@@ -19,6 +19,11 @@ Backends
     Any ArcFace-style ONNX with a square (112x112) input from a folder or file the
     user gives; five keypoints from our RetinaFace, ``norm_crop`` alignment.
 
+``mobilefacenet``, ``mobileface``
+    ArcFace-family models converted from TensorFlow.js by ``make models`` into the model
+    cache (``faceaudit.faces.tfjs_recognizers``): RetinaFace keypoints, ``norm_crop``,
+    RGB, the model's own mean/std.
+
 No backend downloads anything: a missing model file is an ``InputError`` naming
 the files expected and where they come from (insightface's own loaders would try
 to download a missing pack, so files are checked before insightface sees them).
@@ -36,7 +41,9 @@ import numpy as np
 from faceaudit.faces.facemesh import as_rgb_uint8
 from faceaudit.core.files import file_digest, InputError
 
-BACKENDS = ("dlib", "insightface", "arcface-onnx")
+BACKENDS = ("dlib", "insightface", "arcface-onnx", "mobilefacenet", "mobileface")
+#: converted once by `make models` into the model cache (faceaudit.faces.tfjs_recognizers)
+TFJS_BACKENDS = ("mobilefacenet", "mobileface")
 
 #: buffalo_l's detector and recognition files (the pack also holds landmark and
 #: gender/age models, which are not needed here).
@@ -364,6 +371,10 @@ def make_embedder(backend: str = "dlib", *, model_dir: str | os.PathLike | None 
         return InsightFaceEmbedder(model_dir, rgb_to_model=rgb_to_model, **options)
     if backend == "arcface-onnx":
         return ArcFaceOnnxEmbedder(model_dir, rgb_to_model=rgb_to_model, **options)
+    if backend in TFJS_BACKENDS:  # RGB always; model_dir overrides the model cache folder
+        from faceaudit.faces.tfjs_recognizers import make_tfjs_embedder
+
+        return make_tfjs_embedder(backend, model_dir=model_dir, **options)
     raise InputError(f"unknown embedding backend {backend!r}; expected one of {BACKENDS}")
 
 
