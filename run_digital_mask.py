@@ -31,6 +31,10 @@ def main(argv=None) -> int:
                         help="degrees; roll is checked only when given")
     parser.add_argument("--min_side", type=int, default=224,
                         help="upscale images whose shorter side is below this (integer factor)")
+    parser.add_argument("--detect_size", type=int, default=640,
+                        help="px; faces are detected on a copy whose long side is at most this")
+    parser.add_argument("--min_face_size", type=float, default=40.0,
+                        help="px; reject a face whose box side in the photo is below this")
     add_common_args(parser)
     args = parser.parse_args(argv)
     return run_guarded(_run, args)
@@ -45,7 +49,8 @@ def _run(args):
         backend=args.backend, protocol=args.protocol, model_dir=args.model_dir,
         detector=args.detector, min_confidence=args.min_confidence,
         max_other_confidence=args.max_other_confidence, max_yaw=args.max_yaw,
-        max_pitch=args.max_pitch, max_roll=args.max_roll, min_side=args.min_side)
+        max_pitch=args.max_pitch, max_roll=args.max_roll, min_side=args.min_side,
+        detect_size=args.detect_size, min_face_size=args.min_face_size)
     return run_digital_mask(args.input_dir, args.save_dir, options, run=run_settings(args))
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceaudit.mask import selection
 from faceaudit.core.files import InputError
+from faceaudit.mask import selection
 
 ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 OPTIONS = selection.SelectionOptions()
@@ -173,3 +173,108 @@ def test_rules_use_the_best_face_whatever_the_detector_order():
     assert dec.reason.startswith("low confidence")
     dec = selection.evaluate_image(image, _FixedDetector(0.95, 0.1), _NoMesh(), OPTIONS)
     assert dec.reason.startswith("more than one face")
+
+
+# --------------------------------------------------------------------------- photos as people have them
+
+def _exif_rotated(path, upright: np.ndarray, orientation: int = 6) -> None:
+    """Store ``upright`` as a phone does: pixels turned, plus the EXIF tag that turns them back
+    (6: the viewer rotates the stored pixels 90 degrees clockwise)."""
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif)
+
+
+def test_every_reader_applies_the_exif_orientation(tmp_path):
+    from faceaudit.core.images import read_grey, read_rgb
+
+    upright = _orl("s1/1.pgm")
+    _exif_rotated(tmp_path / "phone.jpg", upright)
+    assert Image.open(tmp_path / "phone.jpg").size == (112, 92)  # stored on its side
+    grey, rgb = read_grey(tmp_path / "phone.jpg"), read_rgb(tmp_path / "phone.jpg")
+    assert grey.shape == (112, 92) and rgb.shape == (112, 92, 3)
+    assert np.corrcoef(grey.ravel(), upright.ravel() / 255.0)[0, 1] > 0.98
+
+
+def test_an_exif_rotated_face_is_selected_and_cropped_upright(tmp_path, tools):
+    _exif_rotated(tmp_path / "phone.jpg", _orl("s1/1.pgm"))
+    upright = selection.evaluate_image(_orl("s1/1.pgm"), *tools, OPTIONS)
+    row = selection.select_one(selection.InputImage("s1", "", "phone", str(tmp_path / "phone.jpg")),
+                               OPTIONS)
+    assert row["status"] == "accepted", row["reason"]
+    assert abs(row["roll"] - upright.roll) < 3 and abs(row["yaw"] - upright.yaw) < 3
+    prep = selection.prep_from_row(row, OPTIONS)  # what the mask is built on
+    assert np.corrcoef(prep[..., 0].ravel(), upright.prep[..., 0].ravel())[0, 1] > 0.95
+
+
+def _large_photo(seed: int, size=(3000, 4000), face_width=900) -> np.ndarray:
+    """A (H, W, 3) colour photo: blotches, shapes and noise, one ORL face pasted in, tinted."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    bg = cv2.resize(rng.uniform(0, 255, size=(h // 64, w // 64, 3)).astype(np.float32), (w, h),
+                    interpolation=cv2.INTER_CUBIC)
+    bg += cv2.resize(rng.uniform(-60, 60, size=(h // 8, w // 8, 3)).astype(np.float32), (w, h))
+    bg += rng.normal(0, 12, size=(h, w, 3)).astype(np.float32)
+    for _ in range(25):
+        colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        cv2.rectangle(bg, (x0, y0), (x0 + int(rng.integers(50, 900)), y0 + int(rng.integers(50, 900))),
+                      colour, -1)
+        cv2.circle(bg, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(20, 400)),
+                   colour, -1)
+    fh = face_width * 112 // 92
+    face = cv2.resize(_orl("s1/1.pgm").astype(np.float32), (face_width, fh),
+                      interpolation=cv2.INTER_CUBIC)
+    x0, y0 = (w - face_width) // 2, (h - fh) // 3
+    bg[y0:y0 + fh, x0:x0 + face_width] = face[:, :, None] * [1.0, 0.85, 0.72]
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def test_a_large_photo_with_one_face_is_accepted(tools):
+    photo = _large_photo(0)
+    dec = selection.evaluate_image(photo, *tools, OPTIONS)
+    assert dec.status == "accepted", dec.reason
+    assert dec.n_faces == 1 and dec.upscale == 1 and (dec.image_w, dec.image_h) == (3000, 4000)
+    x0, y0, x1, y1 = dec.box  # full-resolution pixels, inside the pasted face (1050..1950, 964..2071)
+    assert 1000 < x0 < x1 < 2000 and 900 < y0 < y1 < 2120 and x1 - x0 > 400
+
+
+def test_a_tiny_face_upscaled_is_rejected_as_too_small(tools):
+    import cv2
+
+    face = _orl("s1/1.pgm")[10:102, :]  # 92 x 92 around the face
+    tiny = cv2.resize(face, (20, 20), interpolation=cv2.INTER_AREA)
+    dec = selection.evaluate_image(tiny, *tools, OPTIONS)
+    assert dec.upscale == 12 and dec.status == "rejected"
+    assert dec.reason.startswith("face too small") and selection.reason_code(dec.reason) == "face too small"
+    loose = selection.SelectionOptions(min_face_size=0)
+    assert not selection.evaluate_image(tiny, *tools, loose).reason.startswith("face too small")
+
+
+def test_detection_runs_on_a_bounded_copy_and_maps_boxes_back():
+    from faceaudit.faces.facedetect import Detection, detect_downscaled
+
+    class Recorder:
+        def detect(self, image):
+            self.shape = image.shape
+            h, w = image.shape[:2]
+            return [Detection((w / 4, h / 4, w / 2, h / 2), 0.99, np.array([[w / 3, h / 3]] * 5))]
+
+    rec = Recorder()
+    (det,) = detect_downscaled(rec, np.zeros((4000, 3000, 3), np.uint8), max_side=640)
+    assert rec.shape == (640, 480, 3)
+    assert np.allclose(det.box, (750, 1000, 1500, 2000)) and np.allclose(det.keypoints[0], (1000, 4000 / 3))
+    detect_downscaled(rec, np.zeros((336, 276, 3), np.uint8))  # small photos as they are (ORL x3)
+    assert rec.shape == (336, 276, 3)
+
+
+def test_selection_options_refuse_nonsense():
+    from faceaudit.core.runner import OptionsError
+
+    for bad in ({"max_yaw": -1}, {"max_pitch": 0}, {"detect_size": 10}, {"min_face_size": -5},
+                {"detector": "dlib"}, {"max_other_confidence": 0}):
+        with pytest.raises(OptionsError, match=f"--{next(iter(bad))}"):
+            selection.SelectionOptions(**bad)

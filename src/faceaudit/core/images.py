@@ -13,10 +13,18 @@ import numpy as np
 
 from faceaudit.core.files import InputError
 
+#: EXIF tag 274: how the stored pixels must be turned to show the scene upright.
+EXIF_ORIENTATION = 0x0112
+
 
 def open_image(path: str | os.PathLike):
-    """A loaded PIL image; a missing or unreadable file is an InputError quoting the path."""
-    from PIL import Image
+    """A loaded PIL image, upright; a missing or unreadable file is an InputError quoting the path.
+
+    A phone stores a portrait photo as landscape pixels plus an EXIF orientation tag;
+    read without it, the face lies on its side and the detector or the pose rule
+    rejects it for a wrong reason. The tag is applied here, for every reader.
+    """
+    from PIL import Image, ImageOps
 
     path = Path(path)
     if not path.is_file():
@@ -24,6 +32,8 @@ def open_image(path: str | os.PathLike):
     try:
         im = Image.open(path)
         im.load()
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            im = ImageOps.exif_transpose(im)
     except Exception as exc:  # Pillow raises many types for broken files
         raise InputError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
     return im

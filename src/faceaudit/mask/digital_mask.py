@@ -102,6 +102,8 @@ class DigitalMaskOptions:
     max_pitch: float = 20.0
     max_roll: float | None = None
     min_side: int = 224
+    detect_size: int = selection.DETECT_SIZE
+    min_face_size: float = 40.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -7,11 +7,18 @@ Input layouts (found per identity folder, both may be mixed):
 
 Per image (:func:`evaluate_image`):
 
+0. Photos are read upright (their EXIF orientation applied, :mod:`faceaudit.core.images`).
 1. Images whose shorter side is below ``min_side`` (224 px by default; ORL photos
    are 92x112) are upscaled by the smallest integer factor that reaches it (bicubic)
    before anything else, because MediaPipe's face mesh misses faces that small.
    Boxes are reported in the original image's pixels.
-2. Face detection (RetinaFace by default, MediaPipe as option). Accepted only if
+2. Face detection (RetinaFace by default, MediaPipe as option) on a copy whose long
+   side is at most ``detect_size`` (640 px, as InsightFace runs this detector family;
+   on large photos at full resolution RetinaFace fires on chests, backgrounds and eye
+   fragments), boxes mapped back; the crop below is taken from the full-resolution
+   image. A best face whose box side is below ``min_face_size`` (40 px) in the
+   photo's own pixels is rejected as too small: upscaled, it would be masked from
+   a few hundred pixels of real data. Accepted only if
    the best face has confidence > ``min_confidence`` (0.9) and no other face has
    confidence >= ``max_other_confidence`` (0.1), as upstream. MediaPipe runs its
    short-range model (faces within ~2 m: photos, video frames); its scores are not
@@ -51,6 +58,7 @@ import numpy as np
 from faceaudit.core.files import InputError
 from faceaudit.core.images import read_rgb
 from faceaudit.core.runner import OptionsError
+from faceaudit.faces.facedetect import DETECT_SIZE, detect_downscaled
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif",
                               ".tiff", ".webp", ".gif"})
@@ -88,6 +96,8 @@ class SelectionOptions:
     min_side: int = 224              # px: smaller images are upscaled by an integer factor
     crop_scale: float = 2.5
     size: int = 224                  # px: side of the prep crop
+    detect_size: int = DETECT_SIZE   # px: long side of the copy the detector sees
+    min_face_size: float = 40.0      # px: shortest accepted face box side, in the photo
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -106,6 +116,8 @@ class SelectionOptions:
         _check_whole("min_side", self.min_side, 1)
         _check_number("crop_scale", self.crop_scale, "a factor >= 1", lambda v: v >= 1)
         _check_whole("size", self.size, 32)
+        _check_whole("detect_size", self.detect_size, 64)
+        _check_number("min_face_size", self.min_face_size, "a box side >= 0 px", lambda v: v >= 0)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,8 +164,8 @@ class Decision:
 
 
 #: Rejection reasons start with one of these codes (then the numbers, in brackets).
-REASON_CODES = ("unreadable", "no face", "low confidence", "more than one face", "no landmarks",
-                "yaw", "pitch", "roll", "error")
+REASON_CODES = ("unreadable", "no face", "face too small", "low confidence", "more than one face",
+                "no landmarks", "yaw", "pitch", "roll", "error")
 
 
 def reason_code(reason: str) -> str:
@@ -253,7 +265,8 @@ def evaluate_image(image: np.ndarray, detector, face_mesh, options: SelectionOpt
     factor = upscale_factor(h, w, options.min_side)
     work = upscale(image, factor)
     dec = Decision(status=REJECTED, upscale=factor, image_w=w, image_h=h)
-    faces = sorted((d for d in detector.detect(work) if d.score >= options.max_other_confidence),
+    found = detect_downscaled(detector, work, max_side=options.detect_size)
+    faces = sorted((d for d in found if d.score >= options.max_other_confidence),
                    key=lambda d: -d.score)  # the rules read faces[0] as the best face
     dec.n_faces = len(faces)
     if not faces:
@@ -263,6 +276,11 @@ def evaluate_image(image: np.ndarray, detector, face_mesh, options: SelectionOpt
     dec.det_score = float(best.score)
     dec.other_score = float(faces[1].score) if len(faces) > 1 else 0.0
     dec.box = tuple(float(v) / factor for v in best.box)
+    side = max(dec.box[2] - dec.box[0], dec.box[3] - dec.box[1])
+    if side < options.min_face_size:
+        dec.reason = (f"face too small ({side:.0f} px box side in the photo < "
+                      f"{options.min_face_size:g})")
+        return dec
     if best.score <= options.min_confidence:
         dec.reason = f"low confidence ({best.score:.3f} <= {options.min_confidence:g})"
         return dec
