@@ -337,3 +337,21 @@ def test_qa_labels_tell_two_studies_of_one_patient_apart():
     assert qa_labels(["p1", "p2"], width=22) == ["p1", "p2"]
     # the patient's id stays readable at the start
     assert all(label.startswith("0af7ffe1") for label in qa_labels(same_tail, width=22))
+
+
+def test_flat_layout_dicom_series_folders_render_as_their_nifti_twins(tmp_path):
+    from test_volumes import _write_dicom_series
+
+    root, out = tmp_path / "flat", tmp_path / "out"
+    ct = sitk.GetImageFromArray(_phantom("ct").astype(np.int16))
+    ct.SetSpacing(SPACING_XYZ)
+    root.mkdir()
+    _write_dicom_series(ct, root / "dcm_ct")
+    _write(root / "dcm_pet.nii.gz", _phantom("pet"))
+    _write(root / "nii_ct.nii.gz", _phantom("ct"))
+    _write(root / "nii_pet.nii.gz", _phantom("pet"))
+    assert _run(root, out, ReconstructionOptions(head_height_mm=120.0)) == EXIT_OK
+    rows = _read_manifest(out)
+    assert rows["dcm"]["status"] == "ok" and rows["dcm"]["ct_source"].endswith("dcm_ct")
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "cts" / "dcm.png")),
+                                  np.asarray(Image.open(out / "cts" / "nii.png")))

@@ -350,3 +350,20 @@ def test_discovery_reports_two_candidates_for_one_side_instead_of_picking_one(tm
         for name in names:
             assert name.strip(" ,") in problem
     assert studies["x"].problems.get("pet") is None
+
+
+def test_discovery_of_dicom_series_folders_in_the_flat_layout(tmp_path):
+    """Issue 10 point 5: ``<id>_ct/`` and ``<id>_pet/`` series folders were not found (exit 2,
+    "no PET/CT studies"), though a DICOM folder may stand in for any NIfTI file."""
+    image = _canonical_image(_asymmetric_volume((4, 5, 6)))
+    _write_dicom_series(image, tmp_path / "d1_ct")
+    _write_dicom_series(image, tmp_path / "d1_pet")
+    _write_dicom_series(image, tmp_path / "d2_CT")
+    _touch(tmp_path / "d2_ct.nii.gz")                           # and a NIfTI of the same side
+    (tmp_path / "d3_ct").mkdir()                                # an empty folder is no series
+    studies = {s.id: s for s in discover_studies(tmp_path)}
+    assert sorted(studies) == ["d1", "d2"]
+    assert studies["d1"].ct == tmp_path / "d1_ct" and studies["d1"].pet == tmp_path / "d1_pet"
+    assert studies["d2"].ct is None and "d2_CT/" in studies["d2"].problems["ct"]
+    np.testing.assert_array_equal(load_volume(studies["d1"].ct).array,
+                                  load_volume(studies["d1"].pet).array)

@@ -185,7 +185,7 @@ def _load(study: Study, modality: str):
     path = _source(study, modality)
     if path is None:
         if study.layout == "flat":
-            expected = f"{study.id}_{modality}.nii.gz"
+            expected = f"{study.id}_{modality}.nii.gz or a DICOM folder {study.id}_{modality}/"
         else:
             expected = f"{'CTres' if modality == 'ct' else 'SUV'}.nii.gz (or {modality.upper()}.nii.gz)"
         raise InputError(f"study {study.id} has no {modality.upper()} volume (expected {expected})")

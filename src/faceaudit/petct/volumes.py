@@ -308,11 +308,20 @@ def _autopet_study(patient_dir: Path, study_dir: Path) -> Study | None:
     return study
 
 
+def _is_series_folder(path: Path) -> bool:
+    """A folder holding files itself (a DICOM series), not only sub-folders (a patient)."""
+    return path.is_dir() and any(p.is_file() for p in path.iterdir())
+
+
 def _flat_candidates(root: Path) -> dict[tuple[str, str], list[Path]]:
-    """(study id, "ct" | "pet") -> the files named ``<id>_<side>.nii[.gz]``, side in any case."""
+    """(study id, "ct" | "pet") -> the files named ``<id>_<side>.nii[.gz]`` and the DICOM
+    series folders named ``<id>_<side>/``, side in any case."""
     found: dict[tuple[str, str], list[Path]] = {}
     for path in sorted(root.iterdir()):
-        stem = _strip_nifti(path.name) if path.is_file() else None
+        if path.is_file():
+            stem = _strip_nifti(path.name)
+        else:
+            stem = path.name if _is_series_folder(path) else None
         match = _FLAT.match(stem) if stem else None
         if match:
             found.setdefault((match["id"], match["side"].lower()), []).append(path)
@@ -324,7 +333,8 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
 
     AutoPET layout: ``root/PETCT_<patient>/<study>/{CTres|CT,SUV|PET}.nii.gz`` (or a DICOM
     folder of that name); id = ``PETCT_<patient>_<study>``, subject = ``PETCT_<patient>``.
-    Flat layout: ``root/<id>_ct.nii.gz`` + ``root/<id>_pet.nii.gz``; subject = id.
+    Flat layout: ``root/<id>_ct.nii.gz`` + ``root/<id>_pet.nii.gz``, either of which may be a
+    DICOM series folder ``root/<id>_ct/``, ``root/<id>_pet/``; subject = id.
     CT and PET are paired by study id; a study missing one side is returned with that
     side None so the stage records it as failed. Two candidates for one side (``x_ct.nii``
     beside ``x_ct.nii.gz``, ``x_CT`` beside ``x_ct``, ``CT.nii`` beside ``CT.nii.gz``) are
@@ -348,5 +358,6 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
     if not studies:
         raise InputError(
             f"no PET/CT studies under {root}: expected PETCT_<patient>/<study>/"
-            f"{{CTres,SUV}}.nii.gz folders or <id>_ct.nii.gz + <id>_pet.nii.gz files")
+            f"{{CTres,SUV}}.nii.gz folders or <id>_ct.nii.gz + <id>_pet.nii.gz files "
+            f"(or <id>_ct/ + <id>_pet/ DICOM series folders)")
     return [studies[k] for k in sorted(studies)]
