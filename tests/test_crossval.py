@@ -441,6 +441,8 @@ def test_a_failed_fold_leaves_nothing_and_the_others_finish(tmp_path):
     splits = json.loads((out / "splits.json").read_text())
     fold1_test = set(splits["folds"][1]["test"])
     assert not fold1_test & {r["id"] for r in _read_csv(out / "metrics.csv")}
+    assert {rows[i]["status"] for i in fold1_test} == {"skipped"}
+    assert all(rows[i]["reason"] == "its test fold failed: fold1" for i in fold1_test)
     run = json.loads((out / "run.json").read_text())
     assert [f["status"] for f in run["folds"]] == ["ok", "failed", "ok"]
 

@@ -383,9 +383,14 @@ def _write_tables(save_dir: Path, splits: Mapping[str, Any], data: RenderSet,
     return summary
 
 
-def _record_studies(stage: StageRun, data: RenderSet, metrics: Sequence[Mapping[str, Any]]
-                    ) -> None:
-    """A row per usable study: the folds that tested it and its mean metrics."""
+def _record_studies(stage: StageRun, data: RenderSet, metrics: Sequence[Mapping[str, Any]],
+                    splits: Mapping[str, Any], folds: Sequence[Mapping[str, Any]]) -> None:
+    """A row per usable study: the folds that tested it and its mean metrics; a study whose
+    only test folds failed is skipped with a reason naming them (the fold rows failed)."""
+    failed_tests: dict[str, list[int]] = {}
+    for fold, record in zip(splits["folds"], folds):
+        for item_id in fold["test"] if record["status"] == STATUS_FAILED else ():
+            failed_tests.setdefault(item_id, []).append(record["fold"])
     by_id: dict[str, list[Mapping[str, Any]]] = {}
     for row in metrics:
         by_id.setdefault(row["id"], []).append(row)
@@ -394,8 +399,11 @@ def _record_studies(stage: StageRun, data: RenderSet, metrics: Sequence[Mapping[
         values: dict[str, Any] = {"test_folds": ";".join(str(r["fold"]) for r in rows)}
         for key in METRIC_COLUMNS[3:]:
             values[key] = float(np.mean([r[key] for r in rows])) if rows else ""
-        stage.record(ItemResult(item_id, data.subjects[item_id], STATUS_OK,
-                                "" if rows else "not in any fold's test set", values))
+        status, reason = STATUS_OK, "" if rows else "not in any fold's test set"
+        if not rows and item_id in failed_tests:
+            status = STATUS_SKIPPED
+            reason = f"its test fold failed: {', '.join(f'fold{k}' for k in failed_tests[item_id])}"
+        stage.record(ItemResult(item_id, data.subjects[item_id], status, reason, values))
 
 
 def _summary_text(save_dir: Path, folds: Sequence[Mapping[str, Any]],
@@ -467,7 +475,7 @@ def run_crossval(ct_files: str | os.PathLike, pet_files: str | os.PathLike,
         folds, metrics, histories = _fold_loop(stage, splits, data, digests, options,
                                                models_dir=models_dir, device=device)
         summary = _write_tables(save_dir, splits, data, metrics, histories)
-        _record_studies(stage, data, metrics)
+        _record_studies(stage, data, metrics, splits, folds)
         stage.extra.update(_run_record(splits, data, folds, summary, options,
                                        models_dir=models_dir, device=device))
         keep = [f"fold{k}" for k in fold_numbers] + data.ids + [p.id for p in problems]
