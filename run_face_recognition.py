@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rgb-to-insightface", dest="rgb_to_insightface", action="store_true",
                         help="pass RGB to the insightface models as upstream did (default: BGR)")
     parser.add_argument("--n_boot", type=int, default=defaults.n_boot,
-                        help="bootstrap resamples for the 95%% intervals of the mean rank and of "
-                             "differences between scenarios (default: 2000)")
+                        help="bootstrap resamples for the 95%% interval of the mean rank "
+                             "(default: 2000; rank-k intervals are Wilson's)")
     add_common_args(parser)
     args = parser.parse_args(argv)
 

@@ -159,6 +159,33 @@ def test_wilson_interval_known_values():
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
 
 
+def test_rank_k_interval_is_wilson_95_in_results_and_table(tmp_path):
+    """5 queries, 5 hits: a percentile bootstrap printed [100, 100]; Wilson 95 % gives
+    [56.6, 100] (a 97.5 % interval would give 49.9)."""
+    from faceaudit.core.runner import RunSettings
+    from faceaudit.mask.recognition import RecognitionOptions, run_face_recognition as run_fr
+
+    dm = build_mask_run(tmp_path / "DM", ["s1", "s2", "s3", "s4", "s5"])
+    result = run_fr(dm, tmp_path / "FR", RecognitionOptions(
+        scenarios=("Face2Face", "MaskOnly2Face"), n_boot=200), run=RunSettings(progress=False))
+    rows = _results(tmp_path / "FR")
+    face, mask = rows["Face2Face"], rows["MaskOnly2Face"]
+    assert float(face["rank1"]) == 1.0
+    assert round(float(face["rank1_ci_lo"]), 3) == 0.566 and float(face["rank1_ci_hi"]) == 1.0
+    assert round(float(face["rank5_ci_lo"]), 3) == 0.566
+    assert face["rank_ci_method"] == "wilson score 95%"
+    assert "100.0% [56.6%, 100.0%]" in result.summary
+    # 0 of 5: the interval keeps its width instead of collapsing to [0, 0]
+    assert float(mask["rank1"]) == 0.0 and round(float(mask["rank1_ci_hi"]), 3) == 0.434
+    # the mask's loss against Face2Face on the same 5 query photos, Newcombe's interval
+    assert mask["reference"] == "Face2Face" and int(mask["n_paired_ref"]) == 5
+    assert float(mask["rank1_diff_vs_ref"]) == -1.0
+    assert float(mask["rank1_diff_ci_lo"]) == -1.0 and float(mask["rank1_diff_ci_hi"]) < -0.3
+    assert face["rank1_diff_vs_ref"] == ""  # the reference itself
+    assert float(face["mean_rank"]) == 1.0
+    assert float(face["mean_rank_ci_lo"]) == float(face["mean_rank_ci_hi"]) == 1.0
+
+
 def test_upstream_black_background_is_per_channel():
     rgb = np.array([[[255, 255, 255], [255, 10, 20], [254, 0, 255]]], np.uint8)
     out = upstream_black_background(rgb)
@@ -188,7 +215,7 @@ def test_dlib_separates_orl_identities():
     m = result.metrics
     assert m["n_queries"] == 10 and m["gallery_size"] == 10 and m["chance"] == pytest.approx(0.1)
     assert m["rank1"] >= 0.9, result.ranks
-    assert m["rank1_ci_lo"] <= m["rank1"] <= m["rank1_ci_hi"]
+    assert m["rank1_ci_lo"] < m["rank1"] <= m["rank1_ci_hi"]  # Wilson: not [1, 1] at 10/10
     assert m["n_no_face"] == 0
 
 

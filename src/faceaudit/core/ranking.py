@@ -93,18 +93,3 @@ def chance_topk(gallery_size: int, k: int) -> float:
     if gallery_size <= 0:
         return float("nan")
     return min(k, gallery_size) / gallery_size
-
-
-def bootstrap_ci(ranks: np.ndarray, k: int = 1, *, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the top-k accuracy, resampling probes."""
-    ranks = np.asarray(ranks)
-    if ranks.size == 0:
-        return float("nan"), float("nan")
-    hits = ((ranks != MISS) & (ranks <= k)).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, hits.size, size=(n_boot, hits.size))
-    means = hits[idx].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)

@@ -16,7 +16,7 @@ import numpy as np
 
 from faceaudit.core import ranking
 from faceaudit.core.manifest import STATUS_OK
-from faceaudit.core.stats import wilson_interval
+from faceaudit.core.stats import bootstrap_ci, paired_difference_interval, wilson_interval
 from faceaudit.faces.embedding import cosine_distances
 from faceaudit.mask.digital_mask import VARIANTS
 from faceaudit.mask.embedding_cache import EmbeddingRecord
@@ -42,6 +42,8 @@ class ScenarioResult:
     ranks: np.ndarray
     metrics: dict[str, Any] = field(default_factory=dict)
     cmc: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: the mask run's row id of each query (``query/<identity>/<stem>``), to pair scenarios
+    query_items: list[str] = field(default_factory=list)
 
 
 def chance_topk_multi(gallery_subjects: Sequence[str], query_subjects: Sequence[str],
@@ -89,19 +91,24 @@ def rank_queries(query_subjects: Sequence[str], query_vectors: Sequence[np.ndarr
 
 def summarise_ranks(ranks: np.ndarray, *, query_subjects: Sequence[str],
                     gallery_subjects: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    """rank-1/5/10 with bootstrap CIs, chance levels, mean/median rank, gallery size."""
+    """rank-1/5/10 with Wilson 95 % intervals, mean rank with a bootstrap interval, chance
+    levels, median rank, gallery size.
+
+    A rank-k accuracy is a proportion (hits of n queries): its interval is Wilson's
+    (``faceaudit.core.stats``); a percentile bootstrap of it collapses to [1, 1] at 100 %
+    with a few queries. The mean rank has no closed form: percentile bootstrap over the
+    queries whose match was found.
+    """
     ranks = np.asarray(ranks)
     topk = ranking.topk_accuracy(ranks, KS)
     out: dict[str, Any] = {}
     for k in KS:
-        lo, hi = ranking.bootstrap_ci(ranks, k, n_boot=n_boot, seed=seed)
+        hits = int(np.sum((ranks != ranking.MISS) & (ranks <= k)))
         out[f"rank{k}"] = topk[k]
-        out[f"rank{k}_ci_lo"], out[f"rank{k}_ci_hi"] = lo, hi
-    # the percentile bootstrap collapses to [1, 1] at 100 %; Wilson's interval does not
-    out["rank1_wilson_lo"], out["rank1_wilson_hi"] = wilson_interval(
-        int(np.sum((ranks != ranking.MISS) & (ranks <= 1))), int(ranks.size))
+        out[f"rank{k}_ci_lo"], out[f"rank{k}_ci_hi"] = wilson_interval(hits, int(ranks.size))
     found = ranks[ranks != ranking.MISS]
     out["mean_rank"] = ranking.mean_rank(ranks)
+    out["mean_rank_ci_lo"], out["mean_rank_ci_hi"] = bootstrap_ci(found, n_boot=n_boot, seed=seed)
     out["median_rank"] = float(np.median(found)) if found.size else float("nan")
     out["n_queries"] = int(ranks.size)
     out["gallery_size"] = len(gallery_subjects)
@@ -110,6 +117,35 @@ def summarise_ranks(ranks: np.ndarray, *, query_subjects: Sequence[str],
     out["chance5"] = chance_topk_multi(gallery_subjects, query_subjects, 5)
     out["chance10"] = chance_topk_multi(gallery_subjects, query_subjects, 10)
     return out
+
+
+def compare_to_reference(results: Sequence[ScenarioResult], *,
+                         reference: str = "Face2Face") -> None:
+    """Add to each scenario's metrics its rank-1 minus the reference scenario's, on the
+    queries both share (the same query photo, paired by the mask run's row id), with
+    Newcombe's paired score 95 % interval: how much identity the mask removed.
+
+    Sets ``rank1_diff_vs_ref``, ``rank1_diff_ci_lo``, ``rank1_diff_ci_hi``, ``n_paired_ref``
+    and ``reference``; NaN when the reference is not among ``results``.
+    """
+    ref = next((r for r in results if r.name == reference), None)
+    ref_hits = {} if ref is None else dict(zip(ref.query_items, _hits(ref.ranks, 1)))
+    for r in results:
+        if r is ref:
+            continue
+        pairs = [(h, ref_hits[i]) for i, h in zip(r.query_items, _hits(r.ranks, 1))
+                 if i in ref_hits]
+        a = np.array([p[0] for p in pairs], dtype=np.float64)
+        b = np.array([p[1] for p in pairs], dtype=np.float64)
+        diff, lo, hi = paired_difference_interval(a, b)
+        r.metrics.update(reference=reference if ref is not None else "", rank1_diff_vs_ref=diff,
+                         rank1_diff_ci_lo=lo, rank1_diff_ci_hi=hi, n_paired_ref=len(pairs))
+
+
+def _hits(ranks: np.ndarray, k: int) -> np.ndarray:
+    ranks = np.asarray(ranks)
+    return ((ranks != ranking.MISS) & (ranks <= k)).astype(np.float64)
+
 
 def evaluate_scenario(scenario: Scenario, queries: Sequence[ImageRef],
                       gallery: Sequence[ImageRef], records: Mapping[str, EmbeddingRecord], *,
@@ -140,6 +176,7 @@ def evaluate_scenario(scenario: Scenario, queries: Sequence[ImageRef],
     return ScenarioResult(
         name=scenario.name, protocol=protocol, query=scenario.query, database=scenario.database,
         cross=scenario.cross, query_ids=[q.id for q in paired],
+        query_items=[q.item_id for q in paired],
         query_subjects=[q.subject for q in paired], gallery_ids=[g.id for g in gallery],
         gallery_subjects=[g.subject for g in gallery], distances=dist, ranks=ranks,
         metrics=metrics, cmc=ranking.cmc_curve(ranks, max(len(gallery), 1)))

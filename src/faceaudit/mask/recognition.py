@@ -19,9 +19,11 @@ Differences from the upstream scripts (reference B4/B7), each deliberate:
   as upstream passed);
 * the highest-scoring face is used, not ``faces[0]``.
 
-Metrics (``faceaudit.core.ranking``): ranks are 1-based, ties pessimistic; rank-1/5/10
-with percentile-bootstrap 95 % intervals over queries, CMC, mean rank of the found
-matches; every number comes with the gallery size and the chance level.
+Metrics (``faceaudit.core.ranking``, ``faceaudit.core.stats``): ranks are 1-based, ties
+pessimistic; rank-1/5/10 with Wilson 95 % intervals (a proportion of the queries), CMC,
+mean rank of the found matches (percentile bootstrap interval), each scenario's rank-1
+minus Face2Face's on the same query photos (Newcombe's paired interval); every number
+comes with the gallery size and the chance level.
 """
 
 
@@ -35,7 +37,13 @@ from typing import Any
 
 from faceaudit.core.files import InputError
 from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult
-from faceaudit.core.runner import OptionsError, RunSettings, StageResult, StageRun, fingerprint
+from faceaudit.core.runner import (
+    OptionsError,
+    RunSettings,
+    StageResult,
+    StageRun,
+    fingerprint,
+)
 from faceaudit.faces.embedding import BACKENDS
 from faceaudit.mask.embedding_cache import (
     _EMBEDDERS,
@@ -44,7 +52,12 @@ from faceaudit.mask.embedding_cache import (
     _embedder_for,
     embed_images,
 )
-from faceaudit.mask.evaluation import ScenarioResult, detection_rates, evaluate_scenario
+from faceaudit.mask.evaluation import (
+    ScenarioResult,
+    compare_to_reference,
+    detection_rates,
+    evaluate_scenario,
+)
 from faceaudit.mask.recognition_output import format_table, write_results
 from faceaudit.mask.scenarios import (
     SCENARIOS,
@@ -72,7 +85,7 @@ class RecognitionOptions:
     upstream_black_bug: bool = False            # upstream: every channel value 255 -> 0
     upstream_scenario_bug: bool = False         # upstream: MaskOnlyBlack2Face black on both sides
     rgb_to_insightface: bool = False            # upstream: RGB to insightface (we give BGR)
-    n_boot: int = 2000                          # bootstrap resamples (mean rank, differences)
+    n_boot: int = 2000                          # bootstrap resamples (mean rank interval)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
@@ -160,6 +173,7 @@ def attack_with(backend: str, plan: Plan, options: RecognitionOptions, *, save_d
                                        jobs=run.jobs, progress=run.progress)
     results = [evaluate_scenario(sc, q, g, records, protocol=p, n_boot=options.n_boot,
                                  seed=run.seed) for sc, q, g, p in plan.sides]
+    compare_to_reference(results)
     return BackendRun(backend, config, records, embed_info, results,
                       detection_rates(plan.refs.values(), records))
 
@@ -202,7 +216,7 @@ def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLi
         write_results(stage.save_dir, attack.results, backend=attack.backend,
                       detection=attack.detection)
         stage.extra.update(_run_facts(plan, attack, options))
-        return stage.finish(keep_ids=list(plan.refs), summary=_summary(plan, attack),
+        return stage.finish(keep_ids=list(plan.refs), summary=_summary(plan, attack, n_boot=options.n_boot),
                             details={"results": {r.name: r.metrics for r in attack.results}})
 
 
@@ -226,8 +240,9 @@ def _record_rows(stage: StageRun, plan: Plan, attack: BackendRun) -> None:
         stage.record(ItemResult(ref_id, ref.subject, status, reason, values=values), item_fp)
 
 
-def _summary(plan: Plan, attack: BackendRun) -> str:
-    lines = [format_table(attack.results, backend=attack.backend, masks=plan.masks),
+def _summary(plan: Plan, attack: BackendRun, *, n_boot: int) -> str:
+    lines = [format_table(attack.results, backend=attack.backend, masks=plan.masks,
+                          n_boot=n_boot),
              "faces found: " + ", ".join(f"{key} {d['n_found']}/{d['n_images']}"
                                         for key, d in attack.detection.items())]
     failed = [(i, r) for i, r in sorted(attack.records.items()) if r.status == STATUS_FAILED]

@@ -10,6 +10,7 @@ import numpy as np
 
 from faceaudit.core.figures import figure_png, new_axes
 from faceaudit.core.files import atomic_write_bytes, write_csv, write_json, write_npz
+from faceaudit.core.stats import LEVEL
 from faceaudit.mask.evaluation import ScenarioResult
 from faceaudit.mask.scenarios import MaskRun
 
@@ -18,21 +19,25 @@ RESULT_COLUMNS = ("scenario", "protocol", "rank1", "rank1_ci_lo", "rank1_ci_hi",
 EXTRA_RESULT_COLUMNS = ("rank5_ci_lo", "rank5_ci_hi", "rank10_ci_lo", "rank10_ci_hi",
                         "chance5", "chance10", "median_rank", "n_gallery_subjects",
                         "n_no_face_gallery", "n_failed", "n_unpaired_queries", "query",
-                        "database", "cross_mask", "backend")
+                        "database", "cross_mask", "backend", "rank_ci_method", "mean_rank_ci_lo",
+                        "mean_rank_ci_hi", "reference", "rank1_diff_vs_ref", "rank1_diff_ci_lo",
+                        "rank1_diff_ci_hi", "n_paired_ref")
+#: How the rank-k intervals (rank{k}_ci_lo/hi) are computed, as results.csv states it.
+RANK_CI_METHOD = f"wilson score {100 * LEVEL:g}%"
 
 
 def result_rows(results: Sequence[ScenarioResult], *, backend: str) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         row = {"scenario": r.name, "protocol": r.protocol, **r.metrics, "query": r.query,
-               "database": r.database, "cross_mask": int(r.cross), "backend": backend}
+               "database": r.database, "cross_mask": int(r.cross), "backend": backend,
+               "rank_ci_method": RANK_CI_METHOD}
         rows.append({c: row.get(c, "") for c in RESULT_COLUMNS + EXTRA_RESULT_COLUMNS})
     return rows
 
 
 def _json_row(row: Mapping[str, Any], result: ScenarioResult) -> dict[str, Any]:
-    return {**row, "rank1_wilson_lo": result.metrics["rank1_wilson_lo"],
-            "rank1_wilson_hi": result.metrics["rank1_wilson_hi"], "cmc": result.cmc.tolist(),
+    return {**row, "cmc": result.cmc.tolist(),
             "queries": [{"id": i, "subject": s, "rank": int(k)} for i, s, k in
                         zip(result.query_ids, result.query_subjects, result.ranks)]}
 
@@ -85,10 +90,13 @@ def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
 
 
 def format_table(results: Sequence[ScenarioResult], *, backend: str,
-                 masks: MaskRun | None = None) -> str:
-    """A plain-text table: scenario, rank-1 [95 % CI], rank-5, rank-10, mean rank, n, G, chance."""
+                 masks: MaskRun | None = None, n_boot: int | None = None) -> str:
+    """A plain-text table: scenario, rank-1 [Wilson 95 % CI], rank-5, rank-10, mean rank,
+    n, G, chance, no face, and rank-1 minus the reference scenario's [Newcombe 95 % CI]."""
+    ref = next((r.metrics.get("reference") for r in results if r.metrics.get("reference")), "")
     head = (f"{'scenario':<34} {'rank-1 [95% CI]':>24} {'rank-5':>7} {'rank-10':>7} "
-            f"{'mean rk':>7} {'n':>5} {'G':>5} {'chance':>7} {'no face':>7}")
+            f"{'mean rk':>7} {'n':>5} {'G':>5} {'chance':>7} {'no face':>7}"
+            + (f" {'rank-1 - ' + ref + ' [95% CI]':>34}" if ref else ""))
     lines = []
     if masks is not None:
         lines.append(f"face recognition ({backend}) on {masks.folder} "
@@ -97,11 +105,27 @@ def format_table(results: Sequence[ScenarioResult], *, backend: str,
     for r in results:
         m = r.metrics
         ci = f"{_pct(m['rank1'])} [{_pct(m['rank1_ci_lo'])}, {_pct(m['rank1_ci_hi'])}]"
-        lines.append(f"{r.name:<34} {ci:>24} {_pct(m['rank5']):>7} {_pct(m['rank10']):>7} "
-                     f"{m['mean_rank']:>7.2f} {m['n_queries']:>5d} {m['gallery_size']:>5d} "
-                     f"{_pct(m['chance']):>7} {m['n_no_face']:>7d}")
+        line = (f"{r.name:<34} {ci:>24} {_pct(m['rank5']):>7} {_pct(m['rank10']):>7} "
+                f"{m['mean_rank']:>7.2f} {m['n_queries']:>5d} {m['gallery_size']:>5d} "
+                f"{_pct(m['chance']):>7} {m['n_no_face']:>7d}")
+        if ref and r.name == ref:
+            line += f" {'(reference)':>34}"
+        elif ref:
+            diff = (f"{_pts(m.get('rank1_diff_vs_ref'))} [{_pts(m.get('rank1_diff_ci_lo'))}, "
+                    f"{_pts(m.get('rank1_diff_ci_hi'))}]")
+            line += f" {diff:>34}"
+        lines.append(line)
+    boot = f" ({n_boot} resamples)" if n_boot else ""
+    lines.append(f"intervals: rank-k {RANK_CI_METHOD} (binomial); difference to "
+                 f"{ref or 'the reference scenario'}: Newcombe paired score (same query photos); "
+                 f"mean rank (in results.csv): percentile bootstrap{boot}")
     return "\n".join(lines)
 
 
 def _pct(value: float) -> str:
     return "nan" if value is None or not np.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _pts(value: float | None) -> str:
+    """A difference of proportions in percentage points, signed."""
+    return "nan" if value is None or not np.isfinite(value) else f"{100 * value:+.1f}"
