@@ -5,10 +5,8 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
-    from faceaudit.core.cli import add_common_args, run_guarded
-    from faceaudit.petct.landmarks import Framing
-    from faceaudit.petct.placement import run_landmark_placement
+def build_parser() -> argparse.ArgumentParser:
+    from faceaudit.core.cli import add_common_args
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ct_files", required=True, help="folder of CT renders <id>.png (reconstruction cts/)")
@@ -30,17 +28,25 @@ def main(argv=None) -> int:
     parser.add_argument("--min_detection_confidence", type=float, default=0.5)
     parser.add_argument("--n_qa", type=int, default=6, help="test images drawn in qa_landmarks.png")
     add_common_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        framing = Framing(upscale=args.upscale, pad=args.pad)
-    except ValueError as exc:
-        parser.error(f"--upscale/--pad: {exc}")
-    return run_guarded(
-        run_landmark_placement, args.ct_files, args.pet_files, args.splits_file, args.save_dir,
-        models_path=args.models_path, denoised_dir=args.denoised_dir, upstream_mad=args.upstream_mad,
-        framing=framing,
-        min_detection_confidence=args.min_detection_confidence, n_qa=args.n_qa, jobs=args.jobs,
-        overwrite=args.overwrite, seed=args.seed, quiet=args.quiet, args=vars(args))
+    return parser
+
+
+def run(args: argparse.Namespace):
+    """Options from the arguments (OptionsError: exit 2), then the stage."""
+    from faceaudit.core.cli import run_settings
+    from faceaudit.petct.placement import PlacementOptions, run_landmark_placement
+
+    options = PlacementOptions(models_dir=args.models_path, denoised_dir=args.denoised_dir,
+                               upstream_mad=args.upstream_mad, upscale=args.upscale, pad=args.pad,
+                               min_detection_confidence=args.min_detection_confidence, n_qa=args.n_qa)
+    return run_landmark_placement(args.ct_files, args.pet_files, args.splits_file, args.save_dir, options,
+                                  run=run_settings(args))
+
+
+def main(argv=None) -> int:
+    from faceaudit.core.cli import run_guarded
+
+    return run_guarded(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,26 +7,17 @@ import stat
 
 import numpy as np
 import pytest
+from conftest import load_script
 
-from faceaudit.core.images import to_uint8
-from faceaudit.petct.landmarks import Framing
-from faceaudit.petct.placement import read_splits, run_landmark_placement
 from faceaudit.core.files import InputError, read_npz, write_npz, write_png
+from faceaudit.core.images import to_uint8
 from faceaudit.core.manifest import read_manifest
+from faceaudit.core.runner import OptionsError, RunSettings
+from faceaudit.petct.landmarks import Framing
+from faceaudit.petct.placement import PlacementOptions, run_landmark_placement
 
 IDS = ["PETCT_a_s1", "PETCT_a_s2", "PETCT_b_s1", "PETCT_c_s1"]
 SUBJECTS = {"PETCT_a_s1": "PETCT_a", "PETCT_a_s2": "PETCT_a", "PETCT_b_s1": "PETCT_b", "PETCT_c_s1": "PETCT_c"}
-
-
-def load_script(name):
-    """Import a repo-root script by path (independent of how pytest sets sys.path)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _face(shift):
@@ -61,9 +52,15 @@ def cohort(tmp_path_factory):
     return root
 
 
-def _run(cohort, out, **kw):
-    return run_landmark_placement(cohort / "recon" / "cts", cohort / "recon" / "pets", cohort / "cv" / "splits.json",
-                                  out, quiet=True, **kw)
+def _run(cohort, out, *, load_denoiser=None, framing=None, models_path=None, recon=None, **options):
+    """Run the stage on ``cohort`` with PlacementOptions(**options), no progress bars; the exit code."""
+    if framing is not None:
+        options.update(upscale=framing.upscale, pad=framing.pad)
+    recon = recon or cohort / "recon"
+    result = run_landmark_placement(recon / "cts", recon / "pets", cohort / "cv" / "splits.json", out,
+                                    PlacementOptions(models_dir=models_path, **options),
+                                    run=RunSettings(progress=False), load_denoiser=load_denoiser)
+    return result.exit_code
 
 
 def test_placement_end_to_end_with_denoised_dir(cohort, tmp_path):
@@ -99,6 +96,9 @@ def test_placement_end_to_end_with_denoised_dir(cohort, tmp_path):
     before = os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns
     assert _run(cohort, out, denoised_dir=cohort / "cv" / "denoised") == 0
     assert os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns == before
+    rows = read_manifest(out / "manifest.csv")
+    assert {r["status"] for r in rows} == {"skipped"} and rows[0]["mad_pet"] != ""  # numbers kept
+    assert len({r["fingerprint"] for r in rows}) == 4
     # ... unless the framing changed
     assert _run(cohort, out, denoised_dir=cohort / "cv" / "denoised", framing=Framing(pad=8), n_qa=0) == 0
     assert os.stat(out / "fold0" / "landmarks_pet.npz").st_mtime_ns != before
@@ -202,8 +202,7 @@ def test_missing_and_truncated_renders_are_failed_rows(cohort, tmp_path):
     png = (broken / "cts" / f"{IDS[2]}.png").read_bytes()
     (broken / "cts" / f"{IDS[2]}.png").write_bytes(png[: len(png) // 3])
     out = tmp_path / "LM"
-    code = run_landmark_placement(broken / "cts", broken / "pets", cohort / "cv" / "splits.json", out,
-                                  quiet=True, n_qa=0)
+    code = _run(cohort, out, recon=broken, n_qa=0)
     assert code == 1
     rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
     assert rows[f"fold0/{IDS[1]}"]["status"] == "failed"
@@ -309,16 +308,28 @@ def test_rerun_after_retraining_redenoises_and_replaces_only_that_folds_unet(coh
     assert second["fold0/landmarks_pet_unet"][1] != first["fold0/landmarks_pet_unet"][1]
 
 
-def test_bad_splits_file_is_an_input_error(tmp_path):
-    bad = tmp_path / "splits.json"
-    bad.write_text('{"folds": [{"fold": 0, "train": []}]')
-    with pytest.raises(InputError, match="not valid JSON"):
-        read_splits(bad)
-    bad.write_text('{"folds": [{"fold": 0, "train": []}]}')
-    with pytest.raises(InputError, match="no 'test' id list"):
-        read_splits(bad)
-    with pytest.raises(InputError, match="found nothing"):
-        read_splits(tmp_path / "absent.json")
+def test_unusable_splits_files_stop_the_stage_before_any_work(cohort, tmp_path, capsys):
+    """Issue 12 point 7: stage 3 reads splits.json through the one validator. A fold number
+    used twice (its test images would be scored with a model trained on them), an id with
+    no render, or a null fold number is exit 2 naming the entry; nothing is written."""
+    good = json.loads((cohort / "cv" / "splits.json").read_text())
+    script = load_script("perform_landmark_placement")
+    cases = {"repeated": ({**good, "folds": [good["folds"][0], {**good["folds"][1], "fold": 0}]},
+                          "fold number 0 is already used"),
+             "unknown": ({**good, "folds": [{**good["folds"][0], "test": [*IDS[:2], "PETCT_zz_s9"]},
+                                             good["folds"][1]]}, "PETCT_zz_s9"),
+             "null fold": ({**good, "folds": [{**good["folds"][0], "fold": None}, good["folds"][1]]},
+                           "expected 'fold' to be a whole number >= 0, found None")}
+    for name, (splits, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(splits))
+        out = tmp_path / f"LM_{name}"
+        code = script.main(["--ct_files", str(cohort / "recon" / "cts"), "--pet_files", str(cohort / "recon" / "pets"),
+                            "--splits_file", str(path), "--save_dir", str(out), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert message in err and str(path) in err, (name, err)
+        assert not out.exists(), name
 
 
 def test_script_main_exit_codes(cohort, tmp_path, capsys):
@@ -334,12 +345,49 @@ def test_script_main_exit_codes(cohort, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_script_rejects_a_bad_framing_before_any_work(cohort, tmp_path, capsys):
+def test_script_rejects_unusable_options_before_any_work(cohort, tmp_path, capsys):
     script = load_script("perform_landmark_placement")
-    with pytest.raises(SystemExit) as exit_info:
-        script.main(["--ct_files", str(cohort / "recon" / "cts"), "--pet_files", str(cohort / "recon" / "pets"),
-                     "--splits_file", str(cohort / "cv" / "splits.json"), "--save_dir", str(tmp_path / "LM"),
-                     "--upscale", "0"])
-    assert exit_info.value.code == 2
-    assert "upscale must be > 0, got 0.0" in capsys.readouterr().err
+    common = ["--ct_files", str(cohort / "recon" / "cts"), "--pet_files", str(cohort / "recon" / "pets"),
+              "--splits_file", str(cohort / "cv" / "splits.json"), "--save_dir", str(tmp_path / "LM")]
+    for extra, message in ((["--upscale", "0"], "expected --upscale to be a factor > 0, found 0.0"),
+                           (["--pad", "-1"], "expected --pad to be pixels >= 0"),
+                           (["--min_detection_confidence", "1.5"], "expected --min_detection_confidence"),
+                           (["--n_qa", "-1"], "expected --n_qa to be a whole number >= 0, found -1"),
+                           (["--jobs", "0"], "expected --jobs to be a whole number >= 1")):
+        assert script.main(common + extra) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "LM").exists()
+    with pytest.raises(OptionsError, match="expected --upscale to be a factor > 0, found nan"):
+        PlacementOptions(upscale=float("nan"))
+
+
+def test_a_failed_item_leaves_no_denoised_image_in_save_dir(cohort, tmp_path):
+    """Issue 12 point 10: an item that fails (its PET or CT no longer readable) keeps no
+    face image among the outputs; the other items are still scored."""
+    import shutil
+
+    recon = tmp_path / "recon"
+    shutil.copytree(cohort / "recon", recon)
+    models = tmp_path / "models"
+    models.mkdir()
+    for k in (0, 1):
+        (models / f"best_model_fold{k}.pt").write_bytes(b"x")
+
+    def loader(pt_path):
+        return lambda batch: batch
+
+    out = tmp_path / "LM"
+    assert _run(cohort, out, recon=recon, models_path=models, load_denoiser=loader, n_qa=0) == 0
+    denoised = out / "denoised"
+    assert (denoised / "fold0" / f"{IDS[1]}.png").is_file() and (denoised / "fold1" / f"{IDS[2]}.png").is_file()
+    png = (recon / "pets" / f"{IDS[1]}.png").read_bytes()
+    (recon / "pets" / f"{IDS[1]}.png").write_bytes(png[: len(png) // 3])   # PET unreadable now
+    png = (recon / "cts" / f"{IDS[2]}.png").read_bytes()
+    (recon / "cts" / f"{IDS[2]}.png").write_bytes(png[: len(png) // 3])    # CT unreadable now
+    assert _run(cohort, out, recon=recon, models_path=models, load_denoiser=loader, n_qa=0) == 1
+    rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert rows[f"fold0/{IDS[1]}"]["status"] == "failed" and rows[f"fold1/{IDS[2]}"]["status"] == "failed"
+    assert not (denoised / "fold0" / f"{IDS[1]}.png").exists()
+    assert not (denoised / "fold1" / f"{IDS[2]}.png").exists()
+    assert (denoised / "fold0" / f"{IDS[0]}.png").is_file() and rows[f"fold0/{IDS[0]}"]["status"] == "ok"
+    assert read_npz(out / "fold1" / "landmarks_pet_unet.npz")["ids"].tolist() == [IDS[3]]

@@ -315,3 +315,64 @@ def concat_sets(a: LandmarkSet, b: LandmarkSet | None) -> LandmarkSet:
     return LandmarkSet(np.concatenate([a.ids, b.ids]), np.concatenate([a.subjects, b.subjects]),
                        np.concatenate([a.landmarks, b.landmarks]), np.concatenate([a.detected, b.detected]),
                        a.source)
+
+
+# --------------------------------------------------------------------------- tables of the placement stage
+
+
+def _fold_rate_rows(per_fold: dict[str, dict[int, np.ndarray]], folds: list[int]) -> list[dict]:
+    rows = []
+    for variant, by_fold in per_fold.items():
+        scored = [k for k in folds if k in by_fold]
+        rates = [float(np.mean(by_fold[k])) if len(by_fold[k]) else float("nan") for k in scored]
+        rows.append({"variant": variant, **{f"fold{k}": r for k, r in zip(scored, rates)},
+                     "mean": float(np.nanmean(rates)), "std": float(np.nanstd(rates)),  # ddof 0, as upstream
+                     "n": int(sum(len(by_fold[k]) for k in scored)), "folds_scored": len(scored)})
+    return rows
+
+
+def detection_table(detected: dict[str, dict[int, np.ndarray]], folds: list[int]) -> list[dict]:
+    """Per variant: fraction of test images with a face found, per fold, mean ± std (ddof 0)."""
+    return _fold_rate_rows(detected, folds)
+
+
+def placement_table(mads: dict[str, dict[int, np.ndarray]], folds: list[int], *,
+                    threshold: float = WELL_PLACED_MAD) -> list[dict]:
+    """Per PET variant: median MAD per fold (over images with both faces found) and the
+    well-placed rate (MAD < threshold among ALL test images, as upstream)."""
+    rows = []
+    for variant, by_fold in mads.items():
+        scored = [k for k in folds if k in by_fold]
+        medians = [float(np.nanmedian(by_fold[k])) if np.isfinite(by_fold[k]).any() else float("nan")
+                   for k in scored]
+        wp = [float(np.mean(well_placed(by_fold[k], threshold=threshold))) if len(by_fold[k])
+              else float("nan") for k in scored]
+        any_mad = bool(np.isfinite(medians).any())
+        row = {"variant": variant}
+        row.update({f"median_mad_fold{k}": m for k, m in zip(scored, medians)})
+        row["median_mad_mean"] = float(np.nanmean(medians)) if any_mad else float("nan")
+        row["median_mad_std"] = float(np.nanstd(medians)) if any_mad else float("nan")
+        row.update({f"well_placed_fold{k}": w for k, w in zip(scored, wp)})
+        row["well_placed_mean"] = float(np.nanmean(wp))
+        row["well_placed_std"] = float(np.nanstd(wp))  # ddof 0, as upstream
+        row["n"] = int(sum(len(by_fold[k]) for k in scored))
+        row["n_with_mad"] = int(sum(np.isfinite(by_fold[k]).sum() for k in scored))
+        row["folds_scored"] = len(scored)
+        rows.append(row)
+    return rows
+
+
+def format_tables(det_rows: list[dict], place_rows: list[dict], *, upstream_mad: bool) -> str:
+    """Upstream-style summary: detection and well-placed rates, mean ± std over folds."""
+    wp = {r["variant"]: r for r in place_rows}
+    lines = ["landmark detection and placement (mean ± std over folds, % of test images)",
+             f"{'image':<13}{'detected':>16}{'well placed':>16}{'median MAD %IOD':>18}{'n':>6}{'folds':>7}"]
+    for r in det_rows:
+        p = wp.get(r["variant"])
+        well = f"{100 * p['well_placed_mean']:.1f} ± {100 * p['well_placed_std']:.1f}" if p else "-"
+        mad = f"{p['median_mad_mean']:.2f}" if p else "-"
+        lines.append(f"{r['variant']:<13}{100 * r['mean']:>9.1f} ± {100 * r['std']:<4.1f}{well:>16}{mad:>18}"
+                     f"{r['n']:>6}{r['folds_scored']:>7}")
+    lines.append(f"MAD divisor: {'468 (upstream)' if upstream_mad else 'number of landmarks (478)'}; "
+                 f"well placed = MAD < {WELL_PLACED_MAD:g} % of the CT inter-ocular distance")
+    return "\n".join(lines)

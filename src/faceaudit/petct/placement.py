@@ -1,49 +1,55 @@
-"""Landmark placement stage: face-mesh landmarks on CT, raw PET, wavelet PET and
-U-Net PET renders of every fold's test set, detection rates and landmark error.
+"""Landmark placement stage (stage 3): face-mesh landmarks on CT, raw PET, wavelet PET
+and U-Net PET renders of every fold's test set, detection rates and landmark error.
 
 Inputs (by id, never by list position): CT and PET renders ``<id>.png`` (the
-reconstruction stage's cts/ and pets/), the cross-validation ``splits.json``, and
-for the U-Net variant either the denoised images the cross-validation wrote
-(``<denoised_dir>/fold{k}/<id>.png``) or its models (``best_model_fold{k}.pt``).
-Renders are centre-cropped to the split's crop size (upstream scores 208 x 208
-crops); the wavelet variant is BayesShrink on the PET crop.
+reconstruction stage's cts/ and pets/), the cross-validation ``splits.json`` (read by
+:func:`faceaudit.petct.splits.read_splits`: every id must have a render or a
+reconstruction row), and for the U-Net variant either the denoised images the
+cross-validation wrote (``<denoised_dir>/fold{k}/<id>.png``) or its models
+(``best_model_fold{k}.pt``). Renders are centre-cropped to the split's crop size
+(upstream scores 208 x 208 crops); the wavelet variant is BayesShrink on the PET crop.
 
 Outputs (``save_dir``): fold{k}/landmarks_{variant}.npz (ids, subjects,
 landmarks (n, 478, 3) NaN where not detected, detected (n,), settings: JSON of the
 crop and framing used, input_sha1: SHA-1 of the ids, subjects and image bytes the
-variant was placed on), detection.csv,
-placement.csv + placement.json, summary.json, qa_landmarks.png, manifest.csv
-(one row per fold x id), run.json; denoised/fold{k}/<id>.png when the U-Net
-variant was computed here from models (with sources.json: per id, the SHA-1 of the
-model and PET render it was denoised from).
+variant was placed on), detection.csv, placement.csv + placement.json, summary.json,
+qa_landmarks.png, manifest.csv (one row per fold x id, and a failed
+``fold{k}/denoiser`` row when a fold's model could not be run), run.json;
+denoised/fold{k}/<id>.png when the U-Net variant was computed here from models (with
+sources.json: per id, the SHA-1 of the model and PET render it was denoised from).
 
-A re-run without ``overwrite`` reuses a fold's variant only when its ids, settings
-and input fingerprint all match; a new render, a re-trained denoiser or new
-denoised images therefore recompute exactly the variants they feed.
+A re-run reuses a fold's variant only when its ids, settings and input fingerprint
+all match (``--overwrite`` redoes all); a new render, a re-trained denoiser or new
+denoised images therefore recompute exactly the variants they feed. An item none of
+whose variants had to be placed again is a ``skipped`` row. A test image that cannot
+be scored is a failed row; it is left out of every variant of its fold, and no
+denoised image of it is left in ``save_dir``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
-from faceaudit.petct.crossval import DEFAULT_CROP
-from faceaudit.faces.facemesh import N_FACE_LANDMARKS, N_LANDMARKS
-from faceaudit.core.images import center_crop, read_grey, to_uint8, wavelet_denoise
-from faceaudit.petct.landmarks import WELL_PLACED_MAD, Framing, landmark_mad, place_landmarks_batch, well_placed
+from faceaudit.core.contracts import (
+    DENOISED_DIR,
+    N_FACE_LANDMARKS,
+    N_LANDMARKS,
+    denoised_fold_dir,
+    fold_dir,
+    landmarks_file,
+    model_path,
+)
 from faceaudit.core.files import (
-    column_union,
-    file_digest,
     InputError,
+    column_union,
     make_private_dir,
-    read_json_file,
     read_npz,
     write_csv,
     write_json,
@@ -51,44 +57,90 @@ from faceaudit.core.files import (
     write_png,
 )
 from faceaudit.core.manifest import (
-    describe_exception,
-    ItemResult,
-    Manifest,
-    read_manifest,
     STATUS_FAILED,
     STATUS_OK,
+    STATUS_SKIPPED,
+    ItemResult,
+    describe_exception,
+    read_manifest,
 )
-from faceaudit.core.runner import map_items, write_run_json
+from faceaudit.core.runner import (
+    OptionsError,
+    RunSettings,
+    StageResult,
+    StageRun,
+    fingerprint,
+    map_items,
+)
+from faceaudit.petct.image_variants import (
+    VARIANT_SOURCE,
+    VARIANTS,
+    DenoiserLoader,
+    PlacementTask,
+    default_denoiser_loader,
+    denoise_fold,
+    file_sha1,
+    place_task,
+    qa_montage,
+    variant_fingerprint,
+)
+from faceaudit.petct.landmarks import (
+    WELL_PLACED_MAD,
+    Framing,
+    detection_table,
+    format_tables,
+    landmark_mad,
+    placement_table,
+)
+from faceaudit.petct.splits import read_splits
 
-VARIANTS = ("ct", "pet", "pet_wavelet", "pet_unet")
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class PlacementOptions:
+    """What the placement stage computes; validated on creation (OptionsError, exit 2)."""
+
+    models_dir: str | None = None          # best_model_fold{k}.pt, when denoised_dir lacks a fold
+    denoised_dir: str | None = None        # the cross-validation's denoised/fold{k}/<id>.png
+    upstream_mad: bool = False             # divide the MAD by 468 as upstream (default: by 478)
+    upscale: float = 1.0                   # resample factor before the face mesh (upstream: 1)
+    pad: float = 0.0                       # black border: pixels, or a fraction < 1 of the size
+    min_detection_confidence: float = 0.5
+    n_qa: int = 6                          # test images drawn in qa_landmarks.png
+
+    def __post_init__(self) -> None:
+        for name in ("models_dir", "denoised_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+        _check_number("--upscale", self.upscale, "a factor > 0", lambda v: v > 0)
+        _check_number("--pad", self.pad, "pixels >= 0, or a fraction < 1 of the image size",
+                      lambda v: v >= 0)
+        _check_number("--min_detection_confidence", self.min_detection_confidence,
+                      "a confidence in [0, 1]", lambda v: 0 <= v <= 1)
+        if isinstance(self.n_qa, bool) or not isinstance(self.n_qa, int) or self.n_qa < 0:
+            raise OptionsError(f"expected --n_qa to be a whole number >= 0, found {self.n_qa!r}")
+        if not isinstance(self.upstream_mad, bool):
+            raise OptionsError(f"expected upstream_mad to be True or False, found {self.upstream_mad!r}")
+
+    @property
+    def framing(self) -> Framing:
+        return Framing(upscale=self.upscale, pad=self.pad)
+
+    def settings(self, crop: int | None) -> str:
+        """The options landmarks depend on, stored beside them so a re-run never reuses stale ones."""
+        return json.dumps({"crop": crop, "upscale": self.upscale, "pad": self.pad,
+                           "min_detection_confidence": self.min_detection_confidence}, sort_keys=True)
+
+
+def _check_number(flag: str, value, expected: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not ok(value):
+        raise OptionsError(f"expected {flag} to be {expected}, found {value!r}")
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def read_splits(path: str | Path) -> dict:
-    """Read and check the cross-validation ``splits.json`` (contract of issue 3)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--splits_file {path}: expected the cross-validation splits.json, found nothing")
-    try:
-        splits = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"--splits_file {path}: not valid JSON ({exc})") from exc
-    folds = splits.get("folds") if isinstance(splits, dict) else None
-    if not isinstance(folds, list) or not folds:
-        raise InputError(f"--splits_file {path}: expected {{'folds': [{{'fold': k, 'test': [ids]}}, ...]}}, "
-                         f"found keys {sorted(splits) if isinstance(splits, dict) else type(splits).__name__}")
-    for i, fold in enumerate(folds):
-        if not isinstance(fold, dict) or not isinstance(fold.get("test"), list):
-            raise InputError(f"--splits_file {path}: fold entry {i} has no 'test' id list")
-        fold.setdefault("fold", i)
-        fold["test"] = [str(x) for x in fold["test"]]
-    crop = splits.get("crop", DEFAULT_CROP)
-    if crop is not None and (not isinstance(crop, int) or crop <= 0):
-        raise InputError(f"--splits_file {path}: 'crop' must be a positive integer, found {crop!r}")
-    splits["crop"] = crop
-    return splits
 
 
 def read_subjects(ct_dir: Path) -> dict[str, str]:
@@ -99,273 +151,85 @@ def read_subjects(ct_dir: Path) -> dict[str, str]:
     return {row["id"]: row["subject"] or row["id"] for row in read_manifest(manifest)}
 
 
-@dataclass(frozen=True)
-class PlacementTask:
-    """One test image of one fold: where its renders are."""
+def known_ids(ct_dir: Path, pet_dir: Path, subjects: dict[str, str]) -> set[str]:
+    """Ids a splits file may name: those with a CT or PET render, or a reconstruction row
+    (a study that failed there is then a failed row here, not an unknown id)."""
+    return {p.stem for d in (ct_dir, pet_dir) for p in d.glob("*.png")} | set(subjects)
+
+
+# --------------------------------------------------------------------------- the stage's phases
+
+
+@dataclass
+class _Context:
+    """What every fold of one run shares."""
+
+    ct_dir: Path
+    pet_dir: Path
+    save_dir: Path
+    options: PlacementOptions
+    crop: int | None
+    subjects: dict[str, str]
+    settings: str
+    overwrite: bool
+    load_denoiser: DenoiserLoader
+    sha1: Callable[[str], str]
+    unet_sources: dict[int, str] = field(default_factory=dict)
+    unet_errors: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class FoldPlan:
+    """One fold: its tasks, the variants scored, the landmark files an earlier run left
+    that are still valid, and the tasks whose missing variants must be placed."""
 
     fold: int
-    id: str
-    subject: str
-    ct_path: str
-    pet_path: str
-    unet_path: str | None  # None: the U-Net variant is not scored in this fold
-    variants: tuple[str, ...] | None = None  # to place; None: every variant it has images for
+    tasks: list[PlacementTask]
+    variants: list[str]
+    folder: Path
+    stored: dict[str, dict]
+    fingerprints: dict[str, str]
+    to_place: list[PlacementTask]
 
 
-def variant_images(task: PlacementTask, *, crop: int | None,
-                   variants: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """The (crop, crop) float [0, 1] grey image of every variant scored for this task
-    (of those in ``variants`` when given; CT and PET are always read, to check them)."""
-    ct = read_grey(task.ct_path)
-    pet = read_grey(task.pet_path)
-    if ct.shape != pet.shape:
-        raise InputError(f"CT render {task.ct_path} is {ct.shape} but PET render {task.pet_path} is {pet.shape}")
-    size = crop or min(ct.shape)
-    if size > min(ct.shape):
-        raise InputError(f"crop {size} from splits.json exceeds the render size {ct.shape} of {task.ct_path}")
-    images = {"ct": center_crop(ct, size), "pet": center_crop(pet, size)}
-    if variants is None or "pet_wavelet" in variants:
-        images["pet_wavelet"] = wavelet_denoise(images["pet"])
-    if task.unet_path is not None and (variants is None or "pet_unet" in variants):
-        unet = read_grey(task.unet_path)
-        if min(unet.shape) < size:
-            raise InputError(f"denoised image {task.unet_path} is {unet.shape}, smaller than the crop {size}")
-        images["pet_unet"] = center_crop(unet, size)
-    if variants is not None:
-        images = {v: im for v, im in images.items() if v in variants}
-    return images
+def _task(ctx: _Context, k: int, item_id: str, unet_path: str | None) -> PlacementTask:
+    return PlacementTask(k, item_id, ctx.subjects.get(item_id, item_id), str(ctx.ct_dir / f"{item_id}.png"),
+                         str(ctx.pet_dir / f"{item_id}.png"), unet_path)
 
 
-def place_task(task: PlacementTask, *, crop: int | None, framing: Framing,
-               min_detection_confidence: float) -> dict[str, np.ndarray | None]:
-    """Landmarks of every variant of one task: variant -> (478, 3) or None."""
-    images = variant_images(task, crop=crop, variants=task.variants)
-    names = list(images)
-    lm, det = place_landmarks_batch([images[v] for v in names], framing=framing,
-                                    min_detection_confidence=min_detection_confidence)
-    return {v: (lm[i] if det[i] else None) for i, v in enumerate(names)}
+def _unet_images(stage: StageRun, ctx: _Context, k: int, ids: list[str]) -> dict[str, str] | None:
+    """id -> the U-Net image of fold k, or None when the fold has none.
 
-
-# --------------------------------------------------------------------------- input fingerprints
-
-
-def file_sha1(path: str | Path) -> str:
-    """SHA-1 of a file's bytes; a fixed marker when there is no such file (so a file
-    appearing or disappearing changes the fingerprints it feeds)."""
-    try:
-        return file_digest(path, "sha1")
-    except FileNotFoundError:
-        return "missing"
-
-
-#: the image each variant's landmarks are placed on
-_VARIANT_SOURCE = {"ct": "ct_path", "pet": "pet_path", "pet_wavelet": "pet_path", "pet_unet": "unet_path"}
-
-
-def variant_fingerprint(tasks: list[PlacementTask], variant: str, *,
-                        sha1: Callable[[str], str] = file_sha1) -> str:
-    """SHA-1 of what one fold's landmarks of ``variant`` were computed from: per id
-    (in id order) the id, subject and the bytes of the image file placed on.
-
-    The matching stage fingerprints its landmark inputs the same way
-    (``faceaudit.petct.matching.input_fingerprint``); here the inputs are image files.
-    A U-Net image computed from a model is refreshed by ``denoise_fold`` when the
-    model or PET changes, so hashing the image covers the model too.
+    The cross-validation's own images when complete; else the fold's model, run here;
+    else what the cross-validation wrote (its missing images then fail those items,
+    with the path in the reason). A model that cannot be loaded or run costs this fold
+    its U-Net variant (a failed ``fold{k}/denoiser`` row), not the run.
     """
-    attr = _VARIANT_SOURCE[variant]
-    h = hashlib.sha1(variant.encode())
-    for t in sorted(tasks, key=lambda t: t.id):
-        path = getattr(t, attr)
-        h.update(f"\0{t.id}\0{t.subject}\0{'none' if path is None else sha1(path)}".encode())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- U-Net variant
-
-
-def _default_denoiser_loader(pt_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    from faceaudit.petct.crossval import load_denoiser  # imports torch: only when a fold needs its model
-
-    return load_denoiser(pt_path, device="cpu")
-
-
-def denoise_fold(tasks: list[PlacementTask], model_path: Path, out_dir: Path, *, crop: int | None,
-                 load_denoiser: Callable[[Path], Callable[[np.ndarray], np.ndarray]],
-                 batch_size: int = 32, overwrite: bool = False,
-                 sha1: Callable[[str], str] = file_sha1) -> dict[str, str]:
-    """Apply a fold's denoiser to its test PET crops; write out_dir/<id>.png; id -> path.
-
-    An image written before is reused only when out_dir/sources.json says it came
-    from this model's and this PET's exact bytes at this crop (a re-trained model or
-    a new render is denoised again). Items whose PET cannot be read are left out
-    (the placement reports them).
-    """
-    model_sha1 = sha1(str(model_path))
-    sources_path = out_dir / "sources.json"
-    try:
-        sources = {str(i): str(s) for i, s in read_json_file(sources_path).items()} if sources_path.is_file() else {}
-    except (InputError, AttributeError):
-        sources = {}  # unreadable: nothing written before is trusted
-    wanted = {t.id: hashlib.sha1(f"{model_sha1}\0{crop}\0{sha1(t.pet_path)}".encode()).hexdigest() for t in tasks}
-    todo, done = [], {}
-    for t in tasks:
-        target = out_dir / f"{t.id}.png"
-        if target.is_file() and not overwrite and sources.get(t.id) == wanted[t.id]:
-            done[t.id] = str(target)
-        else:
-            todo.append(t)
-    if not todo:
-        return done
-    denoiser = load_denoiser(model_path)
-    crops, ids = [], []
-    for t in todo:
-        try:
-            pet = read_grey(t.pet_path)
-            crops.append(center_crop(pet, crop or min(pet.shape)))
-            ids.append(t.id)
-        except (InputError, ValueError):
-            continue
-    make_private_dir(out_dir)
-    for start in range(0, len(ids), batch_size):
-        batch = np.stack(crops[start:start + batch_size]).astype(np.float32)
-        out = np.asarray(denoiser(batch), dtype=np.float32)
-        if out.shape != batch.shape:
-            raise InputError(f"denoiser {model_path} returned shape {out.shape} for input {batch.shape}")
-        for i, img in enumerate(out):
-            path = out_dir / f"{ids[start + i]}.png"
-            write_png(path, to_uint8(img))
-            done[ids[start + i]] = str(path)
-            sources[ids[start + i]] = wanted[ids[start + i]]
-        write_json(sources_path, sources)  # per batch: an interrupted run keeps what it finished
-    return done
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _fold_rate_rows(per_fold: dict[str, dict[int, np.ndarray]], folds: list[int]) -> list[dict]:
-    rows = []
-    for variant, by_fold in per_fold.items():
-        scored = [k for k in folds if k in by_fold]
-        rates = [float(np.mean(by_fold[k])) if len(by_fold[k]) else float("nan") for k in scored]
-        rows.append({"variant": variant, **{f"fold{k}": r for k, r in zip(scored, rates)},
-                     "mean": float(np.nanmean(rates)), "std": float(np.nanstd(rates)),  # ddof 0, as upstream
-                     "n": int(sum(len(by_fold[k]) for k in scored)), "folds_scored": len(scored)})
-    return rows
-
-
-def detection_table(detected: dict[str, dict[int, np.ndarray]], folds: list[int]) -> list[dict]:
-    """Per variant: fraction of test images with a face found, per fold, mean ± std (ddof 0)."""
-    return _fold_rate_rows(detected, folds)
-
-
-def placement_table(mads: dict[str, dict[int, np.ndarray]], folds: list[int], *,
-                    threshold: float = WELL_PLACED_MAD) -> list[dict]:
-    """Per PET variant: median MAD per fold (over images with both faces found) and the
-    well-placed rate (MAD < threshold among ALL test images, as upstream)."""
-    rows = []
-    for variant, by_fold in mads.items():
-        scored = [k for k in folds if k in by_fold]
-        medians = [float(np.nanmedian(by_fold[k])) if np.isfinite(by_fold[k]).any() else float("nan")
-                   for k in scored]
-        wp = [float(np.mean(well_placed(by_fold[k], threshold=threshold))) if len(by_fold[k])
-              else float("nan") for k in scored]
-        any_mad = bool(np.isfinite(medians).any())
-        row = {"variant": variant}
-        row.update({f"median_mad_fold{k}": m for k, m in zip(scored, medians)})
-        row["median_mad_mean"] = float(np.nanmean(medians)) if any_mad else float("nan")
-        row["median_mad_std"] = float(np.nanstd(medians)) if any_mad else float("nan")
-        row.update({f"well_placed_fold{k}": w for k, w in zip(scored, wp)})
-        row["well_placed_mean"] = float(np.nanmean(wp))
-        row["well_placed_std"] = float(np.nanstd(wp))  # ddof 0, as upstream
-        row["n"] = int(sum(len(by_fold[k]) for k in scored))
-        row["n_with_mad"] = int(sum(np.isfinite(by_fold[k]).sum() for k in scored))
-        row["folds_scored"] = len(scored)
-        rows.append(row)
-    return rows
-
-
-def format_tables(det_rows: list[dict], place_rows: list[dict], *, upstream_mad: bool) -> str:
-    """Upstream-style summary: detection and well-placed rates, mean ± std over folds."""
-    wp = {r["variant"]: r for r in place_rows}
-    lines = ["landmark detection and placement (mean ± std over folds, % of test images)",
-             f"{'image':<13}{'detected':>16}{'well placed':>16}{'median MAD %IOD':>18}{'n':>6}{'folds':>7}"]
-    for r in det_rows:
-        p = wp.get(r["variant"])
-        well = f"{100 * p['well_placed_mean']:.1f} ± {100 * p['well_placed_std']:.1f}" if p else "-"
-        mad = f"{p['median_mad_mean']:.2f}" if p else "-"
-        lines.append(f"{r['variant']:<13}{100 * r['mean']:>9.1f} ± {100 * r['std']:<4.1f}{well:>16}{mad:>18}"
-                     f"{r['n']:>6}{r['folds_scored']:>7}")
-    lines.append(f"MAD divisor: {'468 (upstream)' if upstream_mad else 'number of landmarks (478)'}; "
-                 f"well placed = MAD < {WELL_PLACED_MAD:g} % of the CT inter-ocular distance")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- QA
-
-
-def draw_landmarks(image: np.ndarray, landmarks: np.ndarray | None, *, reference: np.ndarray | None = None,
-                   scale: int = 2) -> np.ndarray:
-    """Grey (H, W) float image -> RGB uint8 (upscaled), reference landmarks red, landmarks green."""
-    from PIL import Image, ImageDraw
-
-    grey = to_uint8(image)
-    im = Image.fromarray(grey).convert("RGB")
-    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(im)
-    for pts, colour in ((reference, (255, 60, 60)), (landmarks, (40, 255, 80))):
-        if pts is None or not np.isfinite(pts).all():
-            continue
-        for x, y in zip(pts[:, 0] * im.width, pts[:, 1] * im.height):
-            draw.ellipse((float(x) - 1, float(y) - 1, float(x) + 1, float(y) + 1), fill=colour)
-    return np.asarray(im)
-
-
-def qa_montage(tasks: list[PlacementTask], landmarks: dict[tuple[int, str], dict[str, np.ndarray | None]],
-               variants: list[str], *, crop: int | None, upstream_mad: bool) -> np.ndarray | None:
-    """One row per sampled test image: CT with its landmarks, then every PET variant
-    with its landmarks (green) over the CT's (red), labelled with the MAD."""
-    from faceaudit.core.figures import montage
-
-    tiles, labels = [], []
-    for t in tasks:
-        try:
-            images = variant_images(t, crop=crop)
-        except (InputError, ValueError):
-            continue
-        found = landmarks.get((t.fold, t.id), {})
-        ct_lm = found.get("ct")
-        for v in variants:
-            lm = found.get(v)
-            if v == "ct":
-                tiles.append(draw_landmarks(images[v], lm))
-                labels.append(f"{'' if lm is not None else 'no face '}{t.id}")
-                continue
-            if v not in images:
-                continue
-            tiles.append(draw_landmarks(images[v], lm, reference=ct_lm))
-            if lm is None:
-                tag = "no face"
-            elif ct_lm is None:
-                tag = "no CT"
-            else:
-                tag = f"MAD {landmark_mad(ct_lm, lm, upstream=upstream_mad):.1f}%"
-            labels.append(f"{v} {tag}")
-    if not tiles:
+    opts = ctx.options
+    cv_dir = denoised_fold_dir(opts.denoised_dir, k) if opts.denoised_dir else None
+    model = model_path(opts.models_dir, k) if opts.models_dir else None
+    has_model = model is not None and model.is_file()
+    if cv_dir is not None and cv_dir.is_dir() and (
+            not has_model or all((cv_dir / f"{i}.png").is_file() for i in ids)):
+        ctx.unet_sources[k] = str(cv_dir)
+        return {i: str(cv_dir / f"{i}.png") for i in ids}
+    if not has_model:
         return None
-    return montage(tiles, labels=labels, ncols=len(variants), tile=2 * (crop or DEFAULT_CROP))
+    out_dir = denoised_fold_dir(ctx.save_dir / DENOISED_DIR, k)
+    try:
+        written = denoise_fold([_task(ctx, k, i, None) for i in ids], model, out_dir, crop=ctx.crop,
+                               load_denoiser=ctx.load_denoiser, overwrite=ctx.overwrite, sha1=ctx.sha1)
+    except OSError:
+        raise                       # the output location (full, read-only): exit 2
+    except Exception as exc:        # a bad model: this fold's U-Net variant only
+        ctx.unet_errors[k] = describe_exception(exc)
+        stage.record(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, ctx.unet_errors[k], {"fold": k}))
+        return None
+    ctx.unet_sources[k] = str(model)
+    return {i: written.get(i, str(out_dir / f"{i}.png")) for i in ids}
 
 
-# --------------------------------------------------------------------------- stage
-
-
-def _settings(crop: int | None, framing: Framing, min_detection_confidence: float) -> str:
-    """The options landmarks depend on, stored beside them so a re-run never reuses stale ones."""
-    return json.dumps({"crop": crop, "upscale": framing.upscale, "pad": framing.pad,
-                       "min_detection_confidence": min_detection_confidence}, sort_keys=True)
-
-
-def _stored_variant(path: Path, ids: list[str], settings: str, fingerprint: str) -> dict | None:
+def _stored_variant(path: Path, ids: list[str], settings: str, input_sha1: str) -> dict | None:
     """Landmarks of an earlier run of one fold's variant, if they were stored for exactly
     these ids with the same settings from the same input files (an older file
     without a fingerprint is not trusted)."""
@@ -376,181 +240,227 @@ def _stored_variant(path: Path, ids: list[str], settings: str, fingerprint: str)
     except InputError:
         return None
     if (sorted(data["ids"].astype(str).tolist()) != sorted(ids) or str(data["settings"]) != settings
-            or str(data["input_sha1"]) != fingerprint):
+            or str(data["input_sha1"]) != input_sha1):
         return None
     return data
 
 
-def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_file: str | Path,
-                           save_dir: str | Path, *, models_path: str | Path | None = None,
-                           denoised_dir: str | Path | None = None, upstream_mad: bool = False,
-                           framing: Framing = Framing(), min_detection_confidence: float = 0.5,
-                           n_qa: int = 6, jobs: int = 1, overwrite: bool = False, seed: int = 0,
-                           quiet: bool = False, args: dict | None = None,
-                           load_denoiser: Callable[[Path], Callable[[np.ndarray], np.ndarray]] | None = None) -> int:
-    """The placement stage; returns 0, or 1 when some test images could not be scored.
+def plan_fold(stage: StageRun, ctx: _Context, fold: dict) -> FoldPlan:
+    """Pass 1 for one fold: its tasks, its U-Net source, and which variants an earlier run
+    finished from the same inputs and settings."""
+    k = int(fold["fold"])
+    ids = list(fold["test"])
+    unet = _unet_images(stage, ctx, k, ids)
+    tasks = [_task(ctx, k, i, None if unet is None else unet[i]) for i in ids]
+    variants = [v for v in VARIANTS if v != "pet_unet" or unet is not None]
+    folder = make_private_dir(fold_dir(ctx.save_dir, k))
+    fingerprints = {v: variant_fingerprint(tasks, v, sha1=ctx.sha1) for v in variants}
+    stored = {} if ctx.overwrite else {
+        v: data for v in variants
+        if (data := _stored_variant(landmarks_file(folder, v), ids, ctx.settings, fingerprints[v])) is not None}
+    missing = tuple(v for v in variants if v not in stored)
+    to_place = [PlacementTask(t.fold, t.id, t.subject, t.ct_path, t.pet_path, t.unet_path, missing)
+                for t in tasks] if missing else []
+    return FoldPlan(k, tasks, variants, folder, stored, fingerprints, to_place)
 
-    load_denoiser: pt_path -> callable on (N, H, W) float32 [0, 1]; default
-    ``faceaudit.petct.crossval.load_denoiser`` (used only when models are needed).
-    """
-    started = time.time()
-    ct_dir, pet_dir, save_dir = Path(ct_files), Path(pet_files), Path(save_dir)
-    for flag, d in (("--ct_files", ct_dir), ("--pet_files", pet_dir)):
-        if not d.is_dir():
-            raise InputError(f"{flag} {d}: expected a folder of <id>.png renders, found no such folder")
-    splits = read_splits(splits_file)
-    crop = splits["crop"]
-    subjects = read_subjects(ct_dir)
-    models_dir = Path(models_path) if models_path else None
-    den_dir = Path(denoised_dir) if denoised_dir else None
-    load_denoiser = load_denoiser or _default_denoiser_loader
-    make_private_dir(save_dir)
-    manifest = Manifest(save_dir / "manifest.csv")
-    manifest.rows.clear()  # every row is re-derived below, reused folds included: none goes stale
 
-    folds = [int(f["fold"]) for f in splits["folds"]]
-    detected: dict[str, dict[int, np.ndarray]] = {}
-    mads: dict[str, dict[int, np.ndarray]] = {}
-    all_landmarks: dict[tuple[int, str], dict[str, np.ndarray | None]] = {}
-    all_tasks: list[PlacementTask] = []
-    unet_sources: dict[int, str] = {}
-    unet_errors: dict[int, str] = {}
-    n_failed = 0
-    settings = _settings(crop, framing, min_detection_confidence)
-    sha1 = lru_cache(maxsize=None)(file_sha1)  # a PET feeds three fingerprints: read it once
-    # pass 1: each fold's tasks, its U-Net source, and which variants an earlier run finished
-    plan = []
-    for fold in splits["folds"]:
-        k = int(fold["fold"])
-        ids = list(dict.fromkeys(fold["test"]))
-        # where the U-Net images of this fold come from: the CV's own, or our models run
-        unet_paths: dict[str, str] | None = None
-        cv_dir = den_dir / f"fold{k}" if den_dir is not None else None
-        has_cv_dir = cv_dir is not None and cv_dir.is_dir()
-        has_model = models_dir is not None and (models_dir / f"best_model_fold{k}.pt").is_file()
-        # the CV's own images when complete; else the model; else what the CV wrote
-        # (its missing images then fail those items, with the path in the reason)
-        if has_cv_dir and (not has_model or all((cv_dir / f"{i}.png").is_file() for i in ids)):
-            unet_paths = {i: str(cv_dir / f"{i}.png") for i in ids}
-            unet_sources[k] = str(cv_dir)
-        elif has_model:
-            pre = [PlacementTask(k, i, subjects.get(i, i), str(ct_dir / f"{i}.png"),
-                                 str(pet_dir / f"{i}.png"), None) for i in ids]
-            model = models_dir / f"best_model_fold{k}.pt"
-            try:
-                written = denoise_fold(pre, model, save_dir / "denoised" / f"fold{k}", crop=crop,
-                                       load_denoiser=load_denoiser, overwrite=overwrite, sha1=sha1)
-            except Exception as exc:  # a bad model costs this fold its U-Net variant, not the run
-                unet_errors[k] = describe_exception(exc)
-                manifest.add(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, unet_errors[k], {"fold": k}))
-                written = None
-            if written is not None:
-                unet_paths = {i: written.get(i, str(save_dir / "denoised" / f"fold{k}" / f"{i}.png"))
-                              for i in ids}
-                unet_sources[k] = str(model)
-        tasks = [PlacementTask(k, i, subjects.get(i, i), str(ct_dir / f"{i}.png"), str(pet_dir / f"{i}.png"),
-                               None if unet_paths is None else unet_paths[i]) for i in ids]
-        all_tasks += tasks
-        variants = [v for v in VARIANTS if v != "pet_unet" or unet_paths is not None]
-        fold_dir = make_private_dir(save_dir / f"fold{k}")
-        fingerprints = {v: variant_fingerprint(tasks, v, sha1=sha1) for v in variants}
-        stored = {} if overwrite else {
-            v: data for v in variants
-            if (data := _stored_variant(fold_dir / f"landmarks_{v}.npz", ids, settings, fingerprints[v])) is not None}
-        missing = tuple(v for v in variants if v not in stored)
-        to_place = [PlacementTask(t.fold, t.id, t.subject, t.ct_path, t.pet_path, t.unet_path, missing)
-                    for t in tasks] if missing else []
-        plan.append((k, tasks, to_place, variants, fold_dir, stored, fingerprints))
+def _remove_item_images(ctx: _Context, task: PlacementTask) -> None:
+    """A failed item leaves no face image in save_dir (the inputs are never touched)."""
+    (denoised_fold_dir(ctx.save_dir / DENOISED_DIR, task.fold) / f"{task.id}.png").unlink(missing_ok=True)
 
-    # pass 2: one pool over every unfinished fold's images (a pool per fold would
-    # pay the process start-up and model load again for each fold), placing only
-    # the variants whose stored landmarks are absent or stale
+
+def place_missing(stage: StageRun, ctx: _Context, plans: list[FoldPlan], run: RunSettings
+                  ) -> dict[tuple[int, str], dict[str, np.ndarray | None]]:
+    """Pass 2: one pool over every unfinished fold's images (a pool per fold would pay the
+    process start-up and model load again for each fold), placing only the variants
+    whose stored landmarks are absent or stale. A task that fails is a failed row."""
     computed: dict[tuple[int, str], dict[str, np.ndarray | None]] = {}
-    todo = [t for _, _, to_place, *_ in plan for t in to_place]
-    fn = partial(place_task, crop=crop, framing=framing, min_detection_confidence=min_detection_confidence)
-    for task, res, err in map_items(fn, todo, jobs=jobs, desc="landmarks", progress=not quiet):
+    todo = [t for plan in plans for t in plan.to_place]
+    fn = partial(place_task, crop=ctx.crop, framing=ctx.options.framing,
+                 min_detection_confidence=ctx.options.min_detection_confidence)
+    for task, res, err in map_items(fn, todo, jobs=run.jobs, desc="landmarks", progress=run.progress):
         if err is not None:
-            manifest.add(ItemResult(f"fold{task.fold}/{task.id}", task.subject, STATUS_FAILED,
+            _remove_item_images(ctx, task)
+            stage.record(ItemResult(f"fold{task.fold}/{task.id}", task.subject, STATUS_FAILED,
                                     describe_exception(err), {"fold": task.fold}))
-            n_failed += 1
             continue
         computed[(task.fold, task.id)] = res
+    return computed
 
-    # pass 3: per fold, the landmark files and the numbers
-    for k, tasks, to_place, variants, fold_dir, stored, fingerprints in plan:
-        results: dict[str, dict[str, np.ndarray | None]] = {}
-        for v, data in stored.items():
-            for i, lm, det in zip(data["ids"].astype(str), data["landmarks"], data["detected"]):
-                results.setdefault(i, {})[v] = lm if det else None
-        # an item whose placement failed now is left out of every variant of the fold
-        placed = {t.id for t in to_place if (k, t.id) in computed} if to_place else {t.id for t in tasks}
-        for i in placed:
-            if (k, i) in computed:
-                results.setdefault(i, {}).update(computed[(k, i)])
-        ok_tasks = [t for t in tasks if t.id in placed]
-        ok_ids = [t.id for t in ok_tasks]  # split order
-        for v in variants:
-            lm = np.full((len(ok_ids), N_LANDMARKS, 3), np.nan)
-            det = np.zeros(len(ok_ids), dtype=bool)
-            for j, i in enumerate(ok_ids):
-                found = results[i].get(v)
-                if found is not None:
-                    lm[j], det[j] = found, True
-            # a reused file is left untouched unless a failure elsewhere shrank the fold's ids
-            if v not in stored or stored[v]["ids"].astype(str).tolist() != ok_ids:
-                write_npz(fold_dir / f"landmarks_{v}.npz", ids=np.array(ok_ids, dtype=str),
-                          subjects=np.array([t.subject for t in ok_tasks], dtype=str),
-                          landmarks=lm, detected=det, settings=np.array(settings),
-                          input_sha1=np.array(fingerprints[v]))
-            detected.setdefault(v, {})[k] = det
-            if v != "ct":
-                ct_lm = np.stack([results[i]["ct"] if results[i].get("ct") is not None
-                                  else np.full((N_LANDMARKS, 3), np.nan) for i in ok_ids]) if ok_ids else lm
-                mads.setdefault(v, {})[k] = np.asarray(landmark_mad(ct_lm, lm, upstream=upstream_mad)).reshape(-1)
-        for j, t in enumerate(ok_tasks):
-            res = results[t.id]
-            all_landmarks[(k, t.id)] = res
-            values = {"fold": k}
-            values.update({f"detected_{v}": res.get(v) is not None for v in variants})
-            values.update({f"mad_{v}": float(mads[v][k][j]) for v in variants if v != "ct"})
-            manifest.add(ItemResult(f"fold{k}/{t.id}", t.subject, STATUS_OK, "", values))
 
-    # a variant is in the tables for the folds where it was scored (column folds_scored)
-    det_rows = detection_table(detected, folds)
-    place_rows = placement_table(mads, folds)
-    write_csv(save_dir / "detection.csv", det_rows, column_union(det_rows, first=["variant"]))
-    write_csv(save_dir / "placement.csv", place_rows, column_union(place_rows, first=["variant"]))
-    write_json(save_dir / "placement.json", place_rows)
-    scored = [v for v in VARIANTS if v in detected]
-    summary = {"variants_scored": scored,
-               "variants_not_scored": {v: "no denoised images (--denoised_dir) or models (--models_path) "
-                                          "for any fold" for v in VARIANTS if v not in detected},
-               "pet_unet_source": unet_sources, "pet_unet_errors": unet_errors, "crop": crop, "folds": folds,
-               "mad": {"definition": "100 * sum(|dx|+|dy|) / (IOD_ct * n)",
-                       "n": N_FACE_LANDMARKS if upstream_mad else N_LANDMARKS, "well_placed_below": WELL_PLACED_MAD},
-               "framing": {"upscale": framing.upscale, "pad": framing.pad},
-               "detection": det_rows, "placement": place_rows, "n_failed": n_failed}
-    write_json(save_dir / "summary.json", summary)
+@dataclass
+class FoldScores:
+    """Pass 3 for one fold: the tasks scored, their landmarks, and per variant the
+    detected flags and (PET variants) the MAD against the CT, in task order."""
 
+    tasks: list[PlacementTask]
+    landmarks: dict[str, dict[str, np.ndarray | None]]
+    detected: dict[str, np.ndarray]
+    mads: dict[str, np.ndarray]
+
+
+def _fold_landmarks(plan: FoldPlan, computed: dict) -> tuple[list[PlacementTask], dict]:
+    """The tasks of a fold that have landmarks now, and id -> variant -> (478, 3) or None."""
+    results: dict[str, dict[str, np.ndarray | None]] = {}
+    for v, data in plan.stored.items():
+        for i, lm, det in zip(data["ids"].astype(str), data["landmarks"], data["detected"]):
+            results.setdefault(i, {})[v] = lm if det else None
+    # an item whose placement failed now is left out of every variant of the fold
+    k = plan.fold
+    placed = ({t.id for t in plan.to_place if (k, t.id) in computed} if plan.to_place
+              else {t.id for t in plan.tasks})
+    for i in placed:
+        if (k, i) in computed:
+            results.setdefault(i, {}).update(computed[(k, i)])
+    return [t for t in plan.tasks if t.id in placed], results  # split order
+
+
+def score_fold(ctx: _Context, plan: FoldPlan, computed: dict) -> FoldScores:
+    """Pass 3 for one fold: write each variant's landmark file (unless the stored one is
+    still exact) and compute the detection flags and MADs."""
+    ok_tasks, results = _fold_landmarks(plan, computed)
+    ok_ids = [t.id for t in ok_tasks]
+    scores = FoldScores(ok_tasks, results, {}, {})
+    for v in plan.variants:
+        lm = np.full((len(ok_ids), N_LANDMARKS, 3), np.nan)
+        det = np.zeros(len(ok_ids), dtype=bool)
+        for j, i in enumerate(ok_ids):
+            found = results[i].get(v)
+            if found is not None:
+                lm[j], det[j] = found, True
+        # a reused file is left untouched unless a failure elsewhere shrank the fold's ids
+        if v not in plan.stored or plan.stored[v]["ids"].astype(str).tolist() != ok_ids:
+            write_npz(landmarks_file(plan.folder, v), ids=np.array(ok_ids, dtype=str),
+                      subjects=np.array([t.subject for t in ok_tasks], dtype=str),
+                      landmarks=lm, detected=det, settings=np.array(ctx.settings),
+                      input_sha1=np.array(plan.fingerprints[v]))
+        scores.detected[v] = det
+        if v != "ct":
+            ct_lm = np.stack([results[i]["ct"] if results[i].get("ct") is not None
+                              else np.full((N_LANDMARKS, 3), np.nan) for i in ok_ids]) if ok_ids else lm
+            scores.mads[v] = np.asarray(landmark_mad(ct_lm, lm, upstream=ctx.options.upstream_mad)).reshape(-1)
+    return scores
+
+
+def record_fold(stage: StageRun, ctx: _Context, plan: FoldPlan, scores: FoldScores) -> None:
+    """One row per scored task: detected per variant, MAD per PET variant; ``skipped`` when
+    none of its variants had to be placed again."""
+    status = STATUS_OK if plan.to_place else STATUS_SKIPPED
+    for j, t in enumerate(scores.tasks):
+        res = scores.landmarks[t.id]
+        values = {"fold": plan.fold}
+        values.update({f"detected_{v}": res.get(v) is not None for v in plan.variants})
+        values.update({f"mad_{v}": float(scores.mads[v][j]) for v in plan.variants if v != "ct"})
+        sources = {v: ctx.sha1(getattr(t, VARIANT_SOURCE[v])) for v in plan.variants}
+        stage.record(ItemResult(f"fold{plan.fold}/{t.id}", t.subject, status,
+                                "" if status == STATUS_OK else "inputs and options unchanged", values),
+                     fingerprint(ctx.settings, sources))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _summary_record(ctx: _Context, folds: list[int], det_rows: list[dict], place_rows: list[dict],
+                    scored: list[str], n_failed: int) -> dict:
+    opts = ctx.options
+    return {"variants_scored": scored,
+            "variants_not_scored": {v: "no denoised images (--denoised_dir) or models (--models_path) "
+                                       "for any fold" for v in VARIANTS if v not in scored},
+            "pet_unet_source": ctx.unet_sources, "pet_unet_errors": ctx.unet_errors, "crop": ctx.crop,
+            "folds": folds,
+            "mad": {"definition": "100 * sum(|dx|+|dy|) / (IOD_ct * n)",
+                    "n": N_FACE_LANDMARKS if opts.upstream_mad else N_LANDMARKS,
+                    "well_placed_below": WELL_PLACED_MAD},
+            "framing": {"upscale": opts.upscale, "pad": opts.pad},
+            "detection": det_rows, "placement": place_rows, "n_failed": n_failed}
+
+
+def _summary_text(ctx: _Context, summary: dict, n_items: int) -> str:
+    lines = [format_tables(summary["detection"], summary["placement"], upstream_mad=ctx.options.upstream_mad)]
+    lines += [f"{v}: not scored ({why})" for v, why in summary["variants_not_scored"].items()]
+    lines += [f"pet_unet not scored in fold {k}: {why}" for k, why in ctx.unet_errors.items()]
+    if summary["n_failed"]:
+        lines.append(f"{summary['n_failed']} of {n_items} test image(s) could not be scored; "
+                     f"see {ctx.save_dir / 'manifest.csv'}")
+    return "\n".join(lines)
+
+
+def write_results(ctx: _Context, folds: list[int], scores: dict[int, FoldScores], n_failed: int) -> dict:
+    """detection.csv, placement.csv, placement.json and summary.json; the summary record.
+    A variant is in the tables for the folds where it was scored (column folds_scored)."""
+    detected = {v: {k: s.detected[v] for k, s in scores.items() if v in s.detected} for v in VARIANTS}
+    mads = {v: {k: s.mads[v] for k, s in scores.items() if v in s.mads} for v in VARIANTS[1:]}
+    det_rows = detection_table({v: d for v, d in detected.items() if d}, folds)
+    place_rows = placement_table({v: m for v, m in mads.items() if m}, folds)
+    write_csv(ctx.save_dir / "detection.csv", det_rows, column_union(det_rows, first=["variant"]))
+    write_csv(ctx.save_dir / "placement.csv", place_rows, column_union(place_rows, first=["variant"]))
+    write_json(ctx.save_dir / "placement.json", place_rows)
+    scored = [v for v in VARIANTS if detected[v]]
+    summary = _summary_record(ctx, folds, det_rows, place_rows, scored, n_failed)
+    write_json(ctx.save_dir / "summary.json", summary)
+    return summary
+
+
+def write_qa(ctx: _Context, plans: list[FoldPlan], scores: dict[int, FoldScores], scored: list[str],
+             seed: int) -> None:
+    """qa_landmarks.png: ``n_qa`` scored test images drawn at random (seeded)."""
+    landmarks = {(k, i): res for k, s in scores.items() for i, res in s.landmarks.items()}
+    ok_all = [t for plan in plans for t in scores[plan.fold].tasks]
+    if not ok_all or ctx.options.n_qa <= 0:
+        return
     rng = np.random.default_rng(seed)
-    ok_all = [t for t in all_tasks if (t.fold, t.id) in all_landmarks]
-    if ok_all and n_qa > 0:
-        pick = sorted(rng.choice(len(ok_all), size=min(n_qa, len(ok_all)), replace=False))
-        sheet = qa_montage([ok_all[i] for i in pick], all_landmarks, scored, crop=crop, upstream_mad=upstream_mad)
-        if sheet is not None:
-            write_png(save_dir / "qa_landmarks.png", sheet)
-    manifest.write()
-    write_run_json(save_dir, stage="landmark_placement", args=args or {
-        "ct_files": str(ct_dir), "pet_files": str(pet_dir), "splits_file": str(splits_file),
-        "models_path": models_path and str(models_path), "denoised_dir": denoised_dir and str(denoised_dir),
-        "save_dir": str(save_dir), "upstream_mad": upstream_mad}, seed=seed, started=started,
-        extra={"variants_scored": scored})
-    if not quiet:
-        print(format_tables(det_rows, place_rows, upstream_mad=upstream_mad))
-        for v, why in summary["variants_not_scored"].items():
-            print(f"{v}: not scored ({why})")
-        for k, why in unet_errors.items():
-            print(f"pet_unet not scored in fold {k}: {why}")
-        if n_failed:
-            print(f"{n_failed} test image(s) could not be scored; see {save_dir / 'manifest.csv'}")
-    return manifest.exit_code()
+    pick = sorted(rng.choice(len(ok_all), size=min(ctx.options.n_qa, len(ok_all)), replace=False))
+    sheet = qa_montage([ok_all[i] for i in pick], landmarks, scored, crop=ctx.crop,
+                       upstream_mad=ctx.options.upstream_mad)
+    if sheet is not None:
+        write_png(ctx.save_dir / "qa_landmarks.png", sheet)
+
+
+def _open_inputs(ct_files, pet_files, splits_file) -> tuple[Path, Path, dict, dict[str, str]]:
+    """The render folders, the checked splits and id -> subject; unusable ones raise InputError."""
+    ct_dir, pet_dir = Path(ct_files), Path(pet_files)
+    for flag, d in (("--ct_files", ct_dir), ("--pet_files", pet_dir)):
+        if not d.is_dir():
+            raise InputError(f"expected a folder of <id>.png renders at {flag} {d}, found no such folder")
+    subjects = read_subjects(ct_dir)
+    splits = read_splits(splits_file, known_ids=known_ids(ct_dir, pet_dir, subjects),
+                         subjects=subjects or None)
+    return ct_dir, pet_dir, splits, subjects
+
+
+def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_file: str | Path,
+                           save_dir: str | Path, options: PlacementOptions | None = None, *,
+                           run: RunSettings | None = None,
+                           load_denoiser: DenoiserLoader | None = None) -> StageResult:
+    """The placement stage. Exit code 0, or 1 when a test image could not be scored or a
+    fold's denoiser could not be run (failed rows in the manifest).
+
+    Missing render folders or an unusable ``splits.json`` (duplicated fold numbers, an id
+    in two partitions, an unknown id ...) raise InputError (exit 2) before any work.
+    load_denoiser: pt_path -> callable on (N, H, W) float32 [0, 1]; default
+    :func:`faceaudit.petct.denoiser.load_denoiser` (used only when models are needed).
+    """
+    options = options or PlacementOptions()
+    run = run or RunSettings()
+    ct_dir, pet_dir, splits, subjects = _open_inputs(ct_files, pet_files, splits_file)
+    with StageRun("landmark_placement", save_dir, run, options=options) as stage:
+        crop = splits["crop"]
+        ctx = _Context(ct_dir, pet_dir, stage.save_dir, options, crop, subjects, options.settings(crop),
+                       run.overwrite, load_denoiser or default_denoiser_loader,
+                       lru_cache(maxsize=None)(file_sha1))  # a PET feeds three fingerprints: read it once
+        plans = [plan_fold(stage, ctx, fold) for fold in splits["folds"]]
+        computed = place_missing(stage, ctx, plans, run)
+        scores = {}
+        for plan in plans:
+            scores[plan.fold] = score_fold(ctx, plan, computed)
+            record_fold(stage, ctx, plan, scores[plan.fold])
+        folds = [plan.fold for plan in plans]
+        n_items = sum(len(plan.tasks) for plan in plans)
+        n_failed = n_items - sum(len(s.tasks) for s in scores.values())
+        summary = write_results(ctx, folds, scores, n_failed)
+        write_qa(ctx, plans, scores, summary["variants_scored"], run.seed)
+        stage.extra["variants_scored"] = summary["variants_scored"]
+        keep = [f"fold{p.fold}/{t.id}" for p in plans for t in p.tasks] + [f"fold{k}/denoiser" for k in ctx.unet_errors]
+        return stage.finish(keep_ids=keep, summary=_summary_text(ctx, summary, n_items),
+                            details={"variants_scored": summary["variants_scored"], "n_failed": n_failed,
+                                     "detection": summary["detection"], "placement": summary["placement"]})
