@@ -11,8 +11,10 @@ j towards Posterior, k towards Superior. The numpy array is therefore indexed
     axis 2 -> patient's left
 
 whatever the array order or axis flips stored in the file. World coordinates (mm)
-are LPS ``(x, y, z)`` = ``origin + (i, j, k) * spacing`` (direction reduced to the
-identity up to an oblique residual, which the nearest-axis reorientation ignores).
+are LPS ``(x, y, z)`` = ``origin + (i, j, k) * spacing``. An axis-aligned file becomes a
+view (transpose and flips, no copy); an oblique one (direction cosines tilted by more than
+about 0.06 degrees: gantry tilt, an oblique acquisition) is resampled onto an upright grid,
+so the same physical head gives the same render however it was stored.
 """
 
 from __future__ import annotations
@@ -210,6 +212,55 @@ def _to_canonical(raw: _Raw) -> tuple[np.ndarray, tuple, tuple]:
     return array, spacing, tuple(float(v) for v in origin)
 
 
+#: Direction cosines farther than this from a signed axis permutation (about 0.06 degrees)
+#: are oblique (gantry tilt, an oblique acquisition): the volume is resampled upright.
+OBLIQUE_TOLERANCE = 1e-3
+
+
+def _obliqueness(direction: np.ndarray) -> float:
+    """Largest difference between the direction cosines and their nearest signed axis
+    permutation (the sine of the tilt, for a tilt about one axis)."""
+    direction = np.asarray(direction, dtype=np.float64)
+    nearest = np.zeros((3, 3))
+    world_of_index = np.argmax(np.abs(direction), axis=0)
+    nearest[world_of_index, np.arange(3)] = np.sign(direction[world_of_index, np.arange(3)])
+    return float(np.abs(direction - nearest).max())
+
+
+def _resample_upright(raw: _Raw) -> tuple[np.ndarray, tuple, tuple]:
+    """An oblique volume -> the canonical LPS grid holding the same physical voxels.
+
+    Linear interpolation onto an axis-aligned grid that covers the tilted one, with the
+    voxel sizes of the index axes nearest to each world axis; outside the tilted grid is the
+    volume's minimum (air). The camera is placed in the patient frame, so a head stored
+    10 degrees oblique must not render pitched by 10 degrees. Returns (array (nz, ny, nx)
+    float32, spacing (sz, sy, sx), LPS origin of voxel [0, 0, 0]).
+    """
+    import itertools
+
+    import SimpleITK as sitk
+
+    direction = np.asarray(raw.direction, dtype=np.float64)
+    spacing_ijk = np.asarray(raw.spacing_xyz, dtype=np.float64)
+    image = sitk.GetImageFromArray(np.asarray(raw.array, dtype=np.float32))
+    image.SetSpacing(tuple(spacing_ijk))
+    image.SetOrigin(tuple(float(v) for v in raw.origin))
+    image.SetDirection(tuple(direction.ravel()))
+    last = np.array(raw.array.shape[::-1], dtype=np.float64) - 1.0
+    corners = np.array([np.asarray(raw.origin) + direction @ (np.array(c) * last * spacing_ijk)
+                        for c in itertools.product((0, 1), repeat=3)])
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    spacing = np.empty(3)
+    spacing[np.argmax(np.abs(direction), axis=0)] = spacing_ijk
+    size = [int(n) for n in np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1]
+    upright = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, tuple(lo), tuple(spacing),
+                            (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+                            float(np.min(raw.array)), sitk.sitkFloat32)
+    # a copy: a view would dangle once the SimpleITK image is freed
+    array = sitk.GetArrayFromImage(upright)
+    return array, tuple(float(v) for v in spacing[::-1]), tuple(float(v) for v in lo)
+
+
 def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
     """Read a NIfTI file (.nii/.nii.gz), another SimpleITK format (NRRD, MHA) or a DICOM series
     folder into the canonical LPS frame.
@@ -229,7 +280,10 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
     if min(raw.array.shape) < 2:
         raise InputError(f"expected a 3-D volume in {path}, found size {raw.array.shape[::-1]} "
                          f"(a 2-D slice)")
-    array, spacing, origin = _to_canonical(raw)
+    if _obliqueness(raw.direction) > OBLIQUE_TOLERANCE:
+        array, spacing, origin = _resample_upright(raw)
+    else:
+        array, spacing, origin = _to_canonical(raw)
     del raw
     if array.dtype != dtype:
         array = array.astype(dtype)
