@@ -249,7 +249,7 @@ def test_missing_or_wrong_arcface_model_is_a_clear_error(tmp_path):
         make_embedder("arcface-onnx", model_dir=tmp_path)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a protobuf at all" * 10)
-    with pytest.raises(InputError, match="cannot load .*broken.onnx"):
+    with pytest.raises(InputError, match="broken.onnx, found 210 bytes that do not parse as ONNX"):
         make_embedder("arcface-onnx", model_dir=broken)
     with pytest.raises(InputError, match="unknown embedding backend 'facenet'"):
         make_embedder("facenet")
@@ -258,3 +258,74 @@ def test_missing_or_wrong_arcface_model_is_a_clear_error(tmp_path):
 def test_a_detector_is_not_accepted_as_arcface(tiny_models):
     with pytest.raises(InputError, match="not an ArcFace-style recognition model"):
         ArcFaceOnnxEmbedder(tiny_models["pack"] / "det_10g.onnx")
+
+
+# ---------------------------------------------------------------- broken model files (issue 12.9)
+
+
+def _wrong_onnx(path, *, input_shape, output_dim, input_name="x"):
+    """A valid ONNX that is not an ArcFace: Flatten -> MatMul to ``output_dim``."""
+    flat = int(np.prod([d for d in input_shape[1:]]))
+    w = numpy_helper.from_array(np.ones((flat, output_dim), np.float32), "w")
+    nodes = [helper.make_node("Flatten", [input_name], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "wrong", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT,
+                                                       ["N", *input_shape[1:]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", output_dim])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+EXPECTED_SIGNATURE = ("'input.1' (N, 3, 112, 112)", "D = 512")
+
+
+@pytest.mark.parametrize("case", ["tfjs_bin", "onnx_named_bin", "garbage", "empty", "flat_input",
+                                  "not_square", "two_outputs_detector"])
+def test_broken_arcface_model_files_name_the_file_expected_and_found(tmp_path, tiny_models, case):
+    if case == "tfjs_bin":   # a TFJS weights shard, as the human-models package ships them
+        path = tmp_path / "mobilefacenet.bin"
+        path.write_bytes(np.random.default_rng(0).normal(size=256).astype(np.float32).tobytes())
+    elif case == "onnx_named_bin":
+        path = tmp_path / "x.bin"
+        path.write_bytes(tiny_models["arcface"].read_bytes())
+    elif case == "garbage":
+        path = tmp_path / "garbage.onnx"
+        path.write_bytes(b"\x08\x07garbage" * 50)
+    elif case == "empty":
+        path = tmp_path / "empty.onnx"
+        path.write_bytes(b"")
+    elif case == "flat_input":
+        path = _wrong_onnx(tmp_path / "flat.onnx", input_shape=[1, 10], output_dim=4)
+    elif case == "not_square":
+        path = _wrong_onnx(tmp_path / "ns.onnx", input_shape=[1, 3, 112, 96], output_dim=128,
+                           input_name="data")
+    else:
+        path = tiny_models["pack"] / "det_10g.onnx"
+    with pytest.raises(InputError) as err:
+        make_embedder("arcface-onnx", model_dir=path)
+    text = str(err.value)
+    assert str(path) in text or path.name in text
+    assert all(part in text for part in EXPECTED_SIGNATURE), text
+    found = {"tfjs_bin": ("1024 bytes", "ONNX"),
+             "onnx_named_bin": ("in a file named *.onnx", "rename it to x.onnx"),
+             "garbage": ("450 bytes that do not parse as ONNX protobuf",),
+             "empty": ("found an empty file (0 bytes)",),
+             "flat_input": ("found inputs 'x' (N, 10) and outputs 'y' (N, 4)",),
+             "not_square": ("found inputs 'data' (N, 3, 112, 96) and outputs 'y' (N, 128)",),
+             "two_outputs_detector": ("not an ArcFace-style recognition model",
+                                      "outputs 'score_8'")}[case]
+    assert all(part in text for part in found), text
+    assert "list index out of range" not in text and "Protobuf parsing failed" not in text
+
+
+def test_a_garbage_file_in_an_insightface_pack_is_named(tmp_path):
+    pack = tmp_path / "buffalo_l"
+    pack.mkdir()
+    (pack / "det_10g.onnx").write_bytes(b"\0" * 100)
+    tiny_arcface(pack / "w600k_r50.onnx")
+    with pytest.raises(InputError, match=r"det_10g.onnx, found 100 bytes"):
+        make_embedder("insightface", model_dir=pack)

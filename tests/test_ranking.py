@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from faceaudit.core.ranking import (MISS, chance_topk, cmc_curve, mean_rank,
-                               topk_accuracy, true_match_ranks)
+from faceaudit.core.ranking import (
+    MISS,
+    chance_topk,
+    cmc_curve,
+    mean_rank,
+    topk_accuracy,
+    true_match_ranks,
+)
 
 
 def _brute_force_rank(row, probe, gallery):

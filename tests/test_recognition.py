@@ -163,7 +163,8 @@ def test_rank_k_interval_is_wilson_95_in_results_and_table(tmp_path):
     """5 queries, 5 hits: a percentile bootstrap printed [100, 100]; Wilson 95 % gives
     [56.6, 100] (a 97.5 % interval would give 49.9)."""
     from faceaudit.core.runner import RunSettings
-    from faceaudit.mask.recognition import RecognitionOptions, run_face_recognition as run_fr
+    from faceaudit.mask.recognition import RecognitionOptions
+    from faceaudit.mask.recognition import run_face_recognition as run_fr
 
     dm = build_mask_run(tmp_path / "DM", ["s1", "s2", "s3", "s4", "s5"])
     result = run_fr(dm, tmp_path / "FR", RecognitionOptions(
@@ -450,3 +451,16 @@ def test_a_second_run_into_a_locked_folder_exits_2(mask_run, tmp_path, capsys):
         lock.release()
     assert code == 2 and "another --save_dir" in capsys.readouterr().err
     assert not (save / "results.csv").exists()
+
+
+def test_a_broken_model_file_exits_2_naming_it_before_any_output(mask_run, tmp_path, capsys):
+    model = tmp_path / "w600k_r50.onnx"
+    model.write_bytes(b"")  # an interrupted download
+    code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir",
+                                      str(tmp_path / "FR"), "--backend", "arcface-onnx",
+                                      "--model_dir", str(model), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: expected an ArcFace-style ONNX model") and str(model) in err
+    assert "found an empty file (0 bytes)" in err and "Traceback" not in err
+    assert not (tmp_path / "FR").exists()

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from faceaudit.core.files import InputError, file_digest
 from faceaudit.faces.facemesh import as_rgb_uint8
-from faceaudit.core.files import file_digest, InputError
 
 BACKENDS = ("dlib", "insightface", "arcface-onnx", "mobilefacenet", "mobileface")
 #: converted once by `make models` into the model cache (faceaudit.faces.tfjs_recognizers)
@@ -56,6 +56,11 @@ ARCFACE_SOURCE = ("any ArcFace ONNX with a 112x112 input, e.g. w600k_r50.onnx fr
                   "insightface's buffalo_l pack (https://github.com/deepinsight/insightface"
                   "/releases, v0.7) or an ArcFace exported from the insightface "
                   "recognition model zoo")
+#: What an ArcFace-style ONNX must look like (insightface's routing rule for recognition).
+ARCFACE_SIGNATURE = ("one float input (N, 3, S, S), S >= 112 and a multiple of 16 (ArcFace "
+                     "w600k_r50: 'input.1' (N, 3, 112, 112)), and one output (N, D), the "
+                     "embedding (w600k_r50: D = 512)")
+ARCFACE_EXPECTED = f"an ArcFace-style ONNX model ({ARCFACE_SIGNATURE})"
 DLIB_MODEL_FILES = ("dlib_face_recognition_resnet_model_v1.dat",
                     "shape_predictor_5_face_landmarks.dat")
 
@@ -190,17 +195,97 @@ def _norm_crop(image: np.ndarray, keypoints: np.ndarray, size: int) -> np.ndarra
                                     image_size=int(size))
 
 
-def _load_insightface_model(path: Path):
-    """Route an ONNX file through insightface's model zoo, never downloading."""
+def _load_insightface_model(path: Path, *, expected: str = "an ONNX model"):
+    """Route an ONNX file through insightface's model zoo, never downloading.
+
+    The file is checked first (:func:`read_onnx_model`), so a misnamed, empty or
+    garbage file is an InputError naming it instead of a protobuf traceback.
+    """
     from insightface.model_zoo import model_zoo
 
-    if not path.is_file():  # get_model asserts, or downloads when asked: check first
-        raise InputError(f"expected an ONNX model at {path}, found nothing")
+    read_onnx_model(path, expected=expected)
     try:
         return model_zoo.get_model(str(path), providers=["CPUExecutionProvider"],
                                    sess_options=_ort_cpu_session_options(), download=False)
-    except Exception as exc:  # onnx DecodeError, ORT InvalidGraph ...
-        raise InputError(f"cannot load {path} as an ONNX model: {exc}") from exc
+    except Exception as exc:  # ORT InvalidGraph, an op it does not know ...
+        raise InputError(f"cannot load {path} as an ONNX model: {exc}; expected {expected}") from exc
+
+
+def read_onnx_model(path: Path, *, expected: str = "an ONNX model"):
+    """The parsed ``onnx.ModelProto`` of ``path`` (weights not loaded), or an InputError
+    saying what the file is instead: missing, not named ``*.onnx``, empty, not protobuf,
+    or protobuf without a graph. ``expected`` describes the model wanted, for the message.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"expected {expected} at {path}, found nothing")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"expected {expected} at {path}, found an empty file (0 bytes)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        parse_error = ""
+    except Exception as exc:  # google.protobuf DecodeError and its relatives
+        model, parse_error = None, f"{type(exc).__name__}: {exc}"
+    if model is None or not model.graph.node or not _graph_inputs(model):
+        what = (f"bytes that do not parse as ONNX protobuf ({parse_error})" if parse_error
+                else "protobuf without an ONNX graph (no nodes or no inputs)")
+        raise InputError(f"expected {expected} at {path}, found {size} {what}; "
+                         f"first bytes {path.read_bytes()[:16]!r}")
+    if path.suffix.lower() != ".onnx":
+        # insightface routes by file name: a valid model named *.bin is looked up as a
+        # model-zoo name and fails obscurely, so the name is part of the contract
+        raise InputError(f"expected {expected} in a file named *.onnx, found {path.name} (an ONNX "
+                         f"model by its content): rename it to {path.with_suffix('.onnx').name}")
+    return model
+
+
+def _graph_inputs(model) -> list:
+    """The graph's real inputs (older exporters list the weights as inputs too)."""
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def _shape_of(value_info) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def onnx_signature(model) -> tuple[dict[str, list], dict[str, list]]:
+    """({input name: shape}, {output name: shape}) of a parsed ONNX model; a symbolic
+    dimension is its name (e.g. 'N'), an unknown one '?'."""
+    return ({i.name: _shape_of(i) for i in _graph_inputs(model)},
+            {o.name: _shape_of(o) for o in model.graph.output})
+
+
+def check_arcface_signature(path: Path, model) -> None:
+    """An ArcFace-style recognizer as insightface routes it: one input (N, 3, S, S) with
+    S >= 112 a multiple of 16, one output (N, D) with a fixed D. Else an InputError
+    saying what was expected and what the file holds."""
+    inputs, outputs = onnx_signature(model)
+    ok = len(inputs) == 1 and len(outputs) == 1
+    if ok and _graph_inputs(model)[0].type.tensor_type.elem_type != 1:   # TensorProto.FLOAT
+        inputs = {name: [*shape, "(not float32)"] for name, shape in inputs.items()}
+        ok = False
+    if ok:
+        shape, out = next(iter(inputs.values())), next(iter(outputs.values()))
+        size = shape[2] if len(shape) == 4 else None
+        ok = (len(shape) == 4 and shape[1] == 3 and isinstance(size, int) and size == shape[3]
+              and size >= 112 and size % 16 == 0
+              and len(out) == 2 and isinstance(out[1], int) and out[1] > 0)
+    if not ok:
+        raise InputError(
+            f"{path} is not an ArcFace-style recognition model: expected {ARCFACE_SIGNATURE}; "
+            f"found inputs {_signature_text(inputs)} and outputs {_signature_text(outputs)}; "
+            f"{ARCFACE_SOURCE}")
+
+
+def _signature_text(values: dict[str, list]) -> str:
+    if not values:
+        return "none"
+    return ", ".join(f"{name!r} ({', '.join(str(d) for d in shape)})" for name, shape in values.items())
 
 
 def _bgr_or_rgb(rgb: np.ndarray, rgb_to_model: bool) -> np.ndarray:
@@ -293,12 +378,12 @@ class ArcFaceOnnxEmbedder:
         from faceaudit.faces.facedetect import RetinaFaceDetector
 
         path = _find_arcface_file(model_path)
-        model = _load_insightface_model(path)
-        if getattr(model, "taskname", None) != "recognition":
-            shape = _onnx_input_shape(path)
-            raise InputError(f"{path} is not an ArcFace-style recognition model: its input is "
-                             f"{shape}, expected (N, 3, 112, 112) (square, >= 112, a multiple "
-                             f"of 16) and one output; {ARCFACE_SOURCE}")
+        check_arcface_signature(path, read_onnx_model(path, expected=ARCFACE_EXPECTED))
+        model = _load_insightface_model(path, expected=ARCFACE_EXPECTED)
+        if getattr(model, "taskname", None) != "recognition":  # insightface routed it elsewhere
+            raise InputError(f"{path} is not an ArcFace-style recognition model: insightface "
+                             f"takes it for a {getattr(model, 'taskname', 'model of no known task')}"
+                             f"; expected {ARCFACE_SIGNATURE}; {ARCFACE_SOURCE}")
         model.prepare(-1)
         self.recognizer = model
         self.model_path = path
@@ -347,15 +432,6 @@ def _find_arcface_file(model_path) -> Path:
         return preferred
     raise InputError(f"{path} holds several ONNX files {[f.name for f in files]}; "
                      "pass the ArcFace file itself as --model_dir")
-
-
-def _onnx_input_shape(path: Path) -> list:
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    if not graph.input:
-        return []
-    return [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
 
 
 # --------------------------------------------------------------------------- factory
