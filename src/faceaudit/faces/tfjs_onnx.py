@@ -205,7 +205,8 @@ def repair_prelu_2_3(graph: TfjsGraph) -> TfjsGraph:
             abs_node["input"] = [pre]
             sub["input"] = [pre, sub["input"][1]]
         unfused += 1
-    out.repairs["negated_slopes"] = out.repairs.get("negated_slopes", 0) + len({p[4] for p in patterns})
+    slopes = len({p[4] for p in patterns})
+    out.repairs["negated_slopes"] = out.repairs.get("negated_slopes", 0) + slopes
     out.repairs["unfused_relus"] = out.repairs.get("unfused_relus", 0) + unfused
     return out
 
@@ -362,7 +363,8 @@ class _Converter:
         inputs = [self.tensor(x, node["name"]), self.initializer(weight, f"{node['name']}/W")]
         fused = _fused_ops(node) if node["op"].startswith(("_Fused", "Fused")) else []
         if fused[:1] == ["BiasAdd"]:
-            inputs.append(self.initializer(self.get(node["input"][2], node).const, f"{node['name']}/B"))
+            bias = self.get(node["input"][2], node).const
+            inputs.append(self.initializer(bias, f"{node['name']}/B"))
             fused = fused[1:]
         if fused not in ([], ["Relu"]):
             raise InputError(f"node {node['name']!r}: fused ops {_fused_ops(node)} are not "
