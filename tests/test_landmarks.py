@@ -5,8 +5,14 @@ import pytest
 
 from faceaudit.faces.facemesh import eye_contour_indices
 from faceaudit.petct.landmarks import (
-    WELL_PLACED_MAD, Framing, eye_centres, inter_ocular_distance, landmark_mad, place_landmarks,
-    place_landmarks_batch, well_placed,
+    WELL_PLACED_MAD,
+    Framing,
+    eye_centres,
+    inter_ocular_distance,
+    landmark_mad,
+    place_landmarks,
+    place_landmarks_batch,
+    well_placed,
 )
 
 
