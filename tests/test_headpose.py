@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from faceaudit.core.geometry import umeyama
 from faceaudit.mask import headpose as hp
 
 ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
@@ -40,14 +41,14 @@ def test_sign_convention_in_image_terms():
     assert tilted[right_eye, 1] < tilted[left_eye, 1] - 0.02
 
 
-def test_angles_round_trip_and_similarity_fit():
+def test_angles_round_trip_and_umeyama():
     for angles in [(10.0, -20.0, 30.0), (-40.0, 5.0, -15.0)]:
         assert np.allclose(hp.angles_from_rotation(hp.rotation_from_angles(*angles)), angles)
     rng = np.random.default_rng(1)
     src = rng.normal(size=(30, 3))
     rot = hp.rotation_from_angles(12, 34, -56)
     dst = 2.5 * src @ rot.T + [1, 2, 3]
-    r, s, t = hp.similarity_fit(src, dst)
+    r, s, t = umeyama(src, dst)
     assert np.allclose(r, rot) and s == pytest.approx(2.5) and np.allclose(t, [1, 2, 3])
 
 
@@ -61,8 +62,8 @@ def test_bad_landmarks_are_refused():
 
 
 def _orl_landmarks(names):
-    from faceaudit.faces.facemesh import FaceMesh
     from faceaudit.core.images import read_grey, to_uint8
+    from faceaudit.faces.facemesh import FaceMesh
 
     sets = []
     with FaceMesh() as mesh:
@@ -75,7 +76,7 @@ def _orl_landmarks(names):
 def test_reference_table_is_rederived_from_orl_and_frontal_photo_reads_frontal():
     sets = _orl_landmarks([f"s{i}/1.pgm" for i in range(1, 21)])
     ref = hp.derive_reference(sets)
-    rot, s, t = hp.similarity_fit(ref, hp.REFERENCE_SHAPE)
+    rot, s, t = umeyama(ref, hp.REFERENCE_SHAPE)
     # same shape (a subset of the photos) and the same frontal frame within a few degrees
     assert np.abs(s * ref @ rot.T + t - hp.REFERENCE_SHAPE).max() < 0.06
     assert np.all(np.abs(hp.angles_from_rotation(rot)) < 5)

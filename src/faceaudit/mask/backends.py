@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.core.files import InputError
+from faceaudit.core.geometry import procrustes_mean, umeyama
 from faceaudit.mask.flame import FlameBackend, find_flame, load_flame
 from faceaudit.mask.headpose import (
     REFERENCE_SHAPE,
     STABLE_POINTS,
     landmarks_to_viewer,
-    similarity_fit,
 )
 from faceaudit.mask.renderer import add_forehead
 from faceaudit.mask.topology import (
@@ -59,11 +59,9 @@ def derive_mean_shape(landmark_sets: list[tuple[np.ndarray, int, int]]) -> np.nd
     Generalised Procrustes mean over all 478 points, then rotated/scaled onto
     :data:`faceaudit.mask.headpose.REFERENCE_SHAPE` so it is frontal by the same convention.
     """
-    from faceaudit.mask.headpose import generalised_procrustes_mean
-
     shapes = [landmarks_to_viewer(lm, w, h) for lm, w, h in landmark_sets]
-    mean = generalised_procrustes_mean(shapes)
-    rot, s, t = similarity_fit(mean[STABLE_POINTS], REFERENCE_SHAPE)
+    mean = procrustes_mean(np.stack(shapes))
+    rot, s, t = umeyama(mean[STABLE_POINTS], REFERENCE_SHAPE)
     return s * mean @ rot.T + t
 
 
@@ -103,7 +101,7 @@ class MeanShapeBackend:
     def build(self, prep_rgb: np.ndarray, landmarks: np.ndarray) -> MaskResult:
         h, w = prep_rgb.shape[:2]
         target = landmarks_to_viewer(landmarks, w, h)
-        rot, s, t = similarity_fit(self.mean_shape[:468], target[:468])
+        rot, s, t = umeyama(self.mean_shape[:468], target[:468])
         placed = s * self.mean_shape @ rot.T + t  # viewer frame: x, -row, depth
         verts = append_mouth_centre(flip_y(placed))
         verts, faces = add_forehead(verts, face_triangles())

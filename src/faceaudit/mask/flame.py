@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from faceaudit.core.files import InputError, read_npz
-from faceaudit.mask.headpose import similarity_fit
+from faceaudit.core.geometry import umeyama
 from faceaudit.mask.topology import (
     MaskError,
     MaskResult,
@@ -238,7 +238,7 @@ class FlameBackend:
         model, layer = self.model, self.layer
         target_view = flip_y(target_img)
         template = model.landmark_template()
-        rot0, s0, _ = similarity_fit(template, target_view)
+        rot0, s0, _ = umeyama(template, target_view)
         # work in units of the landmarks' RMS radius so the data term is O(1) next to the priors
         unit = float(np.sqrt(((template - template.mean(0)) ** 2).sum(1).mean()))
         px_per_unit = s0 * unit

@@ -1,9 +1,10 @@
 """Head pose (yaw, pitch, roll in degrees) from MediaPipe's 478 3D face landmarks.
 
-Method: a similarity Procrustes fit (closed form, Umeyama/Kabsch) of a frontal
+Method: a similarity Procrustes fit (:func:`faceaudit.core.geometry.umeyama`) of a frontal
 reference shape of 22 stable landmarks (eye corners, eyebrows, nose, mouth
 corners, lips, chin, forehead, cheeks, jaw) to the detected landmarks, then a
-Tait-Bryan decomposition of the fitted rotation.
+Tait-Bryan decomposition of the fitted rotation (scipy's, through
+:func:`faceaudit.core.geometry.euler_angles`).
 
 Frames. Landmarks come normalised (x by the image width, y by the height, z on
 roughly the x scale, negative towards the camera). They are converted to pixels
@@ -35,6 +36,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from faceaudit.core.geometry import (
+    euler_angles,
+    procrustes_mean,
+    rotation_from_euler,
+    umeyama,
+)
+
+#: scipy's intrinsic y-x-z sequence: R = Ry(a) @ Rx(b) @ Rz(c), with b = -pitch.
+EULER_ORDER = "YXZ"
 #: MediaPipe indices of the stable points used for the pose fit.
 STABLE_POINTS = np.array([10, 151, 9, 168, 6, 1, 2, 0, 17, 152,        # midline
                           33, 263, 133, 362, 105, 334, 61, 291, 234, 454, 172, 397])
@@ -94,43 +104,15 @@ def landmarks_to_viewer(landmarks: np.ndarray, width: int, height: int) -> np.nd
     return np.stack([lm[:, 0] * width, -lm[:, 1] * height, -lm[:, 2] * width], axis=1)
 
 
-def similarity_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-    """Closed-form least-squares ``target ~ s * source @ R.T + t`` (Umeyama 1991).
-
-    source, target: (N, 3). Returns R (3, 3) proper rotation, s > 0, t (3,).
-    """
-    source = np.asarray(source, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    mu_s, mu_t = source.mean(0), target.mean(0)
-    xs, xt = source - mu_s, target - mu_t
-    cov = xt.T @ xs / len(source)
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.ones(3)
-    if np.linalg.det(u @ vt) < 0:  # reflection -> nearest proper rotation
-        d[2] = -1.0
-    rot = u @ np.diag(d) @ vt
-    var_s = (xs ** 2).sum() / len(source)
-    scale = float((sig * d).sum() / var_s)
-    return rot, scale, mu_t - scale * mu_s @ rot.T
-
-
 def rotation_from_angles(yaw: float, pitch: float, roll: float) -> np.ndarray:
     """``Ry(yaw) @ Rx(-pitch) @ Rz(roll)``, angles in degrees (the convention above)."""
-    a, b, c = np.radians([yaw, -pitch, roll])
-    ry = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return ry @ rx @ rz
+    return rotation_from_euler([yaw, -pitch, roll], order=EULER_ORDER)
 
 
 def angles_from_rotation(rot: np.ndarray) -> tuple[float, float, float]:
     """Inverse of :func:`rotation_from_angles`: (yaw, pitch, roll) in degrees."""
-    rot = np.asarray(rot, dtype=np.float64)
-    b = np.arcsin(np.clip(-rot[1, 2], -1.0, 1.0))
-    a = np.arctan2(rot[0, 2], rot[2, 2])
-    c = np.arctan2(rot[1, 0], rot[1, 1])
-    yaw, b_deg, roll = np.degrees([a, b, c])
-    return float(yaw), float(-b_deg), float(roll)
+    yaw, minus_pitch, roll = euler_angles(rot, order=EULER_ORDER)
+    return float(yaw), float(-minus_pitch), float(roll)
 
 
 def face_frame(points: np.ndarray, indices: np.ndarray = STABLE_POINTS) -> np.ndarray:
@@ -159,27 +141,6 @@ def canonicalise(points: np.ndarray, indices: np.ndarray = STABLE_POINTS) -> np.
     return local / np.sqrt((local ** 2).sum(1).mean())
 
 
-def generalised_procrustes_mean(shapes: list[np.ndarray], *, iterations: int = 10) -> np.ndarray:
-    """Mean shape of (N, 3) viewer-frame shapes under similarity alignment (unit RMS, centred)."""
-    if not shapes:
-        raise ValueError("need at least one shape for a mean")
-    mean = np.asarray(shapes[0], dtype=np.float64)
-    mean = mean - mean.mean(0)
-    mean /= np.sqrt((mean ** 2).sum(1).mean())
-    for _ in range(iterations):
-        aligned = []
-        for shape in shapes:
-            rot, s, t = similarity_fit(shape, mean)
-            aligned.append(s * np.asarray(shape) @ rot.T + t)
-        new = np.mean(aligned, axis=0)
-        new -= new.mean(0)
-        new /= np.sqrt((new ** 2).sum(1).mean())
-        if np.abs(new - mean).max() < 1e-9:
-            break
-        mean = new
-    return mean
-
-
 def derive_reference(landmark_sets: list[tuple[np.ndarray, int, int]],
                      indices: np.ndarray = STABLE_POINTS) -> np.ndarray:
     """Frontal reference of ``indices`` from (landmarks (478, 3) normalised, width, height) triples.
@@ -188,7 +149,7 @@ def derive_reference(landmark_sets: list[tuple[np.ndarray, int, int]],
     Used offline to produce ``REFERENCE_SHAPE``; kept so anyone can re-derive it.
     """
     shapes = [landmarks_to_viewer(lm, w, h)[indices] for lm, w, h in landmark_sets]
-    geometric = canonicalise(generalised_procrustes_mean(shapes), indices)
+    geometric = canonicalise(procrustes_mean(np.stack(shapes)), indices)
     # The chin -> forehead-top line leans back on real faces (the forehead slopes), so
     # the geometric frame reads frontal photos as looking down by several degrees; zero
     # pitch is instead the median pitch of the (frontal) photo set the mean comes from.
@@ -209,7 +170,7 @@ def estimate_pose(landmarks: np.ndarray, width: int, height: int, *,
     pts = landmarks_to_viewer(landmarks, width, height)[indices]
     if not np.all(np.isfinite(pts)):
         raise ValueError("landmarks contain NaN or inf; cannot estimate a pose")
-    rot, scale, trans = similarity_fit(ref, pts)
+    rot, scale, trans = umeyama(ref, pts)
     resid = pts - (scale * ref @ rot.T + trans)
     rms = float(np.sqrt((resid ** 2).sum(1).mean()) / scale)
     yaw, pitch, roll = angles_from_rotation(rot)
