@@ -7,11 +7,21 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import load_script
 from PIL import Image
 
-from conftest import load_script
-from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, OptionsError, RunSettings
-from faceaudit.petct.reconstruction import ReconstructionOptions, reconstruct_volume, run_reconstruction
+from faceaudit.core.runner import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OptionsError,
+    RunSettings,
+)
+from faceaudit.petct.reconstruction import (
+    ReconstructionOptions,
+    reconstruct_volume,
+    run_reconstruction,
+)
 
 SPACING_XYZ = (4.0, 4.0, 4.0)
 
@@ -182,8 +192,8 @@ def test_a_volume_that_fails_on_overwrite_is_not_reported_ok_by_the_next_run(tmp
 
 
 def test_qa_montage_shows_missing_and_unreadable_renders_as_black(tmp_path):
-    from faceaudit.petct.reconstruction import qa_montage
     from faceaudit.core.files import write_png
+    from faceaudit.petct.reconstruction import qa_montage
 
     write_png(tmp_path / "cts" / "a.png", np.full((512, 512), 200, np.uint8))
     (tmp_path / "pets").mkdir()

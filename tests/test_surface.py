@@ -5,8 +5,14 @@ import pytest
 from skimage.draw import ellipsoid, ellipsoid_stats
 
 from faceaudit.core.files import InputError
-from faceaudit.petct.surface import (extract_head_surface, head_crop_slices, mask_to_mesh, pet_threshold,
-                               ct_threshold, select_body_component)
+from faceaudit.petct.surface import (
+    ct_threshold,
+    extract_head_surface,
+    head_crop_slices,
+    mask_to_mesh,
+    pet_threshold,
+    select_body_component,
+)
 
 
 @pytest.mark.parametrize("semi_axes, spacing", [((20, 25, 30), (1.0, 1.0, 1.0)),

@@ -28,10 +28,28 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.core.contracts import CT_RENDERS, PET_RENDERS, RENDER_SIZE
-from faceaudit.core.files import InputError, atomic_write_bytes, make_private_dir, write_npz, write_png
-from faceaudit.core.manifest import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult,
-                                     describe_exception)
-from faceaudit.core.runner import OptionsError, RunSettings, StageResult, StageRun, fingerprint, map_items
+from faceaudit.core.files import (
+    InputError,
+    atomic_write_bytes,
+    make_private_dir,
+    write_npz,
+    write_png,
+)
+from faceaudit.core.manifest import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    ItemResult,
+    describe_exception,
+)
+from faceaudit.core.runner import (
+    OptionsError,
+    RunSettings,
+    StageResult,
+    StageRun,
+    fingerprint,
+    map_items,
+)
 from faceaudit.petct.render import PROJECTIONS, SHADINGS, render_frontal
 from faceaudit.petct.surface import PET_THRESHOLDS, extract_head_surface
 from faceaudit.petct.volumes import Study, discover_studies, load_volume
@@ -455,8 +473,8 @@ def _summary(stage: StageRun, ids: list[str]) -> str:
     rows = [stage.previous(i) for i in sorted(ids)]
     counts = {s: sum(1 for row in rows if row and row.get("status") == s)
               for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
-    lines = [f"reconstruction: {len(ids)} studies: {counts['ok']} ok, {counts['failed']} failed, "
-             f"{counts['skipped']} skipped (unchanged); renders in {stage.save_dir}"]
+    lines = [(f"reconstruction: {len(ids)} studies: {counts['ok']} ok, {counts['failed']} failed, "
+              f"{counts['skipped']} skipped (unchanged); renders in {stage.save_dir}")]
     failed = [row for row in rows if row and row.get("status") == STATUS_FAILED]
     for row in failed[:10]:
         lines.append(f"  failed {row['id']}: {row.get('reason', '')}")

@@ -447,9 +447,8 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     touching the body off it, on the coarse grid and again in the head box (separate_touching);
     a body touching nothing gives exactly the mesh it gives with 0.
     """
-    from scipy.ndimage import binary_fill_holes
-
     import cc3d
+    from scipy.ndimage import binary_fill_holes
 
     if modality not in ("ct", "pet"):
         raise ValueError(f"modality must be 'ct' or 'pet', got {modality!r}")

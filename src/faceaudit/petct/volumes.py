@@ -355,10 +355,10 @@ def _autopet_study(patient_dir: Path, study_dir: Path) -> Study | None:
             study.problems[side] = _ambiguity(side, candidates)
         else:
             setattr(study, side, chosen)
-    if study.ct is None and study.pet is None and not study.problems:
-        # a folder with neither side (e.g. only SEG) is still reported, not skipped
-        if not any(_strip_nifti(p.name) for p in study_dir.iterdir()):
-            return None
+    # a folder with neither side is still reported when it holds some NIfTI (e.g. only SEG)
+    if (study.ct is None and study.pet is None and not study.problems
+            and not any(_strip_nifti(p.name) for p in study_dir.iterdir())):
+        return None
     return study
 
 
