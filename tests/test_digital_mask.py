@@ -104,6 +104,10 @@ def test_end_to_end_on_orl_writes_every_variant(tmp_path):
     assert {r["id"]: os.stat(out / r["overlay"]).st_mtime_ns
             for r in read_manifest(out / "manifest.csv") if r["status"] == "skipped"} == before
     assert "masks: 0 built, 6 unchanged from an earlier run" in again.summary
+    from faceaudit.mask.scenarios import read_mask_run
+
+    kept = read_mask_run(out)  # stage 6 reads the kept masks as usable, the unreadable as not
+    assert len(kept.rows) == 6 and kept.n_not_ok == 1 and kept.protocol == "same-video"
     # ... and the inputs were never modified
     assert (src / "s1" / "1.pgm").read_bytes() == (ORL / "s1" / "1.pgm").read_bytes()
 

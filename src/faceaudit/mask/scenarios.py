@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceaudit.core.files import InputError, read_json_file
-from faceaudit.core.manifest import STATUS_OK, read_manifest
+from faceaudit.core.manifest import STATUS_OK, STATUS_SKIPPED, read_manifest
 from faceaudit.mask.digital_mask import VARIANTS
 
 ROLES = ("database", "query")
@@ -129,11 +129,12 @@ def read_mask_run(folder: str | os.PathLike) -> MaskRun:
     if missing:
         raise InputError(f"{folder / 'manifest.csv'} lacks columns {missing} "
                          f"(run_digital_mask.py writes {list(DM_COLUMNS)}); found {list(rows[0])}")
-    bad_roles = sorted({r["role"] for r in rows if r["status"] == STATUS_OK} - set(ROLES))
+    # a mask a re-run of stage 5 kept unchanged is "skipped": its files are as good as new
+    ok = [r for r in rows if r["status"] in (STATUS_OK, STATUS_SKIPPED)]
+    bad_roles = sorted({r["role"] for r in ok} - set(ROLES))
     if bad_roles:
         raise InputError(f"{folder / 'manifest.csv'}: role must be database or query, "
                          f"found {bad_roles}")
-    ok = [r for r in rows if r["status"] == STATUS_OK]
     run_json = folder / "run.json"
     run_info = read_json_file(run_json) if run_json.is_file() else {}
     args = run_info.get("args", {}) if isinstance(run_info.get("args"), dict) else {}
