@@ -60,3 +60,48 @@ def test_chance_levels():
     assert chance_topk(112, 1) == pytest.approx(1 / 112)
     assert chance_topk(4, 10) == 1.0
     assert np.isnan(chance_topk(0, 1))
+
+
+# ---------------------------------------------------------------- open set (issue 13.7)
+
+
+def test_genuine_and_impostor_pairs_and_nan_is_never_accepted():
+    from faceaudit.core.ranking import genuine_impostor_distances
+
+    d = np.array([[0.1, 0.5, np.nan], [0.7, 0.2, 0.9]])
+    genuine, impostor = genuine_impostor_distances(d, ["a", "b"], ["a", "b", "a"])
+    assert sorted(genuine.tolist()) == [0.1, 0.2, np.inf]   # (a, a), (b, b), (a, a: no face)
+    assert sorted(impostor.tolist()) == [0.5, 0.7, 0.9]
+
+
+def test_tar_at_far_known_answers():
+    from faceaudit.core.ranking import tar_at_far
+
+    impostor = 0.01 * np.arange(1, 201)             # 200 pairs: 0.01 .. 2.00
+    genuine = np.array([0.005, 0.015, 0.025, 0.5, np.inf])
+    # 1 % of 200 = 2 false accepts allowed: accept below the 3rd impostor (0.03)
+    tar, threshold = tar_at_far(genuine, impostor, 0.01)
+    assert threshold == pytest.approx(0.03) and tar == pytest.approx(3 / 5)
+    assert np.mean(impostor < threshold) <= 0.01
+    # 0.1 % of 200 pairs is 0.2 of a pair: not measurable
+    assert all(np.isnan(tar_at_far(genuine, impostor, 0.001)))
+    # ties at the threshold are rejected, never split
+    tar, threshold = tar_at_far(np.array([0.5, 0.6]), np.r_[np.full(5, 0.5), np.ones(95)], 0.01)
+    assert threshold == 0.5 and tar == 0.0
+    # 1000 impostor pairs suffice for 0.1 %
+    tar, _ = tar_at_far(np.array([0.0005, 0.0025]), 0.001 * np.arange(1, 1001), 0.001)
+    assert tar == 0.5
+
+
+def test_roc_points_known_answer_and_agreement_with_tar_at_far():
+    from faceaudit.core.ranking import roc_points, tar_at_far
+
+    far, tar, thresholds = roc_points(np.array([0.1, 0.3]), np.array([0.2, 0.4]))
+    assert far.tolist() == [0, 0, 0.5, 0.5, 1] and tar.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert thresholds.tolist() == [-np.inf, 0.1, 0.2, 0.3, 0.4]
+    rng = np.random.default_rng(2)
+    genuine, impostor = rng.normal(0.3, 0.15, 300), rng.normal(0.8, 0.15, 3000)
+    far, tar, _ = roc_points(genuine, impostor)
+    assert np.all(np.diff(far) >= 0) and np.all(np.diff(tar) >= 0)
+    for target in (0.01, 0.001):
+        assert tar_at_far(genuine, impostor, target)[0] == pytest.approx(tar[far <= target].max())

@@ -464,3 +464,70 @@ def test_a_broken_model_file_exits_2_naming_it_before_any_output(mask_run, tmp_p
     assert err.startswith("error: expected an ArcFace-style ONNX model") and str(model) in err
     assert "found an empty file (0 bytes)" in err and "Traceback" not in err
     assert not (tmp_path / "FR").exists()
+
+
+# ---------------------------------------------------------------- open set (issue 13.7)
+
+
+def _synthetic_scenario(query_vectors, gallery_vectors):
+    """evaluate_scenario on hand-made embeddings: identity i's database image is e_i."""
+    from faceaudit.mask.embedding_cache import EmbeddingRecord
+    from faceaudit.mask.evaluation import evaluate_scenario
+    from faceaudit.mask.scenarios import SCENARIOS, ImageRef
+
+    refs, records = {"query": [], "database": []}, {}
+    for role, vectors in (("query", query_vectors), ("database", gallery_vectors)):
+        for i, vec in enumerate(vectors):
+            ref = ImageRef(f"prep/{role}/id{i:02d}/1", f"id{i:02d}", role, "prep",
+                           Path(f"/nowhere/{role}{i}.png"), f"{role}/id{i:02d}/1", "masks")
+            refs[role].append(ref)
+            records[ref.id] = EmbeddingRecord("ok", "" if vec is not None else "no face",
+                                              vector=vec)
+    return evaluate_scenario(SCENARIOS["Face2Face"], refs["query"], refs["database"], records,
+                             protocol="synthetic", n_boot=100)
+
+
+def test_open_set_rates_known_answer_on_synthetic_embeddings():
+    """40 identities: queries 0-2 equal the *next* identity's database image (3 impostor
+    pairs at distance 0, their genuine pairs at 1), query 3 has no face, the other 36
+    equal their own (distance 0); every other pair is orthogonal (distance 1)."""
+    eye = np.eye(40, dtype=np.float32)
+    queries = [eye[i + 1] if i < 3 else eye[i] for i in range(40)]
+    queries[3] = None
+    result = _synthetic_scenario(queries, list(eye))
+    m = result.metrics
+    assert (m["n_genuine_pairs"], m["n_impostor_pairs"]) == (40, 1560)
+    # 1 %: 15 false accepts allowed, threshold 1 (the 16th smallest impostor distance):
+    # the 36 exact matches are accepted; queries 0-2 (genuine at 1) and 3 (no face) are not
+    assert m["tar_at_far_1pct"] == pytest.approx(36 / 40)
+    # 0.1 %: 1 false accept allowed, but 3 impostors tie at 0: nothing can be accepted
+    assert m["tar_at_far_0.1pct"] == 0.0 and m["threshold_at_far_0.1pct"] == 0.0
+    assert m["open_set_note"] == ""
+    assert m["rank1"] == pytest.approx(36 / 40)
+
+
+def test_open_set_columns_roc_csv_and_the_too_few_pairs_note(mask_run, tmp_path):
+    from faceaudit.core.runner import RunSettings
+    from faceaudit.mask.recognition import RecognitionOptions
+    from faceaudit.mask.recognition import run_face_recognition as run_fr
+
+    save = tmp_path / "FR"
+    result = run_fr(mask_run, save, RecognitionOptions(scenarios=("Face2Face", "MaskOnly2Face"),
+                                                       n_boot=100),
+                    run=RunSettings(progress=False))
+    face = _results(save)["Face2Face"]
+    # 8 identities: 8 genuine and 56 impostor pairs, too few for 1 % (100) and 0.1 % (1000)
+    assert (face["n_genuine_pairs"], face["n_impostor_pairs"]) == ("8", "56")
+    assert face["tar_at_far_1pct"] == "nan" and face["tar_at_far_0.1pct"] == "nan"
+    assert face["open_set_note"] == ("FAR 1% needs >= 100 impostor pairs, found 56; "
+                                     "FAR 0.1% needs >= 1000 impostor pairs, found 56")
+    assert "TAR@FAR 1%" in result.summary and "needs >= 100 impostor pairs" in result.summary
+    with open(save / "roc.csv", newline="") as fh:
+        roc = list(csv.DictReader(fh))
+    assert list(roc[0]) == ["scenario", "far", "tar", "threshold"]
+    face_roc = [r for r in roc if r["scenario"] == "Face2Face"]
+    assert (face_roc[0]["far"], face_roc[0]["tar"]) == ("0", "0")
+    assert float(face_roc[-1]["far"]) == 1.0 and float(face_roc[-1]["tar"]) == 1.0
+    # no face in any mask: the curve never leaves (0, 0)
+    assert [(r["far"], r["tar"]) for r in roc if r["scenario"] == "MaskOnly2Face"] == [("0", "0")]
+    assert (save / "roc.png").stat().st_size > 1000

@@ -93,3 +93,67 @@ def chance_topk(gallery_size: int, k: int) -> float:
     if gallery_size <= 0:
         return float("nan")
     return min(k, gallery_size) / gallery_size
+
+
+# --------------------------------------------------------------------------- open set
+
+#: False-accept rates at which the open-set view reports the true-accept rate.
+OPEN_SET_FARS = (0.01, 0.001)
+
+
+def genuine_impostor_distances(distances: np.ndarray, probe_subjects: Sequence[str],
+                               gallery_subjects: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Split a (P, G) distance matrix into genuine pairs (same subject) and impostor pairs
+    (different subjects), as flat arrays. NaN (no features) becomes +inf: such a pair is
+    never accepted, at any threshold, so a missing face lowers the true-accept rate
+    instead of leaving the figures."""
+    d = np.asarray(distances, dtype=np.float64)
+    probe = np.asarray(probe_subjects).astype(str)
+    gallery = np.asarray(gallery_subjects).astype(str)
+    if d.shape != (len(probe), len(gallery)):
+        raise ValueError(f"distances shape {d.shape} does not match {len(probe)} probes x "
+                         f"{len(gallery)} gallery items")
+    d = np.where(np.isnan(d), np.inf, d)
+    same = probe[:, None] == gallery[None, :]
+    return d[same], d[~same]
+
+
+def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> tuple[float, float]:
+    """True-accept rate at a false-accept rate of at most ``far``, and the threshold.
+
+    A pair is accepted when its distance is below the threshold. The threshold is the
+    ``floor(far * n_impostor) + 1``-th smallest impostor distance, so at most
+    ``floor(far * n_impostor)`` impostor pairs are accepted (ties are never split: a tie
+    at the threshold is rejected). With fewer than ``1 / far`` impostor pairs no
+    false accept is allowed and the rate cannot be measured: (NaN, NaN).
+
+    Returns
+    -------
+    (tar, threshold) : the fraction of genuine pairs accepted, and the distance bound.
+    """
+    genuine = np.asarray(genuine, dtype=np.float64)
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64))
+    allowed = int(np.floor(far * impostor.size + 1e-9))
+    if allowed < 1 or genuine.size == 0:
+        return float("nan"), float("nan")
+    threshold = float(impostor[allowed]) if allowed < impostor.size else float("inf")
+    return float(np.mean(genuine < threshold)), threshold
+
+
+def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                   np.ndarray]:
+    """The ROC of "accept when distance <= t", one point per distinct finite distance t.
+
+    Returns
+    -------
+    far, tar, thresholds : (n,) arrays, starting at (0, 0) (threshold -inf) and
+        non-decreasing; pairs at +inf (no features) are never accepted, so the curve
+        may end below (1, 1).
+    """
+    genuine = np.sort(np.asarray(genuine, dtype=np.float64))
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64))
+    scores = np.concatenate([genuine, impostor])
+    thresholds = np.unique(scores[np.isfinite(scores)])
+    far = (np.searchsorted(impostor, thresholds, side="right") / max(impostor.size, 1))
+    tar = (np.searchsorted(genuine, thresholds, side="right") / max(genuine.size, 1))
+    return (np.r_[0.0, far], np.r_[0.0, tar], np.r_[-np.inf, thresholds])

@@ -142,6 +142,38 @@ def compare_to_reference(results: Sequence[ScenarioResult], *,
                          rank1_diff_ci_lo=lo, rank1_diff_ci_hi=hi, n_paired_ref=len(pairs))
 
 
+def open_set_rates(result: ScenarioResult, fars: Sequence[float] = ranking.OPEN_SET_FARS
+                   ) -> dict[str, Any]:
+    """The open-set view of one scenario: would an attacker who accepts a match below a
+    distance threshold be right? Genuine pairs: a query and a database image of the same
+    identity; impostor pairs: of different identities. For each false-accept rate in
+    ``fars`` the true-accept rate at the threshold that accepts at most that share of
+    impostor pairs (``tar_at_far_1pct``, ``tar_at_far_0.1pct``); NaN, with a note, when
+    there are too few impostor pairs to measure it. A fixed threshold (dlib's usual 0.6)
+    is meaningless here: on mask-to-mask pairs every distance falls under it.
+    """
+    genuine, impostor = ranking.genuine_impostor_distances(
+        result.distances, result.query_subjects, result.gallery_subjects)
+    out: dict[str, Any] = {"n_genuine_pairs": int(genuine.size),
+                           "n_impostor_pairs": int(impostor.size)}
+    notes = []
+    for far in fars:
+        tar, threshold = ranking.tar_at_far(genuine, impostor, far)
+        key = far_key(far)
+        out[f"tar_at_far_{key}"] = tar
+        out[f"threshold_at_far_{key}"] = threshold
+        if not np.isfinite(tar) and genuine.size:
+            notes.append(f"FAR {100 * far:g}% needs >= {int(round(1 / far))} impostor pairs, "
+                         f"found {impostor.size}")
+    out["open_set_note"] = "; ".join(notes)
+    return out
+
+
+def far_key(far: float) -> str:
+    """0.01 -> '1pct', 0.001 -> '0.1pct' (the results.csv column suffix)."""
+    return f"{100 * far:g}pct"
+
+
 def _hits(ranks: np.ndarray, k: int) -> np.ndarray:
     ranks = np.asarray(ranks)
     return ((ranks != ranking.MISS) & (ranks <= k)).astype(np.float64)
@@ -173,13 +205,15 @@ def evaluate_scenario(scenario: Scenario, queries: Sequence[ImageRef],
                               and not records[g.id].found),
         n_failed=sum(1 for r in list(paired) + list(gallery) if records[r.id].status != STATUS_OK),
         n_unpaired_queries=len(queries) - len(paired))
-    return ScenarioResult(
+    result = ScenarioResult(
         name=scenario.name, protocol=protocol, query=scenario.query, database=scenario.database,
         cross=scenario.cross, query_ids=[q.id for q in paired],
         query_items=[q.item_id for q in paired],
         query_subjects=[q.subject for q in paired], gallery_ids=[g.id for g in gallery],
         gallery_subjects=[g.subject for g in gallery], distances=dist, ranks=ranks,
         metrics=metrics, cmc=ranking.cmc_curve(ranks, max(len(gallery), 1)))
+    result.metrics.update(open_set_rates(result))
+    return result
 
 
 def detection_rates(refs: Iterable[ImageRef], records: Mapping[str, EmbeddingRecord]

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from faceaudit.core import ranking
 from faceaudit.core.figures import figure_png, new_axes
 from faceaudit.core.files import atomic_write_bytes, write_csv, write_json, write_npz
 from faceaudit.core.stats import LEVEL
-from faceaudit.mask.evaluation import ScenarioResult
+from faceaudit.mask.evaluation import ScenarioResult, far_key
 from faceaudit.mask.scenarios import MaskRun
 
 RESULT_COLUMNS = ("scenario", "protocol", "rank1", "rank1_ci_lo", "rank1_ci_hi", "rank5",
@@ -21,7 +22,10 @@ EXTRA_RESULT_COLUMNS = ("rank5_ci_lo", "rank5_ci_hi", "rank10_ci_lo", "rank10_ci
                         "n_no_face_gallery", "n_failed", "n_unpaired_queries", "query",
                         "database", "cross_mask", "backend", "rank_ci_method", "mean_rank_ci_lo",
                         "mean_rank_ci_hi", "reference", "rank1_diff_vs_ref", "rank1_diff_ci_lo",
-                        "rank1_diff_ci_hi", "n_paired_ref")
+                        "rank1_diff_ci_hi", "n_paired_ref", "tar_at_far_1pct", "tar_at_far_0.1pct",
+                        "threshold_at_far_1pct", "threshold_at_far_0.1pct", "n_genuine_pairs",
+                        "n_impostor_pairs", "open_set_note")
+ROC_COLUMNS = ("scenario", "far", "tar", "threshold")
 #: How the rank-k intervals (rank{k}_ci_lo/hi) are computed, as results.csv states it.
 RANK_CI_METHOD = f"wilson score {100 * LEVEL:g}%"
 
@@ -58,6 +62,49 @@ def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend:
                   gallery_subjects=np.array(r.gallery_subjects, dtype=str),
                   distances=r.distances, ranks=r.ranks)
     atomic_write_bytes(save_dir / "cmc.png", plot_cmc(results))
+    write_csv(save_dir / "roc.csv", roc_rows(results), ROC_COLUMNS)
+    atomic_write_bytes(save_dir / "roc.png", plot_roc(results))
+
+
+def roc_rows(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
+    """roc.csv: per scenario, the ROC of "accept when the distance <= threshold" over the
+    query/database pairs (genuine: same identity, impostor: different identities)."""
+    rows = []
+    for r in results:
+        genuine, impostor = ranking.genuine_impostor_distances(r.distances, r.query_subjects,
+                                                               r.gallery_subjects)
+        for far, tar, threshold in zip(*ranking.roc_points(genuine, impostor)):
+            rows.append({"scenario": r.name, "far": float(far), "tar": float(tar),
+                         "threshold": float(threshold)})
+    return rows
+
+
+def plot_roc(results: Sequence[ScenarioResult]) -> bytes:
+    """ROC curves (true-accept vs false-accept rate, log FAR axis), one per scenario; PNG."""
+    fig, ax = new_axes(figsize=(9.5, 4.8), dpi=120)
+    floor = 1e-4
+    for r in results:
+        genuine, impostor = ranking.genuine_impostor_distances(r.distances, r.query_subjects,
+                                                               r.gallery_subjects)
+        if not genuine.size or not impostor.size:
+            continue
+        far, tar, _ = ranking.roc_points(genuine, impostor)
+        floor = min(floor, 0.5 / impostor.size)
+        ax.step(np.maximum(far, floor), 100 * tar, where="post", ls="--" if r.cross else "-",
+                label=f"{r.name} ({genuine.size} genuine / {impostor.size} impostor pairs)")
+    for far in ranking.OPEN_SET_FARS:
+        ax.axvline(far, color="grey", ls=":", lw=0.8)
+    chance = np.logspace(np.log10(floor), 0, 50)
+    ax.plot(chance, 100 * chance, ":", color="grey", label="chance (TAR = FAR)")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("false-accept rate (impostor pairs accepted)")
+    ax.set_ylabel("true-accept rate (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title("Face recognition on masked photos: open-set ROC")
+    return figure_png(fig)
 
 
 def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
@@ -115,10 +162,27 @@ def format_table(results: Sequence[ScenarioResult], *, backend: str,
                     f"{_pts(m.get('rank1_diff_ci_hi'))}]")
             line += f" {diff:>34}"
         lines.append(line)
+    lines += ["", open_set_table(results)]
     boot = f" ({n_boot} resamples)" if n_boot else ""
     lines.append(f"intervals: rank-k {RANK_CI_METHOD} (binomial); difference to "
                  f"{ref or 'the reference scenario'}: Newcombe paired score (same query photos); "
                  f"mean rank (in results.csv): percentile bootstrap{boot}")
+    return "\n".join(lines)
+
+
+def open_set_table(results: Sequence[ScenarioResult]) -> str:
+    """Open set: true-accept rate at false-accept rates 1 % and 0.1 %, with the pair counts."""
+    fars = ranking.OPEN_SET_FARS
+    head = (f"{'open set (pairs: genuine, impostor)':<34} "
+            + " ".join(f"{'TAR@FAR ' + f'{100 * f:g}%':>14}" for f in fars)
+            + f" {'genuine':>8} {'impostor':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        m = r.metrics
+        cells = " ".join(f"{_pct(m.get(f'tar_at_far_{far_key(f)}')):>14}" for f in fars)
+        note = f"  ({m['open_set_note']})" if m.get("open_set_note") else ""
+        lines.append(f"{r.name:<34} {cells} {m.get('n_genuine_pairs', 0):>8d} "
+                     f"{m.get('n_impostor_pairs', 0):>9d}{note}")
     return "\n".join(lines)
 
 
