@@ -164,17 +164,7 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
                                json.dumps(description, sort_keys=True), embedder.dim)
         if not overwrite:
             cache.load()
-    records: dict[str, EmbeddingRecord] = {}
-    by_hash: dict[str, list[ImageRef]] = {}
-    for ref in refs:
-        try:
-            if not ref.path.is_file():
-                raise InputError(f"expected an image file at {ref.path}, found nothing")
-            digest = file_digest(ref.path)
-        except (OSError, InputError) as exc:
-            records[ref.id] = EmbeddingRecord(STATUS_FAILED, describe_exception(exc))
-            continue
-        by_hash.setdefault(digest, []).append(ref)
+    records, by_hash = _group_by_content(refs)
     todo = []
     computed: dict[str, EmbeddingResult | BaseException] = {}
     for digest, group in by_hash.items():
@@ -208,6 +198,23 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
             "cache": str(cache.path) if cache else None,
             "cache_note": cache.discarded_reason if cache else ""}
     return records, info
+
+
+def _group_by_content(refs: Iterable[ImageRef]
+                      ) -> tuple[dict[str, EmbeddingRecord], dict[str, list[ImageRef]]]:
+    """({ref id: failed record} for unreadable files, {SHA-256 of the bytes: refs})."""
+    failed: dict[str, EmbeddingRecord] = {}
+    by_hash: dict[str, list[ImageRef]] = {}
+    for ref in refs:
+        try:
+            if not ref.path.is_file():
+                raise InputError(f"expected an image file at {ref.path}, found nothing")
+            digest = file_digest(ref.path)
+        except (OSError, InputError) as exc:
+            failed[ref.id] = EmbeddingRecord(STATUS_FAILED, describe_exception(exc))
+            continue
+        by_hash.setdefault(digest, []).append(ref)
+    return failed, by_hash
 
 
 def _embed_pair(task: tuple[str, str], config: EmbedConfig) -> EmbeddingResult:
