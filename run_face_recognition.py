@@ -16,7 +16,11 @@ import sys
 def main(argv=None) -> int:
     from faceaudit.core.cli import add_common_args, run_guarded, run_settings
     from faceaudit.faces.embedding import BACKENDS
-    from faceaudit.mask.recognition import SCENARIOS, RecognitionOptions, run_face_recognition
+    from faceaudit.mask.recognition import (
+        SCENARIOS,
+        RecognitionOptions,
+        run_face_recognition,
+    )
 
     defaults = RecognitionOptions()
     parser = argparse.ArgumentParser(

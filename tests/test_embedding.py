@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import ORL
 from onnx import TensorProto, helper, numpy_helper
 from recognition_helpers import identify_folder
 
@@ -21,7 +22,6 @@ from faceaudit.faces.embedding import (
 # insightface's norm_crop, called directly below, uses a deprecated skimage API
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
 
-ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 
 # five keypoints (eyes, nose, mouth corners) relative to a face centre, det-input pixels
 KPS_OFFSETS = np.array([[-40, -30], [40, -30], [0, 5], [-30, 40], [30, 40]], dtype=float)

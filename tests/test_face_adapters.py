@@ -1,14 +1,12 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ORL
 
+from faceaudit.core.figures import montage
+from faceaudit.core.images import read_grey, to_uint8
 from faceaudit.faces.facedetect import make_detector
 from faceaudit.faces.facemesh import N_LANDMARKS, FaceMesh, eye_contour_indices
-from faceaudit.core.images import read_grey, to_uint8
-from faceaudit.core.figures import montage
-
-ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 
 
 def _astronaut():

