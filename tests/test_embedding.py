@@ -329,3 +329,10 @@ def test_a_garbage_file_in_an_insightface_pack_is_named(tmp_path):
     tiny_arcface(pack / "w600k_r50.onnx")
     with pytest.raises(InputError, match=r"det_10g.onnx, found 100 bytes"):
         make_embedder("insightface", model_dir=pack)
+
+
+def test_dlib_takes_the_retinaface_box_when_hog_finds_nothing():
+    from faceaudit.faces.embedding import DlibEmbedder
+
+    res = DlibEmbedder(upsample=()).embed(_astronaut())   # no HOG pass at all
+    assert res.found and res.detector == "retinaface" and res.det_score > 0.9

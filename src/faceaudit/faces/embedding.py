@@ -162,8 +162,9 @@ class DlibEmbedder:
             faces = self._retinaface.detect(rgb)
             if faces:
                 x0, y0, x1, y1 = faces[0].box
-                return (dlib.rectangle(round(x0), round(y0), round(x1), round(y1)),
-                        faces[0].score, "retinaface")
+                # int(np.rint()): round() of a float32 is a float32 on numpy < 2
+                left, top, right, bottom = (int(v) for v in np.rint([x0, y0, x1, y1]))
+                return dlib.rectangle(left, top, right, bottom), faces[0].score, "retinaface"
         return None, float("nan"), ""
 
     def embed(self, image: np.ndarray) -> EmbeddingResult:
