@@ -1,5 +1,6 @@
 """PET -> CT identification from face-mesh landmarks: distance matrices, top-k and CMC,
-without alignment (upstream) and after Procrustes alignment (or the upstream ICP)."""
+without alignment (upstream) and after Procrustes alignment (or the upstream ICP); with
+--embedder, also by face recognizers on the renders, against the same gallery."""
 
 import argparse
 import sys
@@ -26,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a landmarks .npz or a folder of them (a placement output folder gives its "
                              "landmarks_<gallery>.npz files): other people added to every gallery; a fold's "
                              "own files are skipped, so --distractors LM pools all folds' CTs")
+    parser.add_argument("--embedder", default="",
+                        help="comma-separated face recognizers among dlib, mobilefacenet, mobileface that also "
+                             "attack the renders (embedding-based PET->CT identification in the same gallery); "
+                             "default none. mobilefacenet and mobileface need `make models` once")
+    parser.add_argument("--renders_dir", default=None,
+                        help="with --embedder: the reconstruction's output folder (cts/ and pets/ <id>.png)")
+    parser.add_argument("--denoised_dir", default=None,
+                        help="with --embedder: also attack the U-Net PET renders in this folder "
+                             "(the cross-validation's denoised/, fold{k}/<id>.png)")
     add_common_args(parser, jobs=False)
     return parser
 
@@ -39,7 +49,9 @@ def run(args: argparse.Namespace):
     if args.icp and "icp" not in aligns:
         aligns.append("icp")
     options = MatchingOptions(n_folds=args.n_folds, probe_variant=args.probe, gallery_variant=args.gallery,
-                              aligns=tuple(aligns), distractors=args.distractors)
+                              aligns=tuple(aligns), distractors=args.distractors,
+                              embedders=tuple(n.strip() for n in args.embedder.split(",") if n.strip()),
+                              renders_dir=args.renders_dir, denoised_dir=args.denoised_dir)
     return run_landmark_matching(args.landmarks_files, args.save_dir, options, run=run_settings(args))
 
 

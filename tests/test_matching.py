@@ -137,6 +137,10 @@ def test_probe_or_ct_without_landmarks_is_a_miss(tmp_path):
     assert float(rows[("none", 1)]["mean_both_detected"]) == 1.0
     assert float(rows[("none", 1)]["mean_probe_detected"]) == pytest.approx(3 / 4)  # upstream denominator
     assert rows[("none", 1)]["n_miss_no_landmarks"] == "2"
+    # each row names its attack and probe variant, and the landmark detection rates
+    assert rows[("none", 1)]["attack"] == "landmarks-none" and rows[("none", 1)]["probe"] == "pet"
+    assert float(rows[("none", 1)]["probe_detection_rate"]) == pytest.approx(4 / 5)
+    assert float(rows[("none", 1)]["gallery_detection_rate"]) == pytest.approx(4 / 5)
     assert float(rows[("none", 1)]["gallery_size"]) == 4  # only CTs with landmarks
     ranks = {r["id"]: r for r in csv.DictReader(open(tmp_path / "MT" / "ranks.csv"))}
     assert ranks["s1"]["rank_none"] == "0" and "no landmarks on pet" in ranks["s1"]["reason"]

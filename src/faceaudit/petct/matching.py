@@ -6,7 +6,8 @@ optional distractors). The distance is the Frobenius norm of the (478, 3)
 difference, either on the raw coordinates (``none``, upstream) or after an
 alignment: ``rigid`` / ``similarity`` Procrustes of every face to one common
 reference (the generalised Procrustes mean of the gallery), or the upstream
-per-pair nearest-neighbour ``icp``.
+per-pair nearest-neighbour ``icp``. Recognizers (``embedders``) attack the same probes
+and gallery from the renders (:mod:`faceaudit.petct.embedding_attack`).
 
 A probe without landmarks, or whose subject has no CT with landmarks in the
 gallery, is a miss and is counted. Identity is the subject (patient): another
@@ -18,7 +19,8 @@ fold is skipped (its distances reused) when the landmarks it was computed from a
 the options that shape it are unchanged.
 
 Outputs (``save_dir``): distances_fold{k}_{align}.npz (probe_ids, gallery_ids,
-probe_subjects, gallery_subjects, probe_valid, distances, input_sha1), topk.csv,
+probe_subjects, gallery_subjects, probe_valid, distances, input_sha1) and per recognizer
+distances_fold{k}_embedding-<name>_<variant>.npz, topk.csv (one row per attack x k),
 ranks.csv (one row per fold x probe), cmc.png, summary.json, manifest.csv (one row
 per fold), run.json.
 """
@@ -27,7 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,7 @@ from faceaudit.core.runner import (
     StageRun,
     fingerprint,
 )
+from faceaudit.petct import embedding_attack
 from faceaudit.petct.alignment import ALIGN_MODES, distance_matrix
 from faceaudit.petct.landmarks import (
     LandmarkSet,
@@ -83,6 +87,9 @@ class MatchingOptions:
     aligns: tuple[str, ...] = DEFAULT_ALIGNS
     distractors: str | None = None        # a landmarks .npz or a folder of them
     ks: tuple[int, ...] = DEFAULT_KS
+    embedders: tuple[str, ...] = ()       # recognizers attacking the renders too (embedding_attack)
+    renders_dir: str | None = None        # the reconstruction's output: cts/, pets/ <id>.png
+    denoised_dir: str | None = None       # the cross-validation's denoised/: fold{k}/<id>.png
 
     def __post_init__(self) -> None:
         aligns = tuple(dict.fromkeys(self.aligns))
@@ -101,8 +108,11 @@ class MatchingOptions:
             if name is not None and not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
                 raise OptionsError(f"expected {flag} to be a variant name such as pet_unet or ct, "
                                    f"found {name!r}")
-        if self.distractors is not None:
-            object.__setattr__(self, "distractors", str(self.distractors))
+        for name in ("distractors", "renders_dir", "denoised_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
+        object.__setattr__(self, "embedders",
+                           embedding_attack.check_options(self.embedders, self.renders_dir, self.denoised_dir))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -149,20 +159,29 @@ def input_fingerprint(probe: LandmarkSet, gallery: LandmarkSet) -> str:
 
 @dataclass
 class FoldMatch:
-    """One fold x one alignment: the matrix with its ids, and each probe's rank."""
+    """One fold x one attack (an alignment or a recognizer): the matrix with its ids, each probe's rank."""
 
-    align: str
+    align: str                 # the row key: the alignment, or embedding-<name>_<variant>
     probe_ids: np.ndarray
     probe_subjects: np.ndarray
-    probe_valid: np.ndarray  # probe had landmarks
+    probe_valid: np.ndarray    # the probe had features (landmarks, a face)
     gallery_ids: np.ndarray
     gallery_subjects: np.ndarray
     distances: np.ndarray
     ranks: np.ndarray
+    gallery_valid: np.ndarray | None = None  # None: every gallery item has features
+    attack: str = ""           # landmarks-<align> or embedding-<name>
+    probe_variant: str = ""
+    own_gallery_detected: float = float("nan")  # the fold's own CTs with features
 
     @property
     def gallery_size(self) -> int:
         return len(self.gallery_ids)
+
+    def usable(self) -> np.ndarray:
+        """(P,) the probe and a gallery item of its subject both have features."""
+        subjects = self.gallery_subjects if self.gallery_valid is None else self.gallery_subjects[self.gallery_valid]
+        return self.probe_valid & np.isin(self.probe_subjects, subjects)
 
 
 def match_fold(probe: LandmarkSet, gallery: LandmarkSet, *, align: str,
@@ -179,11 +198,12 @@ def match_fold(probe: LandmarkSet, gallery: LandmarkSet, *, align: str,
     return _ranked(align, probe, full_gallery, d)
 
 
-def _ranked(align: str, probe: LandmarkSet, full_gallery: LandmarkSet, distances: np.ndarray) -> FoldMatch:
-    ranks = ranking.true_match_ranks(distances, probe.subjects, full_gallery.subjects,
-                                     probe_valid=probe.detected)
-    return FoldMatch(align, probe.ids, probe.subjects, probe.detected.copy(), full_gallery.ids,
-                     full_gallery.subjects, distances, ranks)
+def _ranked(align: str, probe: LandmarkSet, full_gallery: LandmarkSet, distances: np.ndarray,
+            probe_valid: np.ndarray | None = None, **fields) -> FoldMatch:
+    valid = (probe.detected if probe_valid is None else probe_valid).copy()
+    ranks = ranking.true_match_ranks(distances, probe.subjects, full_gallery.subjects, probe_valid=valid)
+    return FoldMatch(align, probe.ids, probe.subjects, valid, full_gallery.ids,
+                     full_gallery.subjects, distances, ranks, **{"attack": f"landmarks-{align}", **fields})
 
 
 def distances_path(save_dir: Path, fold: int, align: str) -> Path:
@@ -222,6 +242,8 @@ class _Context:
     distractors: list[LandmarkSet] | None
     overwrite: bool
     progress: bool
+    recognizers: dict[str, embedding_attack.Recognizer] = field(default_factory=dict)
+    renders: embedding_attack.RenderFolders | None = None
 
 
 def _fold_distances(ctx: _Context, k: int, probe: LandmarkSet, gallery: LandmarkSet,
@@ -262,6 +284,7 @@ def _probe_rows(k: int, matches: dict[str, FoldMatch], gallery: LandmarkSet, ctx
                f"own_{gallery_variant}_landmarks": bool(ct_detected.get(pid, False)),
                "gallery_has_subject": has_ct}
         row.update({f"rank_{a}": int(fm.ranks[i]) for a, fm in matches.items()})
+        row.update({f"face_{a}": bool(fm.probe_valid[i]) for a, fm in matches.items() if fm.gallery_valid is not None})
         row["reason"] = reason
         rows.append(row)
     return rows
@@ -288,11 +311,22 @@ def score_fold(ctx: _Context, k: int, folder: Path) -> tuple[FoldOutcome, str]:
     full_gallery = concat_sets(gallery.subset(gallery.detected), extra)
     input_sha1 = input_fingerprint(probe, full_gallery)
     matches, recomputed = _fold_distances(ctx, k, probe, gallery, extra, full_gallery, input_sha1)
-    outcome = FoldOutcome(k, matches, _fold_info(k, matches, extra), _probe_rows(k, matches, gallery, ctx),
-                          recomputed)
+    ct_rate = float(np.mean(gallery.detected)) if len(gallery.ids) else float("nan")
+    matches = {a: replace(fm, probe_variant=ctx.probe_variant, own_gallery_detected=ct_rate)
+               for a, fm in matches.items()}
     shaping = {"probe": ctx.probe_variant, "gallery": ctx.options.gallery_variant,
                "aligns": list(ctx.options.aligns)}
-    return outcome, fingerprint(input_sha1, shaping)
+    parts = [input_sha1, shaping]
+    if ctx.recognizers:
+        embedded, embedding_sha1 = embedding_attack.attack_fold(
+            ctx.recognizers, ctx.renders, k, probe, gallery, full_gallery,
+            distances_path=lambda key: distances_path(ctx.save_dir, k, key))
+        matches.update({e.key: _ranked(e.key, probe, full_gallery, e.distances, **e.match_fields()) for e in embedded})
+        recomputed |= any(e.recomputed for e in embedded)
+        parts.append(embedding_sha1)
+    outcome = FoldOutcome(k, matches, _fold_info(k, matches, extra), _probe_rows(k, matches, gallery, ctx),
+                          recomputed)
+    return outcome, fingerprint(*parts)
 
 
 def _fold_row_values(outcome: FoldOutcome) -> dict:
@@ -316,7 +350,7 @@ def _run_fold(stage: StageRun, ctx: _Context, k: int, folder: Path) -> FoldOutco
         reason = describe_exception(exc)
         stage.record(ItemResult(item_id, "", STATUS_FAILED, reason, {"fold": k}))
         return {"fold": k, "reason": reason}
-    outputs = [distances_path(ctx.save_dir, k, a) for a in ctx.options.aligns]
+    outputs = [distances_path(ctx.save_dir, k, a) for a in outcome.matches]
     if not outcome.recomputed and stage.is_fresh(item_id, item_fingerprint, outputs):
         row = stage.skipped(item_id)
     else:
@@ -330,59 +364,55 @@ def _run_fold(stage: StageRun, ctx: _Context, k: int, folder: Path) -> FoldOutco
 
 def _topk_row(align: str, kk: int, fms: list[FoldMatch], fold_ids: list[int]) -> dict:
     accs = np.array([ranking.topk_accuracy(fm.ranks, (kk,))[kk] for fm in fms])
-    # upstream's denominator: probes with landmarks (their CT missing is still a miss)
+    # upstream's denominator: probes with features (their CT missing is still a miss)
     probe_det = [_subset_topk(fm.ranks, fm.probe_valid, kk) for fm in fms]
-    # both landmark sets present: how well the landmarks identify, detection aside
-    both = [_subset_topk(fm.ranks, fm.probe_valid & np.isin(fm.probe_subjects, fm.gallery_subjects), kk)
-            for fm in fms]
+    # probe and its CT both with features: how well the features identify, detection aside
+    both = [_subset_topk(fm.ranks, fm.usable(), kk) for fm in fms]
     chance = np.array([ranking.chance_topk(fm.gallery_size, kk) for fm in fms])
     # a fold without probes (all its placements failed) has no accuracy: left out
-    return {"align": align, "k": kk, "mean": _nanmean(accs), "std": _nanstd(accs),
-            **{f"fold{f}": float(a) for f, a in zip(fold_ids, accs)},
-            "gallery_size": float(np.mean([fm.gallery_size for fm in fms])),
-            "chance": float(np.mean(chance)),
+    return {"attack": fms[0].attack, "probe": fms[0].probe_variant, "align": align, "k": kk,
+            "mean": _nanmean(accs), "std": _nanstd(accs), **{f"fold{f}": float(a) for f, a in zip(fold_ids, accs)},
+            "gallery_size": float(np.mean([fm.gallery_size for fm in fms])), "chance": float(np.mean(chance)),
             "mean_probe_detected": _nanmean(probe_det), "std_probe_detected": _nanstd(probe_det),
-            "mean_both_detected": _nanmean(both),
-            "n_probes": int(sum(len(fm.probe_ids) for fm in fms)),
-            "n_miss_no_landmarks": int(sum(
-                int((~fm.probe_valid | ~np.isin(fm.probe_subjects, fm.gallery_subjects)).sum())
-                for fm in fms))}
+            "mean_both_detected": _nanmean(both), "n_probes": int(sum(len(fm.probe_ids) for fm in fms)),
+            "n_miss_no_landmarks": int(sum(int((~fm.usable()).sum()) for fm in fms)),
+            # the share of the fold's probes and own CTs with features (landmarks, a face)
+            "probe_detection_rate": _nanmean([np.mean(fm.probe_valid) if len(fm.probe_valid) else np.nan
+                                              for fm in fms]),
+            "gallery_detection_rate": _nanmean([fm.own_gallery_detected for fm in fms])}
 
 
-def topk_rows(outcomes: list[FoldOutcome], aligns: tuple[str, ...], ks: tuple[int, ...]) -> list[dict]:
-    """One row per (alignment, k): mean ± std over the scored folds, per fold, chance."""
+def topk_rows(outcomes: list[FoldOutcome], ks: tuple[int, ...]) -> list[dict]:
+    """One row per (attack, k): mean ± std over the scored folds, per fold, chance."""
     fold_ids = [o.fold for o in outcomes]
     if not outcomes:
         return []
-    return [_topk_row(align, kk, [o.matches[align] for o in outcomes], fold_ids)
-            for align in aligns for kk in ks]
+    return [_topk_row(key, kk, [o.matches[key] for o in outcomes], fold_ids)
+            for key in outcomes[0].matches for kk in ks]
 
 
-def cmc_curves(outcomes: list[FoldOutcome], aligns: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Mean CMC over folds per alignment, up to the smallest gallery (at most 50), and
+def cmc_curves(outcomes: list[FoldOutcome]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Mean CMC over folds per attack, up to the smallest gallery (at most 50), and
     the matching chance curve."""
     if not outcomes:
         return {}, np.zeros(0)
     max_rank = max(1, min(50, min(o.info["gallery_size"] for o in outcomes) or 1))
     curves = {a: np.mean([ranking.cmc_curve(o.matches[a].ranks, max_rank) for o in outcomes], axis=0)
-              for a in aligns}
+              for a in outcomes[0].matches}
     chance = np.array([np.mean([ranking.chance_topk(o.info["gallery_size"], r) for o in outcomes])
                        for r in range(1, max_rank + 1)])
     return curves, chance
 
 
 def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, title: str) -> None:
-    """CMC curves (mean over folds) of every alignment, with the chance line."""
+    """CMC curves (mean over folds) of every attack, with the chance line."""
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = new_axes(figsize=(6, 4.2), dpi=120)
-    for align, curve in curves.items():
-        ranks = np.arange(1, len(curve) + 1)
-        ax.plot(ranks, 100 * curve, marker="o", ms=3, label=align)
+    for label, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), 100 * curve, marker="o", ms=3, label=label)
     ax.plot(np.arange(1, len(chance) + 1), 100 * chance, ls="--", color="grey", label="chance")
-    ax.set_xlabel("rank k")
-    ax.set_ylabel("top-k accuracy (%)")
-    ax.set_ylim(0, 102)
+    ax.set(xlabel="rank k", ylabel="top-k accuracy (%)", ylim=(0, 102))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -393,7 +423,7 @@ def plot_cmc(curves: dict[str, np.ndarray], chance: np.ndarray, path: Path, *, t
 def _summary_record(ctx: _Context, outcomes: list[FoldOutcome], rows: list[dict],
                     curves: dict[str, np.ndarray], failed: list[dict]) -> dict:
     opts = ctx.options
-    topk = {a: {str(r["k"]): r for r in rows if r["align"] == a} for a in opts.aligns}
+    topk = {a: {str(r["k"]): r for r in rows if r["align"] == a} for a in dict.fromkeys(r["align"] for r in rows)}
     return {"probe_variant": ctx.probe_variant, "gallery_variant": opts.gallery_variant,
             "aligns": list(opts.aligns), "ks": list(opts.ks), "folds": [o.info for o in outcomes],
             "failed_folds": failed,
@@ -404,19 +434,20 @@ def _summary_record(ctx: _Context, outcomes: list[FoldOutcome], rows: list[dict]
             "identity": "subject (another study of the same patient counts as a correct match)",
             "distance": "Frobenius norm of the (n_points, 3) landmark difference",
             "reference_frame": "generalised Procrustes mean of each fold's gallery (rigid/similarity)",
-            "topk": topk, "cmc_mean": {a: c.tolist() for a, c in curves.items()}}
+            "topk": topk, "cmc_mean": {a: c.tolist() for a, c in curves.items()},
+            "embedding": embedding_attack.describe(ctx.recognizers, ctx.renders) if ctx.recognizers else None}
 
 
 def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]) -> list[dict]:
     """topk.csv, ranks.csv, cmc.png and summary.json of the scored folds; the top-k rows."""
     opts, save_dir = ctx.options, ctx.save_dir
-    rows = topk_rows(outcomes, opts.aligns, opts.ks)
-    columns = (["align", "k", "mean", "std"] + [f"fold{o.fold}" for o in outcomes]
+    rows = topk_rows(outcomes, opts.ks)
+    columns = (["attack", "probe", "align", "k", "mean", "std"] + [f"fold{o.fold}" for o in outcomes]
                + ["gallery_size", "chance", "mean_probe_detected", "std_probe_detected", "mean_both_detected",
-                  "n_probes", "n_miss_no_landmarks"])
+                  "n_probes", "n_miss_no_landmarks", "probe_detection_rate", "gallery_detection_rate"])
     write_csv(save_dir / "topk.csv", rows, columns)
     write_csv(save_dir / RANKS_FILE, [r for o in outcomes for r in o.probe_rows])
-    curves, chance = cmc_curves(outcomes, opts.aligns)
+    curves, chance = cmc_curves(outcomes)
     if curves:
         gsize = np.mean([o.info["gallery_size"] for o in outcomes])
         plot_cmc(curves, chance, save_dir / "cmc.png",
@@ -427,13 +458,15 @@ def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]
 
 
 def format_topk_table(rows: list[dict], probe_variant: str, gallery_variant: str) -> str:
-    """The upstream-style table: one line per (alignment, k), mean ± std over folds, gallery, chance."""
+    """The upstream-style table: one line per (attack, k), mean ± std over folds, gallery, chance
+    (embedding rows are labelled embedding-<name>_<probe variant>)."""
+    w = max([11] + [len(str(r["align"])) + 2 for r in rows])
     lines = [f"top-k identification, {probe_variant} probes vs {gallery_variant} gallery (mean ± std over folds, %)",
-             "  all: every test image is a probe (no landmarks = miss); probe lm: only probes with landmarks "
-             "(upstream's denominator); both lm: probe and its CT have landmarks",
-             f"{'align':<11}{'k':>4}{'all':>15}{'probe lm':>15}{'both lm':>9}{'gallery':>9}{'chance':>8}"]
+             ("  all: every test image is a probe (no landmarks = miss); probe lm: only probes with landmarks "
+              "(upstream's denominator); both lm: probe and its CT have landmarks (for a recognizer: a face)"),
+             f"{'align':<{w}}{'k':>4}{'all':>15}{'probe lm':>15}{'both lm':>9}{'gallery':>9}{'chance':>8}"]
     for r in rows:
-        lines.append(f"{r['align']:<11}{r['k']:>4}{100 * r['mean']:>9.1f} ± {100 * r['std']:<4.1f}"
+        lines.append(f"{r['align']:<{w}}{r['k']:>4}{100 * r['mean']:>9.1f} ± {100 * r['std']:<4.1f}"
                      f"{100 * r['mean_probe_detected']:>9.1f} ± {100 * r['std_probe_detected']:<4.1f}"
                      f"{100 * r['mean_both_detected']:>9.1f}{r['gallery_size']:>9.1f}{100 * r['chance']:>8.1f}")
     return "\n".join(lines)
@@ -441,6 +474,7 @@ def format_topk_table(rows: list[dict], probe_variant: str, gallery_variant: str
 
 def _summary_text(ctx: _Context, rows: list[dict], n_folds: int, failed: list[dict]) -> str:
     lines = [format_topk_table(rows, ctx.probe_variant, ctx.options.gallery_variant)] if rows else []
+    lines += embedding_attack.detection_lines(rows)
     lines.append(f"landmark matching: {n_folds - len(failed)} of {n_folds} folds scored; "
                  f"results in {ctx.save_dir}")
     lines += [f"  failed fold {f['fold']}: {f['reason']}" for f in failed]
@@ -451,14 +485,13 @@ def _subset_topk(ranks: np.ndarray, mask: np.ndarray, k: int) -> float:
     return ranking.topk_accuracy(ranks[mask], (k,))[k] if mask.any() else float("nan")
 
 
-def _nanmean(values) -> float:
+def _nanmean(values, stat=np.nanmean) -> float:
     values = np.asarray(values, dtype=np.float64)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return float(stat(values)) if np.isfinite(values).any() else float("nan")
 
 
 def _nanstd(values) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.nanstd(values)) if np.isfinite(values).any() else float("nan")
+    return _nanmean(values, np.nanstd)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -466,23 +499,30 @@ def _nanstd(values) -> float:
 
 def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path,
                           options: MatchingOptions | None = None, *,
-                          run: RunSettings | None = None) -> StageResult:
-    """The matching stage: read LM/fold{k}/landmarks_*.npz, write distances, top-k, CMC.
+                          run: RunSettings | None = None,
+                          make_embedder: Callable[[str], object] | None = None) -> StageResult:
+    """The matching stage: read LM/fold{k}/landmarks_*.npz, write distances, top-k, CMC
+    (and the embedding attack's, see :func:`embedding_attack.prepare` for ``make_embedder``).
 
     Exit code 0, or 1 when a fold could not be scored (missing, unreadable or
-    wrong-shaped landmark files): that fold is a failed manifest row with the reason
-    and is left out of the means; the other folds are scored and written. A missing
-    landmarks folder or unreadable distractors raise InputError (exit 2).
+    wrong-shaped landmark files or renders): that fold is a failed manifest row with the
+    reason and is left out of the means; the other folds are scored and written. A missing
+    landmarks folder or unreadable distractors raise InputError (exit 2), and so do the
+    embedding attack's missing inputs or models, before any work.
     """
     options = options or MatchingOptions()
     run = run or RunSettings()
     folds = fold_folders(Path(landmarks_dir), options.n_folds)
     distractor_sets = (read_distractors(options.distractors, variant=options.gallery_variant)
                        if options.distractors else None)
+    renders, embedders = embedding_attack.prepare(options.embedders, options.renders_dir, options.denoised_dir,
+                                                  distractor_sets, make_embedder)
     with StageRun("landmark_matching", save_dir, run, options=options) as stage:
+        recognizers = embedding_attack.open_recognizers(embedders, stage.save_dir, overwrite=run.overwrite)
         ctx = _Context(stage.save_dir, options, options.probe_variant or default_probe_variant(folds),
-                       distractor_sets, run.overwrite, run.progress)
-        stage.extra.update(probe_variant=ctx.probe_variant, landmarks_dir=str(landmarks_dir))
+                       distractor_sets, run.overwrite, run.progress, recognizers, renders)
+        stage.extra.update(probe_variant=ctx.probe_variant, landmarks_dir=str(landmarks_dir),
+                           embedders={n: r.description for n, r in recognizers.items()})
         results = [_run_fold(stage, ctx, k, folder) for k, folder in folds]
         outcomes = [r for r in results if isinstance(r, FoldOutcome)]
         failed = [r for r in results if not isinstance(r, FoldOutcome)]
