@@ -3,6 +3,7 @@
 
 Example:
     python run_face_recognition.py --masks_dir DM --save_dir FR
+    python run_face_recognition.py --masks_dir DM --save_dir FR --backend dlib,mobilefacenet
     python run_face_recognition.py --masks_dir DM --save_dir FR_arc --backend arcface-onnx \\
         --model_dir ~/models/w600k_r50.onnx --cross_masks_dir DM_meanshape
 """
@@ -32,11 +33,16 @@ def main(argv=None) -> int:
                         help="output folder of run_digital_mask.py (manifest.csv + PNGs)")
     parser.add_argument("--save_dir", required=True, help="output folder (created 0700)")
     parser.add_argument("--backend", default=defaults.backend,
-                        help=f"embedding model, one of {', '.join(BACKENDS)} "
-                             "(default: dlib, bundled, offline)")
+                        help=f"embedding model, one of {', '.join(BACKENDS)}, or several "
+                             "separated by commas (dlib,mobilefacenet): each attacks every "
+                             "scenario and the table shows them side by side (default: dlib, "
+                             "bundled, offline; mobilefacenet and mobileface need `make models`)")
     parser.add_argument("--model_dir", "--model-dir", default=None,
                         help="insightface: a buffalo_l-style folder (det_10g.onnx, "
-                             "w600k_r50.onnx); arcface-onnx: an ArcFace .onnx or its folder")
+                             "w600k_r50.onnx); arcface-onnx: an ArcFace .onnx or its folder; "
+                             "mobilefacenet/mobileface (without insightface or arcface-onnx in "
+                             "--backend): the model cache folder instead of $FACEAUDIT_MODELS "
+                             "or ~/.cache/faceaudit/models")
     parser.add_argument("--cross_masks_dir", default=None,
                         help="a second mask run (another mask backend) used as the database of "
                              "the cross-mask scenarios")

@@ -528,3 +528,161 @@ def test_open_set_columns_roc_csv_and_the_too_few_pairs_note(mask_run, tmp_path)
     # no face in any mask: the curve never leaves (0, 0)
     assert [(r["far"], r["tar"]) for r in roc if r["scenario"] == "MaskOnly2Face"] == [("0", "0")]
     assert (save / "roc.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- several recognizers (issue 14.3)
+
+
+class _TableEmbedder:
+    """A fake recognizer: a fixed vector per image content, or no face. ``faces`` maps the
+    SHA-256 of an image's pixels to its vector (None: no face); other images get ``other``."""
+
+    def __init__(self, name, faces, other, dim=8):
+        self.name, self.faces, self.other, self.dim = name, faces, other, dim
+
+    def describe(self):
+        return {"backend": self.name, "fake": True, "input_mean": 0.0, "input_std": 1.0}
+
+    def embed(self, rgb):
+        import hashlib
+
+        from faceaudit.faces.embedding import EmbeddingResult
+
+        vec = self.faces.get(hashlib.sha256(np.ascontiguousarray(rgb).tobytes()).hexdigest(),
+                             self.other)
+        if vec is None:
+            return EmbeddingResult(None, float("nan"), "no face (fake)", "")
+        return EmbeddingResult(np.asarray(vec, np.float32), 0.9, "", "fake")
+
+
+def _two_fakes(dm):
+    """'dlib' finds faces on photos only (one-hot of the identity; masks: no face);
+    'mobilefacenet' also on overlays (one-hot) and gives every mask one constant vector."""
+    import hashlib
+
+    from faceaudit.core.images import read_rgb
+
+    rows = read_mask_run(dm).rows
+    subjects = sorted({r["subject"] for r in rows})
+    photo, overlay = {}, {}
+    for row in rows:
+        onehot = np.eye(len(subjects))[subjects.index(row["subject"])]
+        for variant, table in (("prep", photo), ("overlay", overlay)):
+            rgb = read_rgb(dm / row[variant])
+            table[hashlib.sha256(rgb.tobytes()).hexdigest()] = onehot
+    return {"dlib": _TableEmbedder("dlib", photo, None),
+            "mobilefacenet": _TableEmbedder("mobilefacenet", {**photo, **overlay},
+                                            np.ones(len(subjects)))}
+
+
+def _rows_by_backend(save_dir):
+    with open(save_dir / "results.csv", newline="") as fh:
+        return {(row["backend"], row["scenario"]): row for row in csv.DictReader(fh)}
+
+
+def test_two_recognizers_give_a_row_per_recognizer_and_scenario(mask_run, tmp_path):
+    from faceaudit.core.runner import RunSettings
+    from faceaudit.mask.recognition import RecognitionOptions
+    from faceaudit.mask.recognition import run_face_recognition as run_fr
+
+    save = tmp_path / "FR"
+    options = RecognitionOptions(backend="dlib, mobilefacenet", n_boot=100,
+                                 scenarios=("Face2Face", "Overlay2Face", "MaskOnly2Face"))
+    assert options.backends == ("dlib", "mobilefacenet") and options.backend == "dlib,mobilefacenet"
+    fakes = _two_fakes(mask_run)
+    result = run_fr(mask_run, save, options, run=RunSettings(progress=False), embedder=fakes)
+    assert result.exit_code == 0
+    rows = _rows_by_backend(save)
+    assert len(rows) == 6  # 2 recognizers x 3 scenarios
+    expect = {("dlib", "Face2Face"): (1.0, 0), ("dlib", "Overlay2Face"): (0.0, 8),
+              ("dlib", "MaskOnly2Face"): (0.0, 8),
+              ("mobilefacenet", "Face2Face"): (1.0, 0), ("mobilefacenet", "Overlay2Face"): (1.0, 0),
+              # one vector for every mask: all 8 database photos tie, ties count against
+              ("mobilefacenet", "MaskOnly2Face"): (0.0, 0)}
+    for key, (rank1, no_face) in expect.items():
+        assert float(rows[key]["rank1"]) == rank1, key
+        assert int(rows[key]["n_no_face"]) == no_face, key
+        assert int(rows[key]["n_queries"]) == 8 and int(rows[key]["gallery_size"]) == 8
+    assert float(rows["mobilefacenet", "MaskOnly2Face"]["mean_rank"]) == 8.0
+    # each recognizer's files in its own folder, today's names inside
+    for backend in ("dlib", "mobilefacenet"):
+        dist = np.load(save / backend / "distances" / "Overlay2Face.npz")
+        assert dist["distances"].shape == (8, 8)
+        assert (save / backend / "roc.csv").is_file() and (save / backend / "cmc.png").is_file()
+    assert np.isnan(np.load(save / "dlib" / "distances" / "Overlay2Face.npz")["distances"]).all()
+    assert not (save / "distances").exists() and not (save / "roc.csv").exists()
+    # results.json and run.json name each recognizer with its description (mean/std)
+    record = json.loads((save / "results.json").read_text())
+    assert [b["name"] for b in record["backends"]] == ["dlib", "mobilefacenet"]
+    assert record["backends"][1]["embedder"]["input_std"] == 1.0
+    assert record["backends"][1]["outputs"] == "mobilefacenet"
+    assert {(s["backend"], s["scenario"]) for s in record["scenarios"]} == set(expect)
+    run = json.loads((save / "run.json").read_text())
+    assert [b["name"] for b in run["backends"]] == ["dlib", "mobilefacenet"]
+    assert run["backends"][0]["detection"]["overlay"]["n_found"] == 0
+    assert run["backends"][1]["detection"]["overlay"]["n_found"] == 8  # overlays: queries only
+    # one manifest row per image and recognizer, ids kept apart by the recognizer's name
+    manifest = _manifest(save)
+    assert len(manifest) == 2 * (16 + 8 + 8)  # photos both roles, overlay and mask queries
+    assert manifest["dlib/overlay/query/s3/2"]["face_found"] == "0"
+    assert manifest["mobilefacenet/overlay/query/s3/2"]["face_found"] == "1"
+    # the summary: each scenario once, one column group per recognizer
+    lines = result.summary.splitlines()
+    assert "dlib" in lines[1] and "mobilefacenet" in lines[1]
+    face = next(line for line in lines if line.startswith("Overlay2Face "))
+    assert face.count("|") == 2 and face.index("0.0% [0.0%, 32.4%]") < face.index("100.0% [67.6%, 100.0%]")
+    assert "faces found (mobilefacenet): prep 16/16, overlay 8/8" in result.summary
+    # a re-run takes every embedding of both from the cache
+    again = run_fr(mask_run, save, options, run=RunSettings(progress=False), embedder=fakes)
+    assert again.counts == {"ok": 0, "failed": 0, "skipped": 64}
+    assert _rows_by_backend(save) == rows
+
+
+def test_a_fake_embedder_does_not_outlive_its_run(mask_run, tmp_path):
+    from faceaudit.mask.embedding_cache import _EMBEDDERS
+    from faceaudit.mask.recognition import RecognitionOptions
+    from faceaudit.mask.recognition import run_face_recognition as run_fr
+
+    before = dict(_EMBEDDERS)
+    run_fr(mask_run, tmp_path / "FR", RecognitionOptions(backend="mobilefacenet", n_boot=100,
+                                                         scenarios=("Face2Face",)),
+           embedder=_two_fakes(mask_run))
+    assert _EMBEDDERS == before
+
+
+@pytest.mark.parametrize("value, message", [
+    ("dlib,dlib", "expected --backend to name each recognizer once, found 'dlib' more than once"),
+    ("dlib,facenet", "expected --backend to be one of .* found 'facenet' in 'dlib,facenet'"),
+    ("dlib,", "found ''"),
+])
+def test_a_bad_backend_list_exits_2_before_any_work(mask_run, tmp_path, capsys, value, message):
+    import re
+
+    save = tmp_path / "FR"
+    code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir", str(save),
+                                      "--backend", value, "--quiet"])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not save.exists()
+
+
+def test_a_missing_converted_model_exits_2_naming_make_models(mask_run, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setenv("FACEAUDIT_MODELS", str(tmp_path / "empty_cache"))
+    save = tmp_path / "FR"
+    code = run_face_recognition.main(["--masks_dir", str(mask_run), "--save_dir", str(save),
+                                      "--backend", "dlib,mobilefacenet", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mobilefacenet.onnx" in err and "make models" in err and "empty_cache" in err
+    assert not save.exists()  # nothing embedded, nothing written
+
+
+def test_model_dir_goes_to_the_backends_that_read_it():
+    from faceaudit.mask.recognition import RecognitionOptions
+
+    opts = RecognitionOptions(backend="dlib,mobilefacenet", model_dir="/cache")
+    assert opts.model_dir_for("dlib") is None and opts.model_dir_for("mobilefacenet") == "/cache"
+    opts = RecognitionOptions(backend="arcface-onnx,mobilefacenet", model_dir="/w600k_r50.onnx")
+    assert opts.model_dir_for("arcface-onnx") == "/w600k_r50.onnx"
+    assert opts.model_dir_for("mobilefacenet") is None  # the model cache, not the ArcFace file

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faceaudit.core.files import InputError
+from faceaudit.core.files import InputError, file_digest
 from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult
 from faceaudit.core.runner import (
     OptionsError,
@@ -44,7 +46,7 @@ from faceaudit.core.runner import (
     StageRun,
     fingerprint,
 )
-from faceaudit.faces.embedding import BACKENDS
+from faceaudit.faces.embedding import BACKENDS, TFJS_BACKENDS
 from faceaudit.mask.embedding_cache import (
     _EMBEDDERS,
     EmbedConfig,
@@ -58,7 +60,11 @@ from faceaudit.mask.evaluation import (
     detection_rates,
     evaluate_scenario,
 )
-from faceaudit.mask.recognition_output import format_table, write_results
+from faceaudit.mask.recognition_output import (
+    format_side_by_side,
+    format_table,
+    write_results,
+)
 from faceaudit.mask.scenarios import (
     SCENARIOS,
     ImageRef,
@@ -72,6 +78,31 @@ from faceaudit.mask.scenarios import (
 STAGE = "face_recognition"
 #: Fewer resamples cannot place a 2.5 % tail: with 40, each tail holds one resample.
 MIN_BOOT = 40
+#: Backends that read --model_dir as their model (the converted ones read it as the cache).
+MODEL_DIR_BACKENDS = ("insightface", "arcface-onnx")
+
+
+def parse_backends(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"dlib,mobilefacenet"`` (or a sequence of names) -> ``("dlib", "mobilefacenet")``.
+
+    Raises OptionsError for an unknown or empty name and for a name given twice (each
+    recognizer's outputs are kept apart by its name).
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not items or not all(isinstance(n, str) for n in items):
+        raise OptionsError(f"expected --backend to be one of {list(BACKENDS)} or a comma-separated "
+                           f"list of them, found {value!r}")
+    names = tuple(n.strip() for n in items)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise OptionsError(f"expected --backend to be one of {list(BACKENDS)} or a comma-separated "
+                           f"list of them, found {', '.join(repr(n) for n in unknown)}"
+                           + (f" in {value!r}" if len(names) > 1 else ""))
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise OptionsError(f"expected --backend to name each recognizer once, found "
+                           f"{', '.join(repr(n) for n in twice)} more than once in {value!r}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -79,7 +110,7 @@ class RecognitionOptions:
     """What shapes the stage's numbers. Validated on creation: a value no run could use
     raises OptionsError (exit 2) before any image is embedded."""
 
-    backend: str = "dlib"                       # a name of faceaudit.faces.embedding.BACKENDS
+    backend: str = "dlib"                       # BACKENDS names, comma-separated: "dlib,mobilefacenet"
     model_dir: str | None = None                # insightface / arcface-onnx: the model files
     scenarios: tuple[str, ...] | None = None    # None: all within-mask (+ cross-mask) ones
     upstream_black_bug: bool = False            # upstream: every channel value 255 -> 0
@@ -88,9 +119,7 @@ class RecognitionOptions:
     n_boot: int = 2000                          # bootstrap resamples (mean rank interval)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
-            raise OptionsError(f"expected --backend to be one of {list(BACKENDS)}, "
-                               f"found {self.backend!r}")
+        object.__setattr__(self, "backend", ",".join(parse_backends(self.backend)))
         if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) \
                 or self.n_boot < MIN_BOOT:
             raise OptionsError(f"expected --n_boot to be a whole number >= {MIN_BOOT} (bootstrap "
@@ -111,11 +140,21 @@ class RecognitionOptions:
 
     @property
     def backends(self) -> tuple[str, ...]:
-        """The recognizers to run, in order (one today; a list is the plan of issue 14.3)."""
-        return (self.backend,)
+        """The recognizers to run, in the order given."""
+        return tuple(self.backend.split(","))
+
+    def model_dir_for(self, backend: str) -> str | None:
+        """--model_dir is the model of insightface / arcface-onnx; mobilefacenet and mobileface
+        read it as their model cache folder only when neither of those is in the list (else
+        the cache: $FACEAUDIT_MODELS or ~/.cache/faceaudit/models); dlib never reads it."""
+        if backend in MODEL_DIR_BACKENDS:
+            return self.model_dir
+        if backend in TFJS_BACKENDS and not set(self.backends) & set(MODEL_DIR_BACKENDS):
+            return self.model_dir
+        return None
 
     def embed_config(self, backend: str) -> EmbedConfig:
-        return EmbedConfig(backend, self.model_dir, self.rgb_to_insightface,
+        return EmbedConfig(backend, self.model_dir_for(backend), self.rgb_to_insightface,
                            self.upstream_black_bug)
 
 
@@ -140,6 +179,8 @@ class BackendRun:
     embed_info: dict[str, Any]
     results: list[ScenarioResult]
     detection: dict[str, dict[str, Any]]
+    #: SHA-256 of each model file the embedder reads ({} when it names none)
+    model_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def plan_attack(masks_dir, cross_masks_dir, options: RecognitionOptions) -> Plan:
@@ -175,7 +216,31 @@ def attack_with(backend: str, plan: Plan, options: RecognitionOptions, *, save_d
                                  seed=run.seed) for sc, q, g, p in plan.sides]
     compare_to_reference(results)
     return BackendRun(backend, config, records, embed_info, results,
-                      detection_rates(plan.refs.values(), records))
+                      detection_rates(plan.refs.values(), records),
+                      model_digests(_embedder_for(config)))
+
+
+def model_digests(embedder: Any) -> dict[str, str]:
+    """{file name: SHA-256} of the model files an embedder reads (``model_files`` and/or
+    ``model_path``), so run.json pins the exact weights behind each recognizer's numbers."""
+    paths = [Path(p) for p in getattr(embedder, "model_files", None) or []]
+    if getattr(embedder, "model_path", None):
+        paths.append(Path(embedder.model_path))
+    return {p.name: file_digest(p) for p in paths if p.is_file()}
+
+
+@contextmanager
+def _injected(embedders: Mapping[EmbedConfig, Any]) -> Iterator[None]:
+    """Use the given embedder objects for these configs during the run only (tests), so a
+    fake never outlives the call in the process-wide registry."""
+    saved = {c: _EMBEDDERS[c] for c in embedders if c in _EMBEDDERS}
+    _EMBEDDERS.update(embedders)
+    try:
+        yield
+    finally:
+        for config in embedders:
+            _EMBEDDERS.pop(config, None)
+        _EMBEDDERS.update(saved)
 
 
 def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLike,
@@ -183,47 +248,59 @@ def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLi
                          run: RunSettings | None = None,
                          cross_masks_dir: str | os.PathLike | None = None,
                          embedder: Any = None) -> StageResult:
-    """The stage: embed the mask run's images, rank every scenario, write FR/.
+    """The stage: embed the mask run's images with each recognizer, rank every scenario, write FR/.
 
     Parameters
     ----------
     masks_dir : a run_digital_mask.py output folder (manifest.csv + 224x224 PNGs).
     save_dir : output folder (created 0700, locked while the stage runs).
-    options : what shapes the numbers (backend, scenarios, n_boot ...).
+    options : what shapes the numbers (backends, scenarios, n_boot ...).
     run : jobs, overwrite, seed (of the bootstrap), progress.
     cross_masks_dir : a second mask run, the database of the cross-mask scenarios.
-    embedder : an embedder object to use instead of building one (tests).
+    embedder : an embedder object to use instead of building one, for every backend, or a
+        mapping {backend name: embedder} (tests).
 
-    Writes results.csv/json, cmc.png, distances/<scenario>.npz, embeddings/<backend>.npz
-    (the content-keyed cache), manifest.csv (one row per image) and run.json. The
-    StageResult's summary is the results table; its exit code is 1 when an image could
-    not be read. A missing or unusable model raises InputError before anything is written.
+    Writes results.csv/json (one row per recognizer x scenario, ``backend`` column),
+    embeddings/<backend>.npz (the content-keyed cache), manifest.csv (one row per image, per
+    recognizer) and run.json; per recognizer distances/<scenario>.npz, cmc.png, roc.csv and
+    roc.png: in save_dir with one recognizer, in save_dir/<backend>/ with several. The
+    StageResult's summary is the results table (one column group per recognizer); its exit
+    code is 1 when an image could not be read. A missing or unusable model raises
+    InputError before anything is written.
     """
     options = options or RecognitionOptions()
     run = run or RunSettings()
     plan = plan_attack(masks_dir, cross_masks_dir, options)
-    for backend in options.backends:      # a missing model stops here, before any output
-        config = options.embed_config(backend)
-        if embedder is not None:
-            _EMBEDDERS[config] = embedder
-        _embedder_for(config)
-    with StageRun(STAGE, save_dir, run, options=options) as stage:
-        attacks = [attack_with(b, plan, options, save_dir=stage.save_dir, run=run)
-                   for b in options.backends]
-        for attack in attacks:
-            _record_rows(stage, plan, attack)
-        attack = attacks[0]
-        write_results(stage.save_dir, attack.results, backend=attack.backend,
-                      detection=attack.detection)
-        stage.extra.update(_run_facts(plan, attack, options))
-        return stage.finish(keep_ids=list(plan.refs), summary=_summary(plan, attack, n_boot=options.n_boot),
-                            details={"results": {r.name: r.metrics for r in attack.results}})
+    given = {}
+    if embedder is not None:
+        given = {options.embed_config(b): (embedder[b] if isinstance(embedder, Mapping) else embedder)
+                 for b in options.backends
+                 if not isinstance(embedder, Mapping) or b in embedder}
+    with _injected(given):
+        for backend in options.backends:      # a missing model stops here, before any output
+            _embedder_for(options.embed_config(backend))
+        with StageRun(STAGE, save_dir, run, options=options) as stage:
+            attacks = [attack_with(b, plan, options, save_dir=stage.save_dir, run=run)
+                       for b in options.backends]
+            several = len(attacks) > 1
+            keep = []
+            for attack in attacks:
+                keep += _record_rows(stage, plan, attack, prefix=f"{attack.backend}/" if several else "")
+            write_results(stage.save_dir, attacks,
+                          [backend_record(a, several=several) for a in attacks])
+            stage.extra.update(_run_facts(plan, attacks, options))
+            return stage.finish(keep_ids=keep, summary=_summary(plan, attacks, n_boot=options.n_boot),
+                                details={"results": {a.backend: {r.name: r.metrics for r in a.results}
+                                                     for a in attacks} if several else
+                                         {r.name: r.metrics for r in attacks[0].results}})
 
 
-def _record_rows(stage: StageRun, plan: Plan, attack: BackendRun) -> None:
-    """One manifest row per image: ok (embedded now), skipped (embedding reused from the
-    cache: same image bytes, same embedder) or failed (unreadable)."""
+def _record_rows(stage: StageRun, plan: Plan, attack: BackendRun, *, prefix: str = "") -> list[str]:
+    """One manifest row per image (and recognizer: ids ``<backend>/...`` when there are
+    several): ok (embedded now), skipped (embedding reused from the cache: same image bytes,
+    same embedder) or failed (unreadable). Returns the row ids."""
     model = json.dumps(attack.embed_info["embedder"], sort_keys=True)
+    ids = []
     for ref_id, ref in sorted(plan.refs.items()):
         rec = attack.records[ref_id]
         status, reason = rec.status, rec.reason
@@ -237,15 +314,24 @@ def _record_rows(stage: StageRun, plan: Plan, attack: BackendRun) -> None:
                   "detector": rec.detector, "backend": attack.backend}
         item_fp = (fingerprint(rec.sha256, model, attack.config.upstream_black_bug)
                    if status != STATUS_FAILED else None)
-        stage.record(ItemResult(ref_id, ref.subject, status, reason, values=values), item_fp)
+        stage.record(ItemResult(prefix + ref_id, ref.subject, status, reason, values=values), item_fp)
+        ids.append(prefix + ref_id)
+    return ids
 
 
-def _summary(plan: Plan, attack: BackendRun, *, n_boot: int) -> str:
-    lines = [format_table(attack.results, backend=attack.backend, masks=plan.masks,
-                          n_boot=n_boot),
-             "faces found: " + ", ".join(f"{key} {d['n_found']}/{d['n_images']}"
-                                        for key, d in attack.detection.items())]
-    failed = [(i, r) for i, r in sorted(attack.records.items()) if r.status == STATUS_FAILED]
+def _summary(plan: Plan, attacks: Sequence[BackendRun], *, n_boot: int) -> str:
+    if len(attacks) == 1:
+        attack = attacks[0]
+        lines = [format_table(attack.results, backend=attack.backend, masks=plan.masks,
+                              n_boot=n_boot),
+                 "faces found: " + _found(attack)]
+    else:
+        lines = [format_side_by_side({a.backend: a.results for a in attacks}, masks=plan.masks,
+                                     n_boot=n_boot)]
+        lines += [f"faces found ({a.backend}): " + _found(a) for a in attacks]
+    failed = [(i, r) for a in attacks for i, r in sorted(a.records.items())
+              if r.status == STATUS_FAILED]
+    failed = list({i: (i, r) for i, r in failed}.values())   # an unreadable file fails for all
     if failed:
         lines.append(f"{len(failed)} image(s) could not be read (misses; see manifest.csv):")
         lines += [f"  {i}: {r.reason}" for i, r in failed[:10]]
@@ -254,31 +340,52 @@ def _summary(plan: Plan, attack: BackendRun, *, n_boot: int) -> str:
     return "\n".join(lines)
 
 
-def _run_facts(plan: Plan, attack: BackendRun, options: RecognitionOptions) -> dict[str, Any]:
+def _found(attack: BackendRun) -> str:
+    return ", ".join(f"{key} {d['n_found']}/{d['n_images']}" for key, d in attack.detection.items())
+
+
+def _run_facts(plan: Plan, attacks: Sequence[BackendRun], options: RecognitionOptions
+               ) -> dict[str, Any]:
+    """run.json: the inputs, and per recognizer its embedder (normalisation, model SHA-256),
+    cache use and detection rates."""
     masks, cross = plan.masks, plan.cross
-    return {"masks_dir": str(masks.folder), "mask_backend": masks.backend,
-            "protocol": masks.protocol, "cross_masks_dir": str(cross.folder) if cross else None,
-            "cross_mask_backend": cross.backend if cross else None,
-            "cross_database_same_photos": same_database_photos(masks, cross) if cross else None,
-            "n_mask_rows_not_ok": masks.n_not_ok, "embedding": attack.embed_info,
-            "detection": attack.detection,
-            "scenarios": [{"name": s.name, "query": s.query, "database": s.database,
-                           "cross": s.cross} for s in plan.scenarios],
-            "deviations_from_upstream": _deviations(attack.config, options.upstream_scenario_bug)}
+    facts = {"masks_dir": str(masks.folder), "mask_backend": masks.backend,
+             "protocol": masks.protocol, "cross_masks_dir": str(cross.folder) if cross else None,
+             "cross_mask_backend": cross.backend if cross else None,
+             "cross_database_same_photos": same_database_photos(masks, cross) if cross else None,
+             "n_mask_rows_not_ok": masks.n_not_ok,
+             "backends": [backend_record(a, several=len(attacks) > 1) for a in attacks],
+             "scenarios": [{"name": s.name, "query": s.query, "database": s.database,
+                            "cross": s.cross} for s in plan.scenarios],
+             "deviations_from_upstream": _deviations(attacks, options.upstream_scenario_bug)}
+    if len(attacks) == 1:    # one recognizer: the keys of the one-backend layout
+        facts.update(embedding=attacks[0].embed_info, detection=attacks[0].detection)
+    return facts
 
 
-def _deviations(config: EmbedConfig, upstream_scenario_bug: bool) -> list[str]:
+def backend_record(attack: BackendRun, *, several: bool) -> dict[str, Any]:
+    """What results.json and run.json say of one recognizer."""
+    return {"name": attack.backend, "embedder": attack.embed_info["embedder"],
+            "model_sha256": attack.model_sha256, "model_dir": attack.config.model_dir,
+            "outputs": attack.backend if several else ".",
+            "embedding": {k: v for k, v in attack.embed_info.items() if k != "embedder"},
+            "detection": attack.detection}
+
+
+def _deviations(attacks: Sequence[BackendRun], upstream_scenario_bug: bool) -> list[str]:
+    config = attacks[0].config
     notes = ["no-face images are misses, not dropped",
              "highest-scoring face, not faces[0]"]
     notes.append("MaskOnlyBlack2Face database = mask_only_black (upstream bug reproduced)"
                  if upstream_scenario_bug else "MaskOnlyBlack2Face database = prep (fixed)")
     notes.append("255->0 per channel on every image (upstream bug reproduced)"
                  if config.upstream_black_bug else "no 255->0 rewrite (mask stage writes black masks)")
-    if config.backend != "dlib":
-        notes.append("RGB given to insightface (upstream)" if config.rgb_to_model
-                     else "BGR given to insightface (as cv2 reads)")
+    for attack in attacks:
+        if attack.backend in MODEL_DIR_BACKENDS:
+            notes.append(f"RGB given to {attack.backend} (upstream)" if attack.config.rgb_to_model
+                         else f"BGR given to {attack.backend} (as cv2 reads)")
     return notes
 
 
 __all__ = ["SCENARIOS", "BackendRun", "MaskRun", "Plan", "RecognitionOptions", "attack_with",
-           "plan_attack", "run_face_recognition"]
+           "parse_backends", "plan_attack", "run_face_recognition"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,6 +30,14 @@ ROC_COLUMNS = ("scenario", "far", "tar", "threshold")
 RANK_CI_METHOD = f"wilson score {100 * LEVEL:g}%"
 
 
+class RecognizerRun(Protocol):
+    """One recognizer's results as the writers need them (``recognition.BackendRun``)."""
+
+    backend: str
+    results: list[ScenarioResult]
+    detection: dict[str, Any]
+
+
 def result_rows(results: Sequence[ScenarioResult], *, backend: str) -> list[dict[str, Any]]:
     rows = []
     for r in results:
@@ -46,24 +54,66 @@ def _json_row(row: Mapping[str, Any], result: ScenarioResult) -> dict[str, Any]:
                         zip(result.query_ids, result.query_subjects, result.ranks)]}
 
 
-def write_results(save_dir: Path, results: Sequence[ScenarioResult], *, backend: str,
-                  detection: Mapping[str, Any] | None = None) -> None:
-    """results.csv / results.json, distances/<scenario>.npz and cmc.png."""
-    rows = result_rows(results, backend=backend)
+def backend_dir(save_dir: Path, backend: str, *, several: bool) -> Path:
+    """Where one recognizer's distances, CMC and ROC go: save_dir itself with one recognizer
+    (the one-backend layout), save_dir/<backend> with several."""
+    return Path(save_dir) / backend if several else Path(save_dir)
+
+
+#: What write_backend_files writes into a recognizer's folder.
+BACKEND_FILES = ("cmc.png", "roc.csv", "roc.png")
+
+
+def write_results(save_dir: Path, runs: Sequence[RecognizerRun],
+                  records: Sequence[Mapping[str, Any]] = ()) -> None:
+    """results.csv / results.json (one row per recognizer x scenario) in ``save_dir``, and
+    per recognizer distances/<scenario>.npz, cmc.png, roc.csv and roc.png in
+    :func:`backend_dir`. ``records``: what results.json says of each recognizer (its
+    embedder description, model SHA-256, ...), in the order of ``runs``."""
+    save_dir = Path(save_dir)
+    several = len(runs) > 1
+    rows, scenarios = [], []
+    for run in runs:
+        these = result_rows(run.results, backend=run.backend)
+        rows += these
+        scenarios += [_json_row(row, r) for row, r in zip(these, run.results)]
     write_csv(save_dir / "results.csv", rows, RESULT_COLUMNS + EXTRA_RESULT_COLUMNS)
-    write_json(save_dir / "results.json", {
-        "backend": backend, "detection": dict(detection or {}),
-        "scenarios": [_json_row(row, r) for row, r in zip(rows, results)]})
+    record: dict[str, Any] = {"backends": [dict(rec) for rec in records]
+                              or [{"name": run.backend, "detection": dict(run.detection)}
+                                  for run in runs]}
+    if not several:     # the one-backend layout's keys, kept
+        record.update(backend=runs[0].backend, detection=dict(runs[0].detection or {}))
+    record["scenarios"] = scenarios
+    write_json(save_dir / "results.json", record)
+    if several:     # a one-backend run's files left here would read as this run's
+        _remove_backend_files(save_dir)
+    for run in runs:
+        write_backend_files(backend_dir(save_dir, run.backend, several=several), run.results,
+                            backend=run.backend)
+
+
+def write_backend_files(folder: Path, results: Sequence[ScenarioResult], *,
+                        backend: str = "") -> None:
+    """One recognizer's distances/<scenario>.npz, cmc.png, roc.csv and roc.png."""
     for r in results:
-        write_npz(save_dir / "distances" / f"{r.name}.npz",
+        write_npz(folder / "distances" / f"{r.name}.npz",
                   query_ids=np.array(r.query_ids, dtype=str),
                   query_subjects=np.array(r.query_subjects, dtype=str),
                   gallery_ids=np.array(r.gallery_ids, dtype=str),
                   gallery_subjects=np.array(r.gallery_subjects, dtype=str),
                   distances=r.distances, ranks=r.ranks)
-    atomic_write_bytes(save_dir / "cmc.png", plot_cmc(results))
-    write_csv(save_dir / "roc.csv", roc_rows(results), ROC_COLUMNS)
-    atomic_write_bytes(save_dir / "roc.png", plot_roc(results))
+    atomic_write_bytes(folder / "cmc.png", plot_cmc(results, backend=backend))
+    write_csv(folder / "roc.csv", roc_rows(results), ROC_COLUMNS)
+    atomic_write_bytes(folder / "roc.png", plot_roc(results, backend=backend))
+
+
+def _remove_backend_files(folder: Path) -> None:
+    for name in BACKEND_FILES:
+        (folder / name).unlink(missing_ok=True)
+    distances = folder / "distances"
+    if distances.is_dir():
+        for path in distances.glob("*.npz"):
+            path.unlink()
 
 
 def roc_rows(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
@@ -79,7 +129,7 @@ def roc_rows(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_roc(results: Sequence[ScenarioResult]) -> bytes:
+def plot_roc(results: Sequence[ScenarioResult], *, backend: str = "") -> bytes:
     """ROC curves (true-accept vs false-accept rate, log FAR axis), one per scenario; PNG."""
     fig, ax = new_axes(figsize=(9.5, 4.8), dpi=120)
     floor = 1e-4
@@ -103,11 +153,12 @@ def plot_roc(results: Sequence[ScenarioResult]) -> bytes:
     ax.set_ylabel("true-accept rate (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title("Face recognition on masked photos: open-set ROC")
+    ax.set_title("Face recognition on masked photos: open-set ROC"
+                 + (f" ({backend})" if backend else ""))
     return figure_png(fig)
 
 
-def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
+def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20, backend: str = "") -> bytes:
     """CMC curves (top-k accuracy vs k), one line per scenario, chance dashed; PNG bytes."""
     from matplotlib.ticker import MaxNLocator
 
@@ -132,7 +183,7 @@ def plot_cmc(results: Sequence[ScenarioResult], *, max_rank: int = 20) -> bytes:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title("Face recognition on masked photos: CMC")
+    ax.set_title("Face recognition on masked photos: CMC" + (f" ({backend})" if backend else ""))
     return figure_png(fig)
 
 
@@ -167,6 +218,57 @@ def format_table(results: Sequence[ScenarioResult], *, backend: str,
     lines.append(f"intervals: rank-k {RANK_CI_METHOD} (binomial); difference to "
                  f"{ref or 'the reference scenario'}: Newcombe paired score (same query photos); "
                  f"mean rank (in results.csv): percentile bootstrap{boot}")
+    return "\n".join(lines)
+
+
+def format_side_by_side(by_backend: Mapping[str, Sequence[ScenarioResult]], *,
+                        masks: MaskRun | None = None, n_boot: int | None = None) -> str:
+    """Several recognizers on the same scenarios: one line per scenario, its n, G and chance,
+    then one column group per recognizer (rank-1 [Wilson 95 % CI], rank-5, TAR at FAR 1 %
+    and 0.1 %, no face), so the strongest attacker shows at a glance."""
+    names = list(by_backend)
+    metrics = {b: {r.name: r.metrics for r in rs} for b, rs in by_backend.items()}
+    scenarios = list(dict.fromkeys(r.name for rs in by_backend.values() for r in rs))
+    cells = (f"{'rank-1 [95% CI]':>24} {'rank-5':>7} "
+             + " ".join(f"{'TAR@' + f'{100 * f:g}%':>9}" for f in ranking.OPEN_SET_FARS)
+             + f" {'no face':>7}")
+    width = len(cells)
+    lead = f"{'':<34} {'':>5} {'':>5} {'':>7}"
+    groups = lead + "".join(f" | {name:^{width}}" for name in names)
+    head = (f"{'scenario':<34} {'n':>5} {'G':>5} {'chance':>7}"
+            + "".join(f" | {cells}" for _ in names))
+    lines = []
+    if masks is not None:
+        lines.append(f"face recognition ({', '.join(names)}) on {masks.folder} "
+                     f"(mask backend {masks.backend}, protocol {masks.protocol})")
+    lines += [groups, head, "-" * len(head)]
+    for name in scenarios:
+        first = next(metrics[b][name] for b in names if name in metrics[b])
+        line = (f"{name:<34} {first['n_queries']:>5d} {first['gallery_size']:>5d} "
+                f"{_pct(first['chance']):>7}")
+        for b in names:
+            m = metrics[b].get(name)
+            if m is None:
+                line += f" | {'':>{width}}"
+                continue
+            ci = f"{_pct(m['rank1'])} [{_pct(m['rank1_ci_lo'])}, {_pct(m['rank1_ci_hi'])}]"
+            tars = " ".join(f"{_pct(m.get(f'tar_at_far_{far_key(f)}')):>9}"
+                            for f in ranking.OPEN_SET_FARS)
+            line += f" | {ci:>24} {_pct(m['rank5']):>7} {tars} {m['n_no_face']:>7d}"
+        lines.append(line)
+    pairs = {(m.get("n_genuine_pairs", 0), m.get("n_impostor_pairs", 0))
+             for b in names for m in metrics[b].values()}
+    lines.append("open set: TAR@FAR = true-accept rate at a false-accept rate of "
+                 + " / ".join(f"{100 * f:g}%" for f in ranking.OPEN_SET_FARS)
+                 + " on impostor pairs; pairs (genuine, impostor) per scenario: "
+                 + ", ".join(f"{g}/{i}" for g, i in sorted(pairs)))
+    notes = sorted({m["open_set_note"] for b in names for m in metrics[b].values()
+                    if m.get("open_set_note")})
+    lines += [f"  note: {n}" for n in notes]
+    boot = f" ({n_boot} resamples)" if n_boot else ""
+    lines.append(f"intervals: rank-k {RANK_CI_METHOD} (binomial); every column of each "
+                 f"recognizer (rank-10, mean rank with its percentile bootstrap interval{boot}, "
+                 "rank-1 minus Face2Face with Newcombe's paired interval) in results.csv")
     return "\n".join(lines)
 
 
