@@ -28,7 +28,8 @@ AutoPET 400 x 400 x 326 grid instead of 52 M), which also gives the top of the h
 the head box is then thresholded and labelled at full resolution, and its component that
 overlaps the coarse body is kept. The whole volume is never labelled at full resolution.
 
-Head crop: from the top of the head (highest slice holding the body) down
+Head crop: from the top of the head (highest slice of the part of the body that continues
+into the trunk through the neck, see head.py: raised arms and hands are not the head) down
 ``head_height_mm`` (default 240 mm: vertex to below the chin), whatever the grid; the
 upstream kept the top quarter of the slices.
 """
@@ -47,6 +48,7 @@ from faceaudit.petct.body import (  # noqa: F401  (re-exported: the body selecti
     select_body_component,
     separate_touching,
 )
+from faceaudit.petct.head import find_head, head_zone
 
 PET_THRESHOLDS = ("adaptive", "percentile")
 
@@ -238,7 +240,8 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     is chosen (select_body_component) on a strided ``coarse_mm`` view of the thresholded
     volume, which also gives the top of the head; then the head box (top of the head down
     ``head_height_mm``, plus a margin) is thresholded and labelled at full resolution and
-    the component that overlaps the coarse body most is kept.
+    the component that overlaps the coarse body's head (head.find_head: not the arms) most
+    is kept.
     ``opening_radius_mm`` (default 6 mm; 0 = off, upstream-style) cuts a table or headrest
     touching the body off it, on the coarse grid and again in the head box (separate_touching);
     a body touching nothing gives exactly the mesh it gives with 0.
@@ -264,18 +267,24 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     coarse = _above(array[:: strides[0], :: strides[1], :: strides[2]], level, strict)
     body = select_body_component(coarse, coarse_spacing, core_radius_mm=core_radius_mm,
                                  grid_mm=min(coarse_spacing), opening_radius_mm=opening_radius_mm)
-    coarse_box = head_crop_slices(body.mask, coarse_spacing, head_height_mm=head_height_mm)
+    # arms raised with the hands above the head: the crop starts at the head's top, not theirs
+    head_region = find_head(body.mask)
+    coarse_box = head_crop_slices(head_region.mask, coarse_spacing, head_height_mm=head_height_mm)
     # the same box at full resolution, widened by two coarse voxels on every side
     shape = np.asarray(array.shape)
     lo = np.maximum(0, np.array([b.start for b in coarse_box]) * strides - 2 * strides)
     hi = np.minimum(shape, np.array([b.stop for b in coarse_box]) * strides + 2 * strides)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    labels, n = cc3d.connected_components(_above(array[box], level, strict), connectivity=26,
-                                          return_N=True)
-    # which full-resolution component is the coarse body: the one overlapping it most
     grids = [np.arange(b.start, b.stop) // st for b, st in zip(box, strides)]
     grids = [np.minimum(g, dim - 1) for g, dim in zip(grids, body.mask.shape)]
-    on_body = body.mask[np.ix_(*grids)]
+    in_box = _above(array[box], level, strict)
+    if head_region.left_out_voxels:
+        # an arm touching the head between two coarse voxels is cut off midway
+        in_box &= head_zone(head_region, body.mask, coarse_spacing)[np.ix_(*grids)]
+    labels, n = cc3d.connected_components(in_box, connectivity=26, return_N=True)
+    del in_box
+    # which full-resolution component is the coarse body's head: the one overlapping it most
+    on_body = head_region.mask[np.ix_(*grids)]
     overlap = np.bincount(labels[on_body & (labels > 0)], minlength=n + 1)
     if n == 0 or overlap.max() == 0:
         raise InputError("the body found on the coarse grid has no voxel at full resolution")
