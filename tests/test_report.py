@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from faceaudit.core.figures import montage
-from faceaudit.report.build import find_stage_dirs, main, write_report
 from faceaudit.core.files import write_json, write_png
 from faceaudit.core.manifest import ItemResult, Manifest
+from faceaudit.report.build import find_stage_dirs, main, write_report
 
 
 def _write_csv(path, rows):
@@ -85,8 +85,11 @@ def test_tables_hold_the_stage_numbers(fixture_run):
     assert "| none (ours) | 41.3 ± 5.5 | 90.0 ± 10.0 | 4 | 25.0 |" in md
     assert "| similarity (ours) | 28.8 ± 2.0 | 70.0 ± 20.0 | 4 | 25.0 |" in md
     assert "| none (paper) | 78.5 ± 5.3 | 92.5 ± 2.7 |" in md
-    assert ("| MaskOnly2MaskOnly | same-video | 35.0 [20.0, 50.0] | 65.0 | 72.5 | 40 | 2.5 | 1 | 52 |"
+    # scenario, protocol, gallery, chance, then the recognizer's group, then the paper
+    assert ("| MaskOnly2MaskOnly | same-video | 40 | 2.5 | 35.0 [20.0, 50.0] | 65.0 | 72.5 | 1 | 52 |"
             in md)
+    # results.csv without rank_ci_method (an older run): the interval is not called Wilson
+    assert "rank-1 % [95 % CI]" in md and "bootstrap" not in md
     assert "not our data" in md
     assert oct(html_path.stat().st_mode & 0o777) == "0o600"
 
@@ -127,3 +130,139 @@ def test_report_images_load_in_headless_chromium(fixture_run):
     assert images, "the report shows no figure"
     assert [src for src, ok in images if not ok] == []
     assert any(src.endswith("qa_montage.png") for src, _ in images)
+
+
+# ---------------------------------------------------------------- several recognizers, attacks, counts
+
+
+def _recognition_run(folder, backends=("dlib", "mobilefacenet")):
+    """A face-recognition folder as run_face_recognition writes it with several recognizers."""
+    numbers = {  # (backend, scenario): rank1, lo, hi, rank5, rank10, no face, TAR 1 %, TAR 0.1 %
+        ("dlib", "Face2Face"): (1.0, 0.912, 1.0, 1.0, 1.0, 0, 1.0, 0.975),
+        ("dlib", "MaskOnly2MaskOnly"): (0.1, 0.04, 0.231, 0.3, 0.45, 3, 0.05, 0.01),
+        ("mobilefacenet", "Face2Face"): (0.975, 0.871, 0.996, 1.0, 1.0, 0, 0.95, 0.9),
+        ("mobilefacenet", "MaskOnly2MaskOnly"): (0.25, 0.142, 0.402, 0.5, 0.6, 0, 0.123, 0.026),
+    }
+    rows = []
+    for (backend, scenario), (r1, lo, hi, r5, r10, nf, t1, t01) in numbers.items():
+        if backend in backends:
+            rows.append({"scenario": scenario, "protocol": "same-video", "rank1": r1,
+                         "rank1_ci_lo": lo, "rank1_ci_hi": hi, "rank5": r5, "rank10": r10,
+                         "mean_rank": 2.0, "n_queries": 40, "gallery_size": 40, "chance": 0.025,
+                         "n_no_face": nf, "backend": backend, "rank_ci_method": "wilson score 95%",
+                         "tar_at_far_1pct": t1, "tar_at_far_0.1pct": t01, "n_genuine_pairs": 40,
+                         "n_impostor_pairs": 1560, "open_set_note": ""})
+    _write_csv(folder / "results.csv", rows)
+    several = len(backends) > 1
+    write_json(folder / "results.json", {"backends": [
+        {"name": b, "outputs": b if several else "."} for b in backends]})
+    for b in backends:
+        where = folder / b if several else folder
+        _write_csv(where / "roc.csv", [
+            {"scenario": s, "far": far, "tar": tar, "threshold": t}
+            for s in ("Face2Face", "MaskOnly2MaskOnly")
+            for far, tar, t in ((0.0, 0.0, 0.1), (0.01, 0.5, 0.3), (1.0, 1.0, 0.9))])
+        write_png(where / "cmc.png", np.full((8, 8), 200, np.uint8))
+    manifest = [{"id": f"{b}/prep/query/s{i}/2", "subject": f"s{i}", "status": "ok" if i > 2 else "skipped",
+                 "reason": "", "backend": b} for b in backends for i in range(1, 11)]
+    _write_csv(folder / "manifest.csv", manifest)
+
+
+def test_recognizers_side_by_side_with_wilson_intervals_open_set_and_roc(tmp_path):
+    run = tmp_path / "run"
+    _recognition_run(run / "face_recognition")
+    html_path, md_path = write_report(run)
+    md = md_path.read_text()
+    assert ("| scenario | protocol | gallery | chance % | rank-1 % [Wilson 95 % CI], dlib | rank-5 %, dlib "
+            "| rank-10 %, dlib | no face found, dlib | rank-1 % [Wilson 95 % CI], mobilefacenet |") in md
+    assert ("| Face2Face | same-video | 40 | 2.5 | 100.0 [91.2, 100.0] | 100.0 | 100.0 | 0 "
+            "| 97.5 [87.1, 99.6] | 100.0 | 100.0 | 0 |  |") in md
+    assert ("| MaskOnly2MaskOnly | same-video | 40 | 2.5 | 10.0 [4.0, 23.1] | 30.0 | 45.0 | 3 "
+            "| 25.0 [14.2, 40.2] | 50.0 | 60.0 | 0 | 52 |") in md
+    # open set: TAR at FAR 1 % and 0.1 % per recognizer, with the pair counts
+    assert "| scenario | TAR % at FAR 1 %, dlib | TAR % at FAR 0.1 %, dlib | TAR % at FAR 1 %, mobilefacenet" in md
+    assert "| MaskOnly2MaskOnly | 5.0 | 1.0 | 12.3 | 2.6 | 40 | 1560 |" in md
+    # the ROC drawn from both roc.csv files, and each recognizer's CMC
+    assert (run / "report_figures" / "roc_face_recognition.png").stat().st_size > 1000
+    assert "](report_figures/roc_face_recognition.png)" in md
+    assert "](face_recognition/dlib/cmc.png)" in md and "](face_recognition/mobilefacenet/cmc.png)" in md
+    # the manifest counts say what they count: images per recognizer
+    assert ("10 images embedded by dlib: 8 ok, 2 skipped; 10 images embedded by mobilefacenet: "
+            "8 ok, 2 skipped") in md
+    assert "Recognizers: dlib, mobilefacenet" in md
+    assert "<th>rank-1 % [Wilson 95 % CI], mobilefacenet</th>" in html_path.read_text()
+
+
+def test_one_recognizer_keeps_one_column_group_and_its_files_in_the_folder(tmp_path):
+    run = tmp_path / "run"
+    _recognition_run(run / "fr", backends=("mobilefacenet",))
+    md = write_report(run)[1].read_text()
+    assert "| scenario | protocol | gallery | chance % | rank-1 % [Wilson 95 % CI] | rank-5 % |" in md
+    assert "| Face2Face | same-video | 40 | 2.5 | 97.5 [87.1, 99.6] | 100.0 | 100.0 | 0 |  |" in md
+    assert "](report_figures/roc_fr.png)" in md and "](fr/cmc.png)" in md
+    assert "10 images: 8 ok, 2 skipped" in md
+
+
+def test_matching_shows_each_attack_with_chance_when_topk_has_an_attack_column(tmp_path):
+    run = tmp_path / "run"
+    rows = []
+    for attack, key, probe, top1, top5, det in (
+            ("landmarks-none", "none", "pet_unet", 0.413, 0.9, 0.8),
+            ("landmarks-similarity", "similarity", "pet_unet", 0.288, 0.7, 0.8),
+            ("embedding-mobilefacenet", "embedding-mobilefacenet_pet_unet", "pet_unet", 0.6, 0.95, 0.9)):
+        for k, mean, chance in ((1, top1, 0.25), (3, 0.5, 0.75), (5, top5, 1.0)):
+            rows.append({"attack": attack, "probe": probe, "align": key, "k": k, "mean": mean,
+                         "std": 0.05, "gallery_size": 4, "chance": chance,
+                         "probe_detection_rate": det})
+    _write_csv(run / "matching" / "topk.csv", rows)
+    _write_csv(run / "matching" / "manifest.csv",
+               [{"id": f"fold{k}", "subject": "", "status": "failed" if k == 4 else "ok",
+                 "reason": "no landmarks" if k == 4 else ""} for k in range(5)])
+    md = write_report(run)[1].read_text()
+    assert ("| attack | probe | top-1 % | chance top-1 % | top-5 % | chance top-5 % | gallery "
+            "| probes with features % |") in md
+    assert "| landmarks-none | pet_unet | 41.3 ± 5.0 | 25.0 | 90.0 ± 5.0 | 100.0 | 4 | 80.0 |" in md
+    assert ("| embedding-mobilefacenet | pet_unet | 60.0 ± 5.0 | 25.0 | 95.0 ± 5.0 | 100.0 | 4 | 90.0 |"
+            in md)
+    assert "| landmarks-none (paper) | pet | 78.5 ± 5.3 | ~0.9 | 92.5 ± 2.7 |  |" in md
+    assert "- 5 folds: 1 failed, 4 ok" in md  # the matching manifest holds one row per fold
+
+
+def test_crossval_counts_folds_and_studies_apart(tmp_path):
+    run = tmp_path / "run"
+    cv = run / "crossval"
+    write_json(cv / "splits.json", {"folds": []})
+    _write_csv(cv / "metrics.csv", [{"fold": 0, "id": "PETCT_a_1", "msssim_before": 0.4}])
+    _write_csv(cv / "manifest.csv",
+               [{"id": f"fold{k}", "subject": "", "status": "ok", "reason": ""} for k in range(3)]
+               + [{"id": f"PETCT_{s}_1", "subject": f"PETCT_{s}", "status": st, "reason": ""}
+                  for s, st in (("a", "ok"), ("b", "ok"), ("c", "ok"), ("d", "skipped"))])
+    md = write_report(run)[1].read_text()
+    assert "- 3 folds: 3 ok; 4 studies: 3 ok, 1 skipped" in md
+
+
+def _cohort(folder, readme):
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text(readme)
+    (folder / "SIMULATED.txt").write_text(readme)
+
+
+def test_the_report_says_the_cohort_is_simulated_from_real_face_shapes(fixture_run):
+    _cohort(fixture_run / "cohort", "# SIMULATED PET/CT cohort\n\nThe faces are simulated from 40 real "
+                                    "face shapes: the MediaPipe face meshes of the 40\npeople of ORL.\n")
+    html_path, md_path = write_report(fixture_run)
+    md = md_path.read_text()
+    assert "The PET/CT cohort of this run is SIMULATED (cohort): no patient data" in md
+    assert "Its faces are simulated from 40 real face shapes, as the cohort's README.md says." in md
+    assert "<b>SIMULATED</b>" in html_path.read_text()
+
+
+def test_a_cohort_outside_the_run_folder_is_found_through_the_reconstruction(fixture_run, tmp_path):
+    md = write_report(fixture_run)[1].read_text()
+    assert "SIMULATED" not in md  # nothing says so: no notice
+    _cohort(tmp_path / "elsewhere", "Every volume here is SIMULATED (one head CT, deformed).\n")
+    write_json(fixture_run / "reconstruction" / "run.json",
+               {"stage": "reconstruction", "args": {"petct_path": str(tmp_path / "elsewhere")}})
+    md = write_report(fixture_run)[1].read_text()
+    assert f"The PET/CT cohort of this run is SIMULATED ({tmp_path / 'elsewhere'})" in md
+    assert "real face shapes" not in md  # its README does not say so

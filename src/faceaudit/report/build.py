@@ -22,17 +22,26 @@ numbers stand beside them, labelled as the papers' on their data.
 from __future__ import annotations
 
 import argparse
-import csv
 import html
-import math
 import os
+import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from faceaudit.report import paper_numbers as paper
-from faceaudit.core.files import atomic_write_text, InputError, read_json_file
+from faceaudit.core.files import atomic_write_text
 from faceaudit.core.runner import EXIT_OK, EXIT_USAGE
+from faceaudit.report.common import Section, Table, csv_table, read_csv_rows, read_json
+from faceaudit.report.sections_mask import (
+    recognition_facts,
+    recognition_figures,
+    recognition_tables,
+    selection_table,
+)
+from faceaudit.report.sections_petct import (
+    matching_table,
+    placement_table,
+    simulated_notice,
+)
 
 STAGE_SIGNATURES = {
     "reconstruction": lambda d: (d / "cts").is_dir() and (d / "pets").is_dir()
@@ -52,7 +61,8 @@ STAGE_TITLES = {
     "recognition": "Face recognition attack",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
-MAX_TABLE_ROWS = 60
+#: Figures the report draws itself (from the stages' CSV files), below the run folder.
+FIGURE_DIR = "report_figures"
 
 
 def find_stage_dirs(run_dir: Path, *, max_depth: int = 3) -> dict[str, list[Path]]:
@@ -71,69 +81,39 @@ def find_stage_dirs(run_dir: Path, *, max_depth: int = 3) -> dict[str, list[Path
     return {name: sorted(dirs) for name, dirs in found.items() if dirs}
 
 
-def read_csv_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+#: What one manifest row is, per stage (rows of other kinds are told apart by ROW_KINDS).
+ROW_NOUNS = {"reconstruction": "studies", "crossval": "studies", "placement": "study placements "
+             "(fold x study)", "matching": "folds", "digital_mask": "photos",
+             "recognition": "images"}
+#: Rows whose id says they are something else than the stage's usual item.
+ROW_KINDS = ((re.compile(r"^fold\d+$"), "folds"), (re.compile(r"^fold\d+/denoiser$"), "fold denoisers"))
 
 
-def read_json(path: Path) -> dict:
-    """A stage's JSON record, or {} when it is absent or unreadable (the report goes on)."""
-    try:
-        return read_json_file(path)
-    except InputError:
-        return {}
+def row_kind(stage: str, row: dict[str, str], *, backends: int = 1) -> str:
+    """What a manifest row counts: a fold, a study, an image embedded by one recognizer ..."""
+    for pattern, noun in ROW_KINDS:
+        if pattern.match(row.get("id", "")):
+            return noun
+    if stage == "recognition" and backends > 1:
+        return f"images embedded by {row.get('backend') or '?'}"
+    return ROW_NOUNS.get(stage, "items")
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(number):
-        return "n/a"
-    if number.is_integer() and abs(number) < 1e9 and "." not in str(value):
-        return str(int(number))
-    return f"{number:.3g}" if abs(number) < 1000 else f"{number:.0f}"
-
-
-@dataclass
-class Table:
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-
-@dataclass
-class Section:
-    key: str
-    title: str
-    folder: Path
-    tables: list[Table] = field(default_factory=list)
-    figures: list[Path] = field(default_factory=list)
-    facts: list[str] = field(default_factory=list)
-
-
-def csv_table(path: Path, title: str, *, note: str = "", columns: list[str] | None = None) -> Table:
-    rows = read_csv_rows(path)
-    cols = columns or (list(rows[0].keys()) if rows else [])
-    body = [[_fmt(r.get(c, "")) for c in cols] for r in rows[:MAX_TABLE_ROWS]]
-    if len(rows) > MAX_TABLE_ROWS:
-        note = (note + " " if note else "") + f"First {MAX_TABLE_ROWS} of {len(rows)} rows; all in {path.name}."
-    return Table(title, cols, body, note)
-
-
-def manifest_facts(folder: Path) -> list[str]:
+def manifest_facts(folder: Path, stage: str = "") -> list[str]:
+    """Counts per status, per kind of row (a crossval manifest holds fold rows and study
+    rows; a recognition manifest one row per image and recognizer), and the failed rows."""
     path = folder / "manifest.csv"
     if not path.is_file():
         return []
     rows = read_csv_rows(path)
-    counts: dict[str, int] = {}
+    backends = len({r.get("backend", "") for r in rows})
+    counts: dict[str, dict[str, int]] = {}
     for row in rows:
-        counts[row.get("status", "?")] = counts.get(row.get("status", "?"), 0) + 1
-    facts = [f"{len(rows)} items: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+        per_status = counts.setdefault(row_kind(stage, row, backends=backends), {})
+        status = row.get("status", "?")
+        per_status[status] = per_status.get(status, 0) + 1
+    facts = ["; ".join(f"{sum(c.values())} {kind}: " + ", ".join(f"{n} {s}" for s, n in sorted(c.items()))
+                       for kind, c in counts.items())]
     failed = [r for r in rows if r.get("status") == "failed"]
     for row in failed[:5]:
         facts.append(f"failed {row.get('id')}: {row.get('reason')}")
@@ -158,94 +138,13 @@ def figures_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _paper_cell(value: tuple[float, float] | None) -> str:
-    return "" if value is None else f"{value[0]:.1f} ± {value[1]:.1f}"
-
-
-
-def selection_table(path: Path) -> Table:
-    """Accepted images, and rejected ones grouped by the rule that rejected them."""
-    counts: dict[str, int] = {}
-    for row in read_csv_rows(path):
-        decision = row.get("decision") or row.get("status") or "?"
-        reason = (row.get("reason") or "").strip()
-        rule = reason.split()[0].rstrip(":") if reason else ""
-        key = decision if decision == "accepted" or not rule else f"{decision}: {rule}"
-        counts[key] = counts.get(key, 0) + 1
-    total = sum(counts.values())
-    rows = [[k, str(v), f"{100.0 * v / total:.1f}"] for k, v in sorted(counts.items())]
-    return Table("Frontal-face selection", ["decision", "images", "%"], rows,
-                 note="Every decision with its numbers: selection.csv.")
-
-
-def _pct(value, std=None) -> str:
-    """A fraction as a percentage, with its std when given."""
-    try:
-        v = 100.0 * float(value)
-    except (TypeError, ValueError):
-        return ""
-    if math.isnan(v):
-        return "n/a"
-    if std in (None, ""):
-        return f"{v:.1f}"
-    return f"{v:.1f} ± {100.0 * float(std):.1f}"
-
-
-def _rows_by(path: Path, key: str) -> dict[str, dict[str, str]]:
-    return {row.get(key, ""): row for row in read_csv_rows(path)} if path.is_file() else {}
-
-
 def headline_tables(stages: dict[str, list[Path]]) -> list[Table]:
-    """The upstream-style tables: our numbers beside the papers', one row per variant or scenario."""
-    tables = []
-    for folder in stages.get("placement", []):
-        det = _rows_by(folder / "detection.csv", "variant")
-        place = _rows_by(folder / "placement.csv", "variant")
-        rows = []
-        for variant in ("ct", "pet", "pet_wavelet", "pet_unet"):
-            d, p = det.get(variant), place.get(variant)
-            if d is None:
-                continue
-            rows.append([variant, _pct(d.get("mean"), d.get("std")),
-                         _paper_cell(paper.PET_DETECTION.get(variant)),
-                         _pct(p.get("well_placed_mean"), p.get("well_placed_std")) if p else "",
-                         _paper_cell(paper.PET_WELL_PLACED.get(variant)),
-                         _fmt(p.get("median_mad_mean")) if p else ""])
-        tables.append(Table("Landmarks detected and well placed, % (mean ± std over folds)",
-                            ["variant", "detected (ours)", "detected (paper)", "well placed (ours)",
-                             "well placed (paper)", "median MAD, % IOD (ours)"], rows,
-                            note="Paper: " + paper.PET_SOURCE + ", not our data."))
-    for folder in stages.get("matching", []):
-        topk = read_csv_rows(folder / "topk.csv")
-        ks = sorted({int(r["k"]) for r in topk if r.get("k")})
-        rows = []
-        for align in dict.fromkeys(r.get("align", "") for r in topk):
-            by_k = {int(r["k"]): r for r in topk if r.get("align") == align}
-            first = by_k[ks[0]]
-            rows.append([f"{align} (ours)"] + [_pct(by_k[k].get("mean"), by_k[k].get("std")) for k in ks]
-                        + [_fmt(first.get("gallery_size")), _pct(first.get("chance"))])
-        for align, values in paper.PET_TOPK.items():
-            rows.append([f"{align} (paper)"] + [_paper_cell(values.get(k)) for k in ks]
-                        + [paper.PET_GALLERY_SIZE, "~0.9"])
-        tables.append(Table("PET-to-CT identification, top-k %, mean ± std over folds",
-                            ["alignment"] + [f"top-{k}" for k in ks] + ["gallery", "chance top-1 %"], rows,
-                            note="A probe without landmarks counts as a miss. Paper: " + paper.PET_SOURCE
-                            + ", not our data; its aligned row used per-pair ICP."))
+    """The upstream-style tables: our numbers beside the papers', one row per variant,
+    attack or scenario (one column group per recognizer)."""
+    tables = [placement_table(folder) for folder in stages.get("placement", [])]
+    tables += [matching_table(folder) for folder in stages.get("matching", [])]
     for folder in stages.get("recognition", []):
-        rows = []
-        for r in read_csv_rows(folder / "results.csv"):
-            ci = f"[{_pct(r.get('rank1_ci_lo'))}, {_pct(r.get('rank1_ci_hi'))}]"
-            value = paper.MASK_RANK1.get(r.get("scenario", ""))
-            rows.append([r.get("scenario", ""), r.get("protocol", ""), f"{_pct(r.get('rank1'))} {ci}",
-                         _pct(r.get("rank5")), _pct(r.get("rank10")), _fmt(r.get("gallery_size")),
-                         _pct(r.get("chance")), _fmt(r.get("n_no_face")),
-                         "" if value is None else f"{value[0]:.0f}"])
-        tables.append(Table("Face recognition: rank-1 % [bootstrap 95 % CI]",
-                            ["scenario", "protocol", "rank-1", "rank-5", "rank-10", "gallery", "chance %",
-                             "no face found", "rank-1 (paper)"], rows,
-                            note="Mask2Face = MaskOnly2Face, Mask2Mask = MaskOnly2MaskOnly; Cross* = query and "
-                            "database masked by different face models. Paper: " + paper.MASK_SOURCE
-                            + ", not our data. " + paper.MASK_NOTE))
+        tables += recognition_tables(folder)
     return tables
 
 
@@ -259,7 +158,7 @@ def build_sections(run_dir: Path) -> list[Section]:
         for folder in folders:
             rel = folder.relative_to(run_dir) if folder != run_dir else Path(".")
             title = STAGE_TITLES[key] + (f" ({rel})" if len(folders) > 1 else "")
-            sec = Section(key, title, folder, facts=manifest_facts(folder) + run_facts(folder))
+            sec = Section(key, title, folder, facts=manifest_facts(folder, key) + run_facts(folder))
             if key == "crossval":
                 summary = folder / "summary.csv"
                 sec.tables.append(csv_table(summary if summary.is_file() else folder / "metrics.csv",
@@ -273,10 +172,12 @@ def build_sections(run_dir: Path) -> list[Section]:
                 sec.tables.append(csv_table(folder / "topk.csv", "PET-to-CT identification, top-k"))
             elif key == "digital_mask":
                 sec.tables.append(selection_table(folder / "selection.csv"))
-            elif key == "recognition":
-                sec.facts.append("Per-scenario numbers are in the table at the top; every column "
-                                 "(rank-5/10 CIs, mean rank, failures) in results.csv.")
-            sec.figures = figures_in(folder)
+            if key == "recognition":
+                sec.facts += recognition_facts(folder)
+                slug = re.sub(r"[^A-Za-z0-9]+", "_", str(rel)).strip("_") or "run"
+                sec.figures = recognition_figures(folder, run_dir / FIGURE_DIR / f"roc_{slug}.png")
+            else:
+                sec.figures = figures_in(folder)
             sections.append(sec)
     return sections
 
@@ -307,17 +208,17 @@ font-size:13px;text-align:right}th{background:#f2f2f2}td:first-child,th:first-ch
 """
 
 
-def render_html(run_dir: Path, sections: list[Section]) -> str:
+def render_html(run_dir: Path, sections: list[Section], *, simulated: str = "") -> str:
+    """The report as one HTML page; ``simulated``: the sentence saying the cohort is simulated."""
     esc = html.escape
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>faceaudit report</title>",
            f"<style>{CSS}</style></head><body>", "<h1>faceaudit report</h1>",
            f"<p>Run folder: <code>{esc(str(run_dir.resolve()))}</code></p>",
-           "<p class='warn'>This report shows faces rebuilt from scans and photos: treat it as "
+           ("<p class='warn'>This report shows faces rebuilt from scans and photos: treat it as "
            "identifiable data. Open-source recognisers give a lower bound on re-identification risk, "
-           "not an upper one.</p>"]
-    if (run_dir / "SIMULATED.txt").is_file() or any((s.folder / "SIMULATED.txt").is_file() for s in sections):
-        out.append("<p class='warn'>The PET/CT cohort in this run is <b>simulated</b> (deformed copies of "
-                   "one real head CT); its numbers show the pipeline working, not a clinical result.</p>")
+           "not an upper one.</p>")]
+    if simulated:
+        out.append(f"<p class='warn'>{esc(simulated).replace('SIMULATED', '<b>SIMULATED</b>', 1)}</p>")
     times = stage_times(run_dir)
     if times:
         out.append("<h2>Time per stage</h2><table><tr><th>stage</th><th>seconds, first run</th>"
@@ -350,9 +251,11 @@ def render_html(run_dir: Path, sections: list[Section]) -> str:
     return "\n".join(out)
 
 
-def render_markdown(run_dir: Path, sections: list[Section]) -> str:
+def render_markdown(run_dir: Path, sections: list[Section], *, simulated: str = "") -> str:
     out = ["# faceaudit report", "", f"Run folder: `{run_dir.resolve()}`", "",
            "> Shows faces rebuilt from scans and photos: identifiable data.", ""]
+    if simulated:
+        out += [f"> **{simulated}**", ""]
     times = stage_times(run_dir)
     if times:
         out += ["## Time per stage", "", "| stage | seconds, first run | seconds, latest run |",
@@ -379,8 +282,14 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     if not sections:
         raise ValueError(f"no stage outputs found below {run_dir} (looked for "
                          "cts/+pets/, splits.json, detection.csv, topk.csv, selection.csv, results.csv)")
-    html_path = atomic_write_text(run_dir / "report.html", render_html(run_dir, sections))
-    md_path = atomic_write_text(run_dir / "report.md", render_markdown(run_dir, sections))
+    stages = {sec.key: [] for sec in sections}
+    for sec in sections:
+        stages[sec.key].append(sec.folder)
+    simulated = simulated_notice(run_dir, stages.get("reconstruction", []))
+    html_path = atomic_write_text(run_dir / "report.html",
+                                  render_html(run_dir, sections, simulated=simulated))
+    md_path = atomic_write_text(run_dir / "report.md",
+                                render_markdown(run_dir, sections, simulated=simulated))
     return html_path, md_path
 
 
