@@ -89,8 +89,8 @@ def recognition_tables(folder: Path) -> list[Table]:
         value = paper.MASK_RANK1.get(name)
         rows.append(row + ["" if value is None else f"{value[0]:.0f}"])
     recognizers = ", ".join(b for b in fr.backends if b) or "recognizer not recorded"
-    tables = [Table(f"Face recognition, closed set: rank-k % per recognizer ({recognizers}), "
-                    f"rank-1 [{ci}]", columns + ["rank-1 (paper)"], rows,
+    tables = [Table(f"Face recognition: rank-1 % [{ci}] and rank-k per recognizer ({recognizers}), "
+                    "closed set", columns + ["rank-1 (paper)"], rows,
                     note="Mask2Face = MaskOnly2Face, Mask2Mask = MaskOnly2MaskOnly; Cross* = query "
                     "and database masked by different face models. gallery: database images; "
                     "chance: top-1 of a random order. Paper: " + paper.MASK_SOURCE
