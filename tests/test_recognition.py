@@ -686,3 +686,17 @@ def test_model_dir_goes_to_the_backends_that_read_it():
     opts = RecognitionOptions(backend="arcface-onnx,mobilefacenet", model_dir="/w600k_r50.onnx")
     assert opts.model_dir_for("arcface-onnx") == "/w600k_r50.onnx"
     assert opts.model_dir_for("mobilefacenet") is None  # the model cache, not the ArcFace file
+
+
+def test_the_demo_attacks_with_dlib_and_mobilefacenet_and_checks_the_model_first(tmp_path, capsys,
+                                                                                 monkeypatch):
+    from faceaudit.demo import run as demo
+
+    steps = demo.demo_steps(tmp_path, jobs=1, n_patients=2, seed=0, n_folds=2, n_epochs=1,
+                            overwrite=False, photos=ORL)
+    argv = steps[-1].argv
+    assert argv[argv.index("--backend") + 1] == "dlib,mobilefacenet"
+    monkeypatch.setenv("FACEAUDIT_MODELS", str(tmp_path / "empty_cache"))
+    assert demo.run_demo(tmp_path / "out") == 2
+    assert "make models" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "cohort").exists()  # stopped before the first stage

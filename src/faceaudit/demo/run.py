@@ -5,7 +5,8 @@
 1. simulate an AutoPET-like PET/CT cohort from the shipped head CT (labelled simulated);
 2. the four PET/CT stage scripts, with demo-sized settings;
 3. the two digital-mask stage scripts on the shipped ORL faces (two mask backends,
-   so the cross-mask attack runs too);
+   so the cross-mask attack runs too), attacked by two recognizers (dlib and
+   mobilefacenet; the latter from the model cache `make models` fills);
 4. ``OUT/report.html`` and ``OUT/report.md``.
 
 Each stage runs as its own script from the repository root, exactly as a user
@@ -28,6 +29,8 @@ from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
+#: The recognizers attacking the masks: dlib (bundled) and mobilefacenet (`make models`).
+RECOGNIZERS = ("dlib", "mobilefacenet")
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,9 @@ def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int
         Step("digital mask (mean shape)",
              [py, script("run_digital_mask.py"), "--input_dir", str(photos), "--save_dir", str(dm2),
               "--backend", "meanshape", "--jobs", str(jobs)] + common),
-        Step("face recognition (dlib)",
+        Step(f"face recognition ({', '.join(RECOGNIZERS)})",
              [py, script("run_face_recognition.py"), "--masks_dir", str(dm), "--save_dir", str(fr),
-              "--cross_masks_dir", str(dm2), "--backend", "dlib"] + common),
+              "--cross_masks_dir", str(dm2), "--backend", ",".join(RECOGNIZERS)] + common),
     ]
 
 
@@ -95,6 +98,10 @@ def run_demo(out: str | Path, *, jobs: int = 2, n_patients: int = 20, seed: int 
     if missing:
         print(f"error: the demo runs the stage scripts from a source checkout; {missing} not found "
               f"in {REPO_ROOT}", file=sys.stderr)
+        return EXIT_USAGE
+    missing_model = _missing_model()
+    if missing_model:   # found now, not after the PET/CT stages have run for minutes
+        print(f"error: {missing_model}", file=sys.stderr)
         return EXIT_USAGE
     # first_run: the run that did a stage's work; last_run: this run (a re-run mostly skips)
     timings_path = out / "timings.json"
@@ -131,6 +138,21 @@ def run_demo(out: str | Path, *, jobs: int = 2, n_patients: int = 20, seed: int 
     print(f"  {'total':<34} {sum(first_run.values()):9.1f} {sum(last_run.values()):9.1f}")
     print(f"\nReport: {html_path}")
     return worst
+
+
+def _missing_model() -> str:
+    """Why a converted recognizer of RECOGNIZERS is not in the model cache ("" when all are)."""
+    from faceaudit.core.files import InputError
+    from faceaudit.faces.embedding import TFJS_BACKENDS
+    from faceaudit.models import cached_model
+
+    for name in RECOGNIZERS:
+        if name in TFJS_BACKENDS:
+            try:
+                cached_model(name)
+            except InputError as exc:
+                return str(exc)
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
