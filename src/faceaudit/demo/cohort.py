@@ -4,8 +4,9 @@
 
     OUT/PETCT_<patient>/<study>/CTres.nii.gz   CT in HU (int16) on the PET grid
     OUT/PETCT_<patient>/<study>/SUV.nii.gz     PET in SUV (float32)
-    OUT/cohort.json, OUT/SIMULATED.txt         what was simulated (every random parameter);
-                                               SIMULATED.txt is written last (done marker)
+    OUT/cohort.json                            the plan: every random parameter, per study
+    OUT/README.md, OUT/SIMULATED.txt           what was simulated (SIMULATED.txt is written
+                                               last: the done marker)
 
 Nothing here is patient data. The anatomy is one real head CT (the VTK "headsq" CT shipped
 in ``faceaudit/data/vtk_headsq_ct``, BSD-style notice kept there) extended and altered:
@@ -13,17 +14,22 @@ in ``faceaudit/data/vtk_headsq_ct``, BSD-style notice kept there) extended and a
 * base (built once): the head resampled to 2 mm, a skull cap added above the scan's top
   slice (its top slice shrunk as an ellipsoidal dome), a neck and the top of a torso
   (elliptic cross-sections) below it, an ellipsoidal brain inside the skull;
-* identity (per patient): smooth Gaussian displacement bumps centred on the nose, chin,
-  lips, brow and on mirrored pairs of eyes, cheeks, mouth corners and jaw angles (random
-  direction and size, up to 4-8 mm) and a global anisotropic head scale (+-6 %), so
-  faces really differ;
-* pose (per study): rotation of a few degrees about each axis and a shift of a few mm,
-  identical in the CT and the PET of a study, different between studies;
+* identity (per patient): the facial geometry of one of the 40 real people of the bundled
+  ORL photos (their MediaPipe face meshes), carried onto the base head's face by a
+  thin-plate landmark warp faded into the skull (``faceaudit.demo.face_shapes``); beyond
+  40 patients, a mix of two people's shapes. Plus a head scale (+-6 % per axis) and a
+  body habitus scale of the neck/torso cross-section (0.9-1.12);
+* sessions: some patients have a second study on another date; every study has its own
+  pose (rotation of a few degrees about each axis) and position in the scanner (shift of
+  a few mm), identical in its CT and PET;
 * CT: 2.04 x 2.04 x 3 mm grid stored as in AutoPET files (anterior at high j, "LAS"),
   Gaussian noise 15 HU, a carbon-fibre-like scanner table 12 mm behind the back;
 * PET: SUV from the same warped anatomy (soft tissue 0.9, fat 0.35, bone 0.6, brain 6-11,
   0-3 hot lesions in the neck/torso), 7 mm FWHM blur, Poisson counts noise, a 2 mm post
-  filter (the reconstruction's Gaussian).
+  filter (the reconstruction's Gaussian);
+* hard cases of issue 10 (``--hard-cases``, see ``faceaudit.demo.hard_cases``): -3024 HU
+  padding outside the reconstruction circle (on by default), arms up with the hands
+  above the head, a 10 degree oblique acquisition, a U-shaped headrest (off by default).
 """
 
 from __future__ import annotations
@@ -39,7 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.core.files import atomic_path, atomic_write_text, make_private_dir, write_json
+from faceaudit.core.files import (
+    atomic_path,
+    atomic_write_text,
+    make_private_dir,
+    write_json,
+)
+from faceaudit.demo import hard_cases as cases
+from faceaudit.demo.face_shapes import N_ORL_PEOPLE
 
 SIMULATED_NOTE = "SIMULATED faceaudit demo data, not a patient"
 PET_GRID_MM = (2.04, 2.04, 3.0)          # (x, y, z) as in AutoPET
@@ -49,34 +62,16 @@ BASE_STEP_MM = 2.0
 BASE_LO = np.array([-90.0, -40.0, -90.0])
 BASE_HI = np.array([290.0, 240.0, 232.0])
 HEAD_CENTRE = np.array([99.0, 105.0, 100.0])
+NECK_CENTRE_XY = np.array([99.0, 135.0])
 CAP_HEIGHT_MM = 80.0
 OUTPUT_CENTRE_XY = (99.0, 110.0)
-OUTPUT_Z0 = -75.0
+#: the head's top (about z 220 mm, up to 227 mm scaled) stays inside the field (top 240 mm)
+OUTPUT_Z0 = -60.0
 TABLE_GAP_MM = 12.0
 TABLE_THICKNESS_MM = 8.0
-
-#: Face features of the base head (LPS mm), found on a frontal render of the shipped CT:
-#: name -> (centre, Gaussian radius mm, max displacement per axis mm (x, y, z)).
-#: In-plane (x, z) amplitudes matter most: they move the 2-D landmarks a frontal render
-#: shows (depth, y, mostly shades). Every displacement stays below 1.6 x the radius, so
-#: the warp stays one-to-one.
-FACE_FEATURES = {
-    "nose": ((99.0, 18.0, 69.0), 13.0, (2.5, 6.0, 5.0)),
-    "chin": ((99.0, 52.0, 8.0), 17.0, (2.5, 6.0, 8.0)),
-    "lips": ((99.0, 42.0, 40.0), 11.0, (1.5, 3.5, 4.0)),
-    "brow": ((99.0, 18.0, 118.0), 20.0, (1.5, 4.0, 5.0)),
-    "cheek_right": ((57.0, 44.0, 65.0), 18.0, (6.0, 4.0, 4.0)),
-    "cheek_left": ((141.0, 46.0, 65.0), 18.0, (6.0, 4.0, 4.0)),
-    "eye_right": ((73.0, 30.0, 106.0), 11.0, (4.0, 3.0, 4.0)),
-    "eye_left": ((126.0, 32.0, 106.0), 11.0, (4.0, 3.0, 4.0)),
-    "mouth_right": ((84.0, 44.0, 40.0), 9.0, (4.0, 2.0, 3.0)),
-    "mouth_left": ((114.0, 44.0, 40.0), 9.0, (4.0, 2.0, 3.0)),
-    "jaw_right": ((62.0, 80.0, 25.0), 20.0, (6.0, 3.0, 4.0)),
-    "jaw_left": ((136.0, 80.0, 25.0), 20.0, (6.0, 3.0, 4.0)),
-}
-#: Left/right features move as mirror images (wider or narrower face), up to 15 % asymmetry.
-SYMMETRIC_PAIRS = (("cheek_right", "cheek_left"), ("eye_right", "eye_left"),
-                   ("mouth_right", "mouth_left"), ("jaw_right", "jaw_left"))
+MIX_WEIGHT_RANGE = (0.35, 0.65)
+#: (lo, hi) mm per axis of the box in front of the mouth and chin holding the base's tube
+TUBE_BOX_MM = ((66.0, 106.0), (14.0, 52.0), (-10.0, 44.0))
 
 
 def _headsq_path() -> Path:
@@ -96,6 +91,21 @@ class BaseAnatomy:
     brain: np.ndarray
     lo: np.ndarray
     step: float
+
+
+def _remove_tube(hu: np.ndarray) -> None:
+    """Cut the headsq subject's endotracheal tube (a thin-walled ring in front of the chin,
+    right of the midline, entering the mouth) off the base, in place: PET/CT patients are
+    not intubated, and the tube between the lips made the face mesh's lips jump."""
+    from scipy.ndimage import binary_opening
+
+    box = tuple(slice(int((lo - BASE_LO[a]) / BASE_STEP_MM), int((hi - BASE_LO[a]) / BASE_STEP_MM))
+                for a, (lo, hi) in enumerate(TUBE_BOX_MM))
+    region = hu[box]
+    body = region > -750.0              # partial-volume tube wall too (air is -1000 here)
+    ball = np.add.outer(np.add.outer(*[np.arange(-3, 4) ** 2] * 2), np.arange(-3, 4) ** 2) <= 9
+    thin = body & ~binary_opening(body, structure=ball)
+    region[thin] = -1000.0
 
 
 @lru_cache(maxsize=1)
@@ -133,6 +143,7 @@ def base_anatomy() -> BaseAnatomy:
     fill = inside & (hu < -200.0)
     hu[fill] = body_hu[fill]
     hu[inside & spine] = 400.0
+    _remove_tube(hu)
     brain = ((((gx - 99.0) / 70.0) ** 2 + ((gy - 106.0) / 76.0) ** 2 + ((gz - 122.0) / 76.0) ** 2) <= 1.0)
     brain &= (hu > -60.0) & (hu < 150.0)
     base = BaseAnatomy(hu=hu, brain=brain.astype(np.float32), lo=BASE_LO.copy(), step=BASE_STEP_MM)
@@ -144,24 +155,30 @@ def base_anatomy() -> BaseAnatomy:
 
 # --------------------------------------------------------------------------- per patient / study
 
-def draw_identity(rng: np.random.Generator) -> dict:
-    """Random facial geometry of one patient: per-feature displacement (mm) and head scale."""
-    features = {}
-    for name, (_centre, _radius, amplitude) in FACE_FEATURES.items():
-        features[name] = rng.uniform(-1.0, 1.0, 3) * np.asarray(amplitude)
-    for right, left in SYMMETRIC_PAIRS:
-        amplitude = np.asarray(FACE_FEATURES[left][2])
-        shared = features[left]
-        features[right] = shared * np.array([-1.0, 1.0, 1.0]) + rng.uniform(-0.15, 0.15, 3) * amplitude
-    return {"features": {k: v.round(2).tolist() for k, v in features.items()},
+def assign_people(rng: np.random.Generator, n: int) -> list[tuple[list[int], list[float]]]:
+    """ORL people (0-based) and weights of each of ``n`` patients: the first 40 patients are
+    40 different people (shuffled); every further patient mixes two different people."""
+    order = rng.permutation(N_ORL_PEOPLE)
+    people: list[tuple[list[int], list[float]]] = [([int(i)], [1.0]) for i in order[:n]]
+    while len(people) < n:
+        a, b = (int(i) for i in rng.choice(N_ORL_PEOPLE, size=2, replace=False))
+        w = round(float(rng.uniform(*MIX_WEIGHT_RANGE)), 3)
+        people.append(([a, b], [w, round(1.0 - w, 3)]))
+    return people
+
+
+def draw_identity(rng: np.random.Generator, orl: list[int], weights: list[float]) -> dict:
+    """One patient: whose face shape (ORL people, weights), head and body scale, brain uptake."""
+    return {"orl": list(orl), "orl_people": [f"s{i + 1}" for i in orl], "weights": list(weights),
             "scale_xyz": rng.uniform(0.94, 1.06, 3).round(3).tolist(),
+            "body_scale": round(float(rng.uniform(0.9, 1.12)), 3),
             "brain_suv": round(float(rng.uniform(6.0, 11.0)), 2)}
 
 
 def draw_pose(rng: np.random.Generator) -> dict:
-    """Small rigid pose change of a study: degrees about x, y, z and a shift in mm."""
+    """Pose of a study: degrees about x, y, z and its position in the scanner (shift, mm)."""
     return {"rotation_deg": np.clip(rng.normal(0.0, 2.0, 3), -5.0, 5.0).round(2).tolist(),
-            "shift_mm": np.clip(rng.normal(0.0, 3.0, 3), -8.0, 8.0).round(2).tolist()}
+            "shift_mm": (np.clip(rng.normal(0.0, 1.0, 3), -2.5, 2.5) * [4.0, 4.0, 3.0]).round(2).tolist()}
 
 
 def _rotation(deg_xyz) -> np.ndarray:
@@ -179,42 +196,105 @@ def output_grid_origin() -> np.ndarray:
                      OUTPUT_CENTRE_XY[1] - ny * PET_GRID_MM[1] / 2.0, OUTPUT_Z0])
 
 
-def warp_anatomy(identity: dict, pose: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Warp the base anatomy into the output grid. Returns hu, brain (nx, ny, nz) float32 and
-    the output world coordinates' y (for the table)."""
+@dataclass(frozen=True)
+class StudyGrid:
+    """Where a study's voxels are: canonical index (i, j, k) -> LPS mm
+    ``origin + rotation @ (index * spacing)``; rotation is the identity unless oblique."""
+
+    shape: tuple[int, int, int]
+    origin: np.ndarray
+    rotation: np.ndarray
+
+    def points(self) -> np.ndarray:
+        """(nx * ny * nz, 3) LPS mm of the voxel centres, i slowest."""
+        axes = [np.arange(n) * s for n, s in zip(self.shape, PET_GRID_MM)]
+        local = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+        return self.origin + local @ self.rotation.T
+
+
+def study_grid(hard_cases=()) -> StudyGrid:
+    """The output grid of a study: taller for ``arms_up``, tilted about the field's centre
+    (and stored with those direction cosines) for ``oblique``."""
+    nx, ny, nz = OUTPUT_SHAPE_XYZ
+    if "arms_up" in hard_cases:
+        nz += cases.ARMS_UP_EXTRA_SLICES
+    origin, rotation = output_grid_origin(), np.eye(3)
+    if "oblique" in hard_cases:
+        rotation = cases.tilt_rotation()
+        centre = origin + (np.array([nx, ny, OUTPUT_SHAPE_XYZ[2]]) - 1) * PET_GRID_MM / 2.0
+        origin = centre + rotation @ (origin - centre)
+    return StudyGrid(shape=(nx, ny, nz), origin=origin, rotation=rotation)
+
+
+@lru_cache(maxsize=8)
+def _face_warp(orl: tuple[int, ...], weights: tuple[float, ...]):
+    from faceaudit.demo.face_shapes import face_warp, identity_deviation
+
+    return face_warp(identity_deviation(list(orl), list(weights)))
+
+
+def to_base_frame(points: np.ndarray, identity: dict, pose: dict) -> np.ndarray:
+    """Backward map of output LPS mm points to the base anatomy: undo the pose (rotation
+    about the head centre, then the shift), the head scale, the body scale (below the
+    chin, faded in over 50 mm) and the face warp."""
+    rot = _rotation(pose["rotation_deg"])
+    q = (points - HEAD_CENTRE - np.asarray(pose["shift_mm"])) @ rot + HEAD_CENTRE
+    q = HEAD_CENTRE + (q - HEAD_CENTRE) / np.asarray(identity["scale_xyz"])
+    body = 1.0 + (identity["body_scale"] - 1.0) * _smoothstep((10.0 - q[:, 2]) / 50.0)
+    q[:, :2] = NECK_CENTRE_XY + (q[:, :2] - NECK_CENTRE_XY) / body[:, None]
+    warp = _face_warp(tuple(identity["orl"]), tuple(float(w) for w in identity["weights"]))
+    upper = warp.lo + (np.asarray(warp.field.shape[1:]) - 1) * warp.step
+    near = np.all((q >= warp.lo) & (q <= upper), axis=1)
+    q[near] += warp.displacement(q[near])
+    return q
+
+
+@dataclass
+class StudyAnatomy:
+    """A study's warped anatomy on its grid: hu, brain (nx, ny, nz) float32, world_y (LPS y mm
+    of each voxel, for the table), headrest (bool, CT-only object) or None."""
+
+    hu: np.ndarray
+    brain: np.ndarray
+    world_y: np.ndarray
+    headrest: np.ndarray | None
+    grid: StudyGrid
+
+
+def warp_anatomy(identity: dict, pose: dict, hard_cases=()) -> StudyAnatomy:
+    """Warp the base anatomy into a study's grid (``study_grid(hard_cases)``). Raised arms are
+    part of the anatomy (CT and PET); the headrest and the padding are CT-only."""
     from scipy.ndimage import map_coordinates
 
     base = base_anatomy()
-    origin = output_grid_origin()
-    axes = [origin[i] + np.arange(OUTPUT_SHAPE_XYZ[i]) * PET_GRID_MM[i] for i in range(3)]
-    px, py, pz = np.meshgrid(*axes, indexing="ij")
-    points = np.stack([px, py, pz], -1).reshape(-1, 3)
-    rot = _rotation(pose["rotation_deg"])
-    # output -> base: undo the pose (rotation about the head centre, then the shift)
-    q = (points - HEAD_CENTRE - np.asarray(pose["shift_mm"])) @ rot + HEAD_CENTRE
-    q = HEAD_CENTRE + (q - HEAD_CENTRE) / np.asarray(identity["scale_xyz"])
-    displacement = np.zeros_like(q)
-    for name, (centre, radius, _amp) in FACE_FEATURES.items():
-        d2 = np.sum((q - np.asarray(centre)) ** 2, axis=1)
-        near = d2 < (4.0 * radius) ** 2
-        weight = np.exp(-d2[near] / (2.0 * radius ** 2))
-        displacement[near] += weight[:, None] * np.asarray(identity["features"][name])
-    q -= displacement      # backward warp: the feature moves by +displacement
+    grid = study_grid(hard_cases)
+    points = grid.points()
+    q = to_base_frame(points, identity, pose)
     coords = ((q - base.lo) / base.step).T
-    shape = OUTPUT_SHAPE_XYZ
-    hu = map_coordinates(base.hu, coords, order=1, cval=-1000.0).reshape(shape).astype(np.float32)
-    brain = map_coordinates(base.brain, coords, order=1, cval=0.0).reshape(shape).astype(np.float32)
-    return hu, brain, py
+    hu = map_coordinates(base.hu, coords, order=1, cval=-1000.0).astype(np.float32)
+    brain = map_coordinates(base.brain, coords, order=1, cval=0.0).astype(np.float32)
+    if "arms_up" in hard_cases:
+        arms = cases.arms_hu(q)
+        inside = np.isfinite(arms) & (hu < -300.0)
+        hu[inside] = arms[inside]
+    headrest = cases.headrest_mask(q).reshape(grid.shape) if "headrest" in hard_cases else None
+    return StudyAnatomy(hu=hu.reshape(grid.shape), brain=brain.reshape(grid.shape),
+                        world_y=points[:, 1].reshape(grid.shape), headrest=headrest, grid=grid)
 
 
-def simulate_ct(hu: np.ndarray, world_y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """CT (nx, ny, nz) int16 HU: anatomy + a thin table behind the back + 15 HU noise."""
+def simulate_ct(hu: np.ndarray, world_y: np.ndarray, rng: np.random.Generator, *,
+                headrest: np.ndarray | None = None, padding: bool = False) -> np.ndarray:
+    """CT (nx, ny, nz) int16 HU: anatomy + a thin table behind the back + 15 HU noise; a
+    headrest mask (CT-only object, in air) and -3024 HU padding when asked."""
     body = hu > -300.0
     back_y = float(world_y[body].max())
     table = (world_y >= back_y + TABLE_GAP_MM) & (world_y < back_y + TABLE_GAP_MM + TABLE_THICKNESS_MM)
     ct = np.where(table, 250.0, hu)
+    if headrest is not None:
+        ct = np.where(headrest & ~body, cases.HEADREST_HU, ct)
     ct = ct + rng.normal(0.0, 15.0, ct.shape).astype(np.float32)
-    return np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
+    ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
+    return cases.pad_outside_circle(ct) if padding else ct
 
 
 def simulate_pet(hu: np.ndarray, brain: np.ndarray, identity: dict,
@@ -245,17 +325,18 @@ def simulate_pet(hu: np.ndarray, brain: np.ndarray, identity: dict,
     return suv.astype(np.float32)
 
 
-def _write_nifti(path: Path, volume_xyz: np.ndarray, origin_canonical: np.ndarray) -> None:
-    """Write an (nx, ny, nz) canonical-LPS array as AutoPET stores it: j runs anterior ("LAS")."""
+def _write_nifti(path: Path, volume_xyz: np.ndarray, grid: StudyGrid) -> None:
+    """Write an (nx, ny, nz) canonical-index array as AutoPET stores it: j runs anterior
+    ("LAS"); an oblique grid keeps its direction cosines."""
     import SimpleITK as sitk
 
     flipped = volume_xyz[:, ::-1, :]                      # j now grows towards anterior
     image = sitk.GetImageFromArray(np.ascontiguousarray(flipped.transpose(2, 1, 0)))
     image.SetSpacing(PET_GRID_MM)
-    image.SetDirection((1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    direction = grid.rotation @ np.diag([1.0, -1.0, 1.0])
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
     ny = volume_xyz.shape[1]
-    origin = origin_canonical.copy()
-    origin[1] += (ny - 1) * PET_GRID_MM[1]
+    origin = grid.origin + grid.rotation @ np.array([0.0, (ny - 1) * PET_GRID_MM[1], 0.0])
     image.SetOrigin(tuple(float(v) for v in origin))
     image.SetMetaData("ITK_FileNotes", SIMULATED_NOTE)
     with atomic_path(path, suffix=".nii.gz") as tmp:
@@ -276,52 +357,100 @@ def _study_name(rng: np.random.Generator) -> str:
     return f"{month:02d}-{day:02d}-{year}-NA-PET-CT-{int(rng.integers(10000, 100000))}"
 
 
-def plan_cohort(*, n: int = 20, seed: int = 0, second_study_fraction: float = 0.2) -> list[dict]:
-    """Every random choice of a cohort, one dict per study (patient, study, id, identity,
-    pose, noise_seed), without building any volume. Same arguments -> same plan."""
+def _study_names(rng: np.random.Generator, n_studies: int) -> list[str]:
+    """Distinct study names, in date order (the first session first)."""
+    names: set[str] = set()
+    while len(names) < n_studies:
+        names.add(_study_name(rng))
+
+    def date(name: str) -> tuple[str, str, str]:
+        month, day, year = name.split("-")[:3]
+        return year, month, day
+
+    return sorted(names, key=lambda name: (date(name), name))
+
+
+def plan_cohort(*, n: int = 20, seed: int = 0, second_study_fraction: float = 0.2,
+                hard_cases=cases.DEFAULT_HARD_CASES, hard_case_fraction: float = 0.2) -> list[dict]:
+    """Every random choice of a cohort, one dict per study (patient, study, id, session,
+    n_sessions, identity, pose, noise_seed, hard_cases), without building any volume.
+    Same arguments -> same plan."""
+    if not 1 <= n:
+        raise ValueError(f"expected n >= 1 patients, found {n}")
     rng = np.random.default_rng(seed)
     patients = _patient_names(rng, n)
+    people = assign_people(rng, n)
     plan = []
-    for patient in patients:
-        identity = draw_identity(rng)
+    for patient, (orl, weights) in zip(patients, people):
+        identity = draw_identity(rng, orl, weights)
         n_studies = 2 if rng.random() < second_study_fraction else 1
-        names = sorted({_study_name(rng) for _ in range(n_studies)})
-        for study in names:
+        for session, study in enumerate(_study_names(rng, n_studies), start=1):
             plan.append({"patient": patient, "study": study, "id": f"{patient}_{study}",
+                         "session": session, "n_sessions": n_studies,
                          "identity": identity, "pose": draw_pose(rng),
                          "noise_seed": int(rng.integers(2**31))})
+    # drawn last, so a plan with other cases keeps every other choice
+    case_rng = np.random.default_rng([seed, 10])
+    for entry, study_cases in zip(plan, cases.assign_hard_cases(case_rng, len(plan), hard_cases,
+                                                                hard_case_fraction)):
+        entry["hard_cases"] = study_cases
     return plan
 
 
+def simulate_study(entry: dict) -> tuple[np.ndarray, np.ndarray, StudyGrid]:
+    """CT (int16 HU) and PET (float32 SUV) of one planned study, and its grid."""
+    study_rng = np.random.default_rng(entry["noise_seed"])
+    anatomy = warp_anatomy(entry["identity"], entry["pose"], entry["hard_cases"])
+    ct = simulate_ct(anatomy.hu, anatomy.world_y, study_rng, headrest=anatomy.headrest,
+                     padding="padding" in entry["hard_cases"])
+    pet = simulate_pet(anatomy.hu, anatomy.brain, entry["identity"], study_rng)
+    return ct, pet, anatomy.grid
+
+
 def generate_cohort(out_dir: str | os.PathLike, *, n: int = 20, seed: int = 0,
-                    second_study_fraction: float = 0.2, progress: bool = True) -> list[dict]:
+                    second_study_fraction: float = 0.2, hard_cases=cases.DEFAULT_HARD_CASES,
+                    hard_case_fraction: float = 0.2, progress: bool = True) -> list[dict]:
     """Write ``n`` simulated patients (some with a 2nd study) in the AutoPET layout.
 
-    Returns ``plan_cohort(...)``, which also goes to OUT/cohort.json. Same ``seed`` ->
-    identical volumes.
+    Returns ``plan_cohort(...)``, which also goes to OUT/cohort.json. Same arguments ->
+    identical files.
     """
     from tqdm.auto import tqdm
 
     out = make_private_dir(out_dir)
     # the done marker of an earlier cohort here must not vouch for a half-rewritten one
     (out / "SIMULATED.txt").unlink(missing_ok=True)
-    plan = plan_cohort(n=n, seed=seed, second_study_fraction=second_study_fraction)
-    origin = output_grid_origin()
+    plan = plan_cohort(n=n, seed=seed, second_study_fraction=second_study_fraction,
+                       hard_cases=hard_cases, hard_case_fraction=hard_case_fraction)
     for entry in tqdm(plan, desc="simulate", disable=not progress, file=sys.stderr):
-        study_rng = np.random.default_rng(entry["noise_seed"])
-        hu, brain, world_y = warp_anatomy(entry["identity"], entry["pose"])
-        ct = simulate_ct(hu, world_y, study_rng)
-        pet = simulate_pet(hu, brain, entry["identity"], study_rng)
+        ct, pet, grid = simulate_study(entry)
         folder = make_private_dir(out / entry["patient"] / entry["study"])
-        _write_nifti(folder / "CTres.nii.gz", ct, origin)
-        _write_nifti(folder / "SUV.nii.gz", pet, origin)
+        _write_nifti(folder / "CTres.nii.gz", ct, grid)
+        _write_nifti(folder / "SUV.nii.gz", pet, grid)
     write_json(out / "cohort.json", {
         "simulated": True, "note": SIMULATED_NOTE, "seed": seed, "n_patients": n,
-        "n_studies": len(plan), "grid_mm_xyz": PET_GRID_MM, "shape_xyz": OUTPUT_SHAPE_XYZ,
-        "base": "VTK headsq quarter CT (faceaudit/data/vtk_headsq_ct), deformed", "studies": plan})
+        "n_studies": len(plan), "n_patients_two_sessions": sum(e["session"] == 2 for e in plan),
+        "grid_mm_xyz": PET_GRID_MM, "shape_xyz": OUTPUT_SHAPE_XYZ,
+        "base": "VTK headsq quarter CT (faceaudit/data/vtk_headsq_ct), deformed",
+        "face_shapes": "MediaPipe face meshes of the 40 ORL people (faceaudit/data/orl_faces), "
+                       "thin-plate warp of the base face (faceaudit.demo.face_shapes)",
+        "hard_cases": list(hard_cases), "hard_case_fraction": hard_case_fraction, "studies": plan})
+    text = _readme(n=n, seed=seed, plan=plan, hard_cases=hard_cases)
+    atomic_write_text(out / "README.md", text)
     # written last: its presence means the cohort is complete
-    atomic_write_text(out / "SIMULATED.txt", _README.format(n=n, seed=seed, n_studies=len(plan)))
+    atomic_write_text(out / "SIMULATED.txt", text)
     return plan
+
+
+def _readme(*, n: int, seed: int, plan: list[dict], hard_cases) -> str:
+    mixed = sum(len(e["identity"]["orl"]) > 1 for e in plan if e["session"] == 1)
+    per_case = {c: [e["id"] for e in plan if c in e["hard_cases"]] for c in hard_cases}
+    lines = [f"- {c}: {len(ids)} studies ({', '.join(ids)})" for c, ids in per_case.items()]
+    return _README.format(
+        n=n, n_studies=len(plan), seed=seed, note=SIMULATED_NOTE,
+        n_people=min(n, N_ORL_PEOPLE), mixed=mixed,
+        two_sessions=sum(e["session"] == 2 for e in plan),
+        cases="\n".join(lines) if lines else "- none")
 
 
 _README = """# SIMULATED PET/CT cohort (faceaudit demo data)
@@ -329,25 +458,52 @@ _README = """# SIMULATED PET/CT cohort (faceaudit demo data)
 Every volume in this folder is SIMULATED: no patient data. {n} simulated patients,
 {n_studies} studies, seed {seed}, written by `python -m faceaudit.demo.cohort`.
 
-All heads derive from one real head CT (the VTK "headsq" example data, BSD-style notice in
-faceaudit/data/vtk_headsq_ct/LICENSE_VTKData_Copyright.txt), deformed per simulated patient
-(nose, chin, lips, cheeks, brow, eyes, head scale), posed per study, given a neck, torso
-and scanner table (CT, HU) and a PET (SUV: 7 mm FWHM blur, Poisson noise, brain uptake).
+The faces are simulated from 40 real face shapes: the MediaPipe face meshes of the 40
+people of the ORL / AT&T Database of Faces (Olivetti Research Laboratory; credit and
+citation in faceaudit/data/orl_faces/LICENSE_NOTE.md). Each patient's face carries one
+person's facial geometry ({n_people} people used; {mixed} patients mix two people's
+shapes), warped onto one real head CT (the VTK "headsq" example data, BSD-style notice in
+faceaudit/data/vtk_headsq_ct/LICENSE_VTKData_Copyright.txt) that every patient shares
+otherwise, with a head and body scale. The result is a face shape, not a photograph or a
+person: skin, eyes, hair and texture are not simulated.
+
+{two_sessions} patients have a second study (session) on another date with another pose
+and position in the scanner; a study's CT (HU, with a neck, torso and scanner table) and
+PET (SUV: 7 mm FWHM blur, Poisson noise, brain uptake) share its pose.
+
+Clinical hard cases (issue 10):
+{cases}
+
 Each NIfTI's description field says "{note}". cohort.json lists every random parameter.
-""".replace("{note}", SIMULATED_NOTE)
+"""
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write a SIMULATED AutoPET-layout PET/CT cohort.")
     parser.add_argument("out_dir")
-    parser.add_argument("--n", type=int, default=20, help="number of simulated patients")
+    parser.add_argument("--n", type=int, default=20,
+                        help="number of simulated patients (up to 40 distinct ORL face shapes; "
+                             "beyond, mixes of two)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--second-study-fraction", type=float, default=0.2)
+    parser.add_argument("--hard-cases", default=",".join(cases.DEFAULT_HARD_CASES),
+                        help=f"comma-separated among {', '.join(cases.HARD_CASES)}, 'all' or "
+                             f"'none' (default: %(default)s, what stage 1 handles today)")
+    parser.add_argument("--hard-case-fraction", type=float, default=0.2,
+                        help="share of the studies given each enabled hard case (at least one)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        hard = cases.parse_hard_cases(args.hard_cases)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.n < 1 or not 0.0 <= args.hard_case_fraction <= 1.0:
+        parser.error(f"expected --n >= 1 and --hard-case-fraction in [0, 1], found {args.n}, "
+                     f"{args.hard_case_fraction}")
     started = time.time()
     plan = generate_cohort(args.out_dir, n=args.n, seed=args.seed,
-                           second_study_fraction=args.second_study_fraction, progress=not args.quiet)
+                           second_study_fraction=args.second_study_fraction, hard_cases=hard,
+                           hard_case_fraction=args.hard_case_fraction, progress=not args.quiet)
     print(f"wrote {len(plan)} simulated studies of {args.n} patients to {args.out_dir} "
           f"in {time.time() - started:.1f} s")
     return 0
