@@ -75,7 +75,8 @@ def test_hard_cases_are_planned_per_study_and_default_to_padding_only():
     assert strip == [{k: v for k, v in e.items() if k != "hard_cases"} for e in default]
     assert all(e["hard_cases"] == [] for e in demo_data.plan_cohort(n=4, seed=0, hard_cases=()))
     assert hard_cases.parse_hard_cases("arms_up, padding") == ("arms_up", "padding")
-    assert hard_cases.parse_hard_cases("none") == () and hard_cases.parse_hard_cases("all") == hard_cases.HARD_CASES
+    assert hard_cases.parse_hard_cases("none") == ()
+    assert hard_cases.parse_hard_cases("all") == hard_cases.HARD_CASES
     with pytest.raises(ValueError, match="expected hard cases among"):
         hard_cases.parse_hard_cases("padding,tilt")
     with pytest.raises(SystemExit) as exit_info:

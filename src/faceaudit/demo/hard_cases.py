@@ -97,7 +97,8 @@ def arms_hu(points: np.ndarray) -> np.ndarray:
     hu[(inside <= 0) & (inside > -5.0)] = -90.0
     bone = np.full(len(p), np.inf)
     for start, end, radius in _RIGHT_ARM[:2]:
-        bone = np.minimum(bone, np.minimum(_capsule(p, start, end, 10.0), _capsule(mirrored, start, end, 10.0)))
+        bone = np.minimum(bone, np.minimum(_capsule(p, start, end, 10.0),
+                                           _capsule(mirrored, start, end, 10.0)))
     hu[(inside <= 0) & (bone <= 0)] = 400.0
     values[near] = hu
     return values
