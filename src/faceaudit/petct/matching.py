@@ -223,7 +223,7 @@ def _load_cached(path: Path, input_sha1: str) -> np.ndarray | None:
 
 @dataclass
 class FoldOutcome:
-    """A scored fold: its matches per alignment, its counts and its per-probe rows."""
+    """A scored fold: its matches per attack, its counts and its per-probe rows."""
 
     fold: int
     matches: dict[str, FoldMatch]
@@ -268,7 +268,8 @@ def _fold_distances(ctx: _Context, k: int, probe: LandmarkSet, gallery: Landmark
 
 
 def _probe_rows(k: int, matches: dict[str, FoldMatch], gallery: LandmarkSet, ctx: _Context) -> list[dict]:
-    """One row per probe: whether it and its subject's CT had landmarks, its rank per alignment."""
+    """One row per probe: whether it and its subject's CT had landmarks, its rank per attack
+    (and for a recognizer whether it found a face)."""
     gallery_variant = ctx.options.gallery_variant
     first = next(iter(matches.values()))
     ct_detected = dict(zip(gallery.ids.tolist(), gallery.detected.tolist()))
