@@ -70,9 +70,12 @@ def demo_steps(out: Path, *, jobs: int, n_patients: int, seed: int, n_folds: int
               "--models_path", str(cv / "models"), "--denoised_dir", str(cv / "denoised"),
               "--save_dir", str(lm)] + again),
         Step("landmark matching",
-             # a demo fold holds ~5 patients: the other folds' CTs join every gallery (distractors)
+             # a demo fold holds ~5 patients: the other folds' CTs join every gallery (distractors);
+             # the recognizers attack the same PET and U-Net renders against the same gallery
              [py, script("perform_landmark_matching.py"), "--landmarks_files", str(lm),
-              "--n_folds", str(n_folds), "--distractors", str(lm), "--save_dir", str(mt)] + again),
+              "--n_folds", str(n_folds), "--distractors", str(lm), "--save_dir", str(mt),
+              "--embedder", ",".join(RECOGNIZERS), "--renders_dir", str(recon),
+              "--denoised_dir", str(cv / "denoised")] + again),
         Step("digital mask (mediapipe mesh)",
              [py, script("run_digital_mask.py"), "--input_dir", str(photos), "--save_dir", str(dm),
               "--backend", "mediapipe", "--jobs", str(jobs)] + common),
