@@ -14,8 +14,14 @@ reconstruction (erode by a box of that physical radius, keep the body's eroded c
 it back within the component) leaves out a residue. A residue piece is a *table candidate*
 only when it is substantial (at least ``table_min_fraction`` = 5 % of the opened body's
 voxels) AND lies behind the body (its centroid is posterior to the back-most row of the
-body's eroded core). The nose, lips and ears are in front of or beside the core, and the
-residue along the back (surface staircase) is tiny: on the simulated demo cohort the largest
+body's eroded core), or it is substantial, reaches behind that row AND is an extrusion
+along the body axis (at least
+60 mm long, consecutive slices overlapping by a median IoU >= 0.6): a U-shaped headrest or
+cradle, whose side arms reach forward beside the cheeks and under the chin, has its
+centroid in front of the core's back but is a shell swept along axis 0 (IoU 0.78 on the
+simulated cradle; the body's largest residue pieces 0.44-0.58). The nose, lips and ears
+are in front of or beside the core and small, and the residue along the back (surface
+staircase) is tiny: on the simulated demo cohort the largest
 residue piece is 2.3 % (anterior) and the largest posterior one 0.09 %. Without a table
 candidate the component is returned unchanged (the same array, bit for bit).
 Only when a table candidate exists are its voxels removed, plus the table voxels that the
@@ -107,6 +113,44 @@ def _fill_gaps_axis0(mask: np.ndarray, max_gap: int) -> np.ndarray:
     return ~mask & (following - last - 1 <= max_gap)
 
 
+#: A residue piece at least this long along axis 0 (mm) whose consecutive slices overlap by at
+#: least this much (median intersection over union) is a support (headrest, cradle).
+EXTRUSION_MIN_LENGTH_MM = 60.0
+EXTRUSION_MIN_OVERLAP = 0.6
+
+
+def _extruded_along_axis0(piece: np.ndarray, spacing, *, min_length_mm: float = EXTRUSION_MIN_LENGTH_MM,
+                          min_overlap: float = EXTRUSION_MIN_OVERLAP) -> bool:
+    """Whether ``piece`` (bool, cropped to its bounding box) is a near-constant cross-section
+    swept along axis 0: at least ``min_length_mm`` long, the median intersection over union
+    of its consecutive slices' footprints at least ``min_overlap``. A headrest's shell is
+    (0.78 on the simulated cradle); the body's residue pieces (nose, ears, the staircase of
+    the skin) are not (at most 0.58 on the simulated demo)."""
+    z = np.flatnonzero(piece.any(axis=(1, 2)))
+    if z.size < 3 or (z[-1] - z[0] + 1) * float(spacing[0]) < min_length_mm:
+        return False
+    piece = piece[z[0]: z[-1] + 1]
+    inter = np.count_nonzero(piece[1:] & piece[:-1], axis=(1, 2))
+    union = np.count_nonzero(piece[1:] | piece[:-1], axis=(1, 2))
+    return bool(np.median(inter[union > 0] / union[union > 0]) >= min_overlap)
+
+
+def _swept_part(piece: np.ndarray, spacing, *, min_share: float = 0.3,
+                reach_mm: float = 6.0) -> np.ndarray:
+    """The headrest in a residue ``piece`` (bool, cropped to its bounding box): its voxels in
+    the (y, x) columns it fills over at least ``min_share`` of its extent along axis 0 (the
+    footprint of a shell swept along the body axis), grown within the piece by ``reach_mm``
+    (a shell tilted by a few degrees shifts across the columns). The body's residue stuck
+    to it (an ear pressed on it, the cheek's skin staircase) holds a column over a few
+    slices only and is left with the body beyond that reach."""
+    from scipy.ndimage import binary_dilation
+
+    footprint = np.count_nonzero(piece, axis=0) >= min_share * piece.shape[0]
+    swept = piece & footprint[None]
+    steps = max(1, int(np.ceil(reach_mm / float(min(spacing)))))
+    return binary_dilation(swept, np.ones((3, 3, 3), bool), iterations=steps, mask=piece)
+
+
 def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm: float = 6.0,
                       table_min_fraction: float = 0.05, table_gap_mm: float = 100.0) -> np.ndarray:
     """Cut a table or headrest that touches the body off one connected ``component``.
@@ -118,7 +162,9 @@ def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm:
     Returns ``component`` itself (the same object, unchanged) unless the opening by
     reconstruction leaves out a table candidate: a residue piece with at least
     ``table_min_fraction`` of the opened body's voxels whose centroid lies posterior to the
-    back-most voxel row of the body's core. Otherwise a subset of ``component``: the candidate
+    back-most voxel row of the body's core, or that reaches behind that row and is an
+    extrusion along axis 0 (a U-shaped headrest whose side arms reach beside the cheeks,
+    _extruded_along_axis0; of such a piece only the swept shell is taken, _swept_part). Otherwise a subset of ``component``: the candidate
     pieces and the gaps (<= ``table_gap_mm`` along axis 0) between their voxels are removed,
     and the part connected to the opened body is kept. See the module docstring.
     """
@@ -148,12 +194,22 @@ def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm:
     centroid_row = np.nan_to_num(np.asarray(stats["centroids"])[: n_residue + 1, 1], nan=-1.0)
     # a wide contact lets the body's core reach down to within a voxel or two of the table,
     # so "behind" is measured from the core's back-most row, not the opened body's
-    table_piece = ((counts >= table_min_fraction * np.count_nonzero(opened))
-                   & (centroid_row > core_back))
-    table_piece[0] = False
-    if not table_piece.any():
+    substantial = counts >= table_min_fraction * np.count_nonzero(opened)
+    substantial[0] = False
+    table_piece = substantial & (centroid_row > core_back)
+    # a U-shaped headrest wraps round the back of the head: its side arms reach forward beside
+    # the cheeks and pull the centroid in front of the core's back, but it reaches behind the
+    # core and is an extrusion along axis 0
+    boxes = stats["bounding_boxes"]
+    headrests = {label: boxes[label] for label in np.flatnonzero(substantial & ~table_piece)
+                 if boxes[label][1].stop - 1 > core_back
+                 and _extruded_along_axis0(residue_labels[boxes[label]] == label, spacing)}
+    if not table_piece.any() and not headrests:
         return component
     table = table_piece[residue_labels]
+    for label, piece_box in headrests.items():
+        # only the swept shell: an ear or a cheek's residue touching it is not a headrest
+        table[piece_box] |= _swept_part(residue_labels[piece_box] == label, spacing)
     del residue_labels
     # the body's dilation reached into the table under the contact patch, leaving a hole in
     # the table piece. A table is an extrusion along the body axis (axis 0), so the hole is a
