@@ -164,9 +164,10 @@ def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm:
     ``table_min_fraction`` of the opened body's voxels whose centroid lies posterior to the
     back-most voxel row of the body's core, or that reaches behind that row and is an
     extrusion along axis 0 (a U-shaped headrest whose side arms reach beside the cheeks,
-    _extruded_along_axis0; of such a piece only the swept shell is taken, _swept_part). Otherwise a subset of ``component``: the candidate
-    pieces and the gaps (<= ``table_gap_mm`` along axis 0) between their voxels are removed,
-    and the part connected to the opened body is kept. See the module docstring.
+    _extruded_along_axis0; of such a piece only the swept shell is taken, _swept_part).
+    Otherwise a subset of ``component``: the candidate pieces and the gaps (<=
+    ``table_gap_mm`` along axis 0) between their voxels are removed, and the part connected
+    to the opened body is kept. See the module docstring.
     """
     import cc3d
 
