@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import load_script
 from PIL import Image
 
+from conftest import load_script
 from faceaudit.core.runner import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -365,3 +365,35 @@ def test_flat_layout_dicom_series_folders_render_as_their_nifti_twins(tmp_path):
     assert rows["dcm"]["status"] == "ok" and rows["dcm"]["ct_source"].endswith("dcm_ct")
     np.testing.assert_array_equal(np.asarray(Image.open(out / "cts" / "dcm.png")),
                                   np.asarray(Image.open(out / "cts" / "nii.png")))
+
+
+def test_every_render_gets_a_face_verdict_and_the_summary_counts_faceless_renders(tmp_path,
+                                                                                  headsq_ct_path):
+    """Issue 10 point 6: a render with status ok could show no face and nothing said so."""
+    root, out = tmp_path / "studies", tmp_path / "out"
+    z, y, x = np.mgrid[:40, :36, :36]
+    box = (abs(z - 20) < 12) & (abs(y - 18) < 10) & (abs(x - 18) < 9)     # no face on a box
+    _write(root / "PETCT_blob" / "s1" / "CTres.nii.gz", np.where(box, 40.0, -1000.0).astype(np.float32))
+    _write(root / "PETCT_blob" / "s1" / "SUV.nii.gz", np.where(box, 1.0, 0.02).astype(np.float32))
+    real = root / "PETCT_real" / "s1"
+    real.mkdir(parents=True)
+    head = sitk.ReadImage(str(headsq_ct_path))
+    sitk.WriteImage(sitk.Cast(head, sitk.sitkFloat32) - 1024.0, str(real / "CTres.nii.gz"))
+    _write(real / "SUV.nii.gz", _phantom("pet"))
+    result = run_reconstruction(root, out, ReconstructionOptions(head_height_mm=140.0),
+                                run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_OK
+    rows = _read_manifest(out)
+    assert rows["PETCT_real_s1"]["ct_face_qa"] == "face"
+    assert rows["PETCT_blob_s1"]["ct_face_qa"] == "no_face"
+    assert rows["PETCT_blob_s1"]["pet_face_qa"] == "no_face"
+    assert all(row["status"] == "ok" for row in rows.values())      # counted, not failed
+    assert "1 CT renders without a face" in result.summary and "PETCT_blob_s1" in result.summary
+    assert "1 PET renders without a face" in result.summary     # the other PET is the face-like phantom
+    sheet = np.asarray(Image.open(out / "qa_montage.png")).astype(int)
+    assert ((sheet[..., 0] > 200) & (sheet[..., 1] < 60) & (sheet[..., 2] < 60)).sum() > 1000
+    # a re-run skips both studies and keeps their verdicts and the count
+    again = run_reconstruction(root, out, ReconstructionOptions(head_height_mm=140.0),
+                               run=RunSettings(progress=False))
+    assert _read_manifest(out)["PETCT_real_s1"]["ct_face_qa"] == "face"
+    assert "1 CT renders without a face" in again.summary

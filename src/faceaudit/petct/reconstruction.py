@@ -51,6 +51,14 @@ from faceaudit.core.runner import (
     map_items,
 )
 from faceaudit.petct.render import PROJECTIONS, SHADINGS, render_frontal
+from faceaudit.petct.render_qa import (  # noqa: F401  (qa_labels, LABEL_CHARS: the QA sheet's)
+    FACE,
+    LABEL_CHARS,
+    NO_FACE,
+    mark_no_face,
+    qa_labels,
+    render_face_qa,
+)
 from faceaudit.petct.surface import PET_THRESHOLDS, extract_head_surface
 from faceaudit.petct.volumes import Study, discover_studies, load_volume
 
@@ -217,6 +225,10 @@ def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str,
     result = reconstruct_volume(volume.array, volume.spacing, modality=modality,
                                 origin=volume.origin, options=options)
     t0 = time.perf_counter()
+    # what the landmark stage will see: a render without a face stays ok but is counted
+    numbers = {**result.numbers, "face_qa": render_face_qa(result.render.image)}
+    t_qa = time.perf_counter() - t0
+    t0 = time.perf_counter()
     paths = output_paths(save_dir, study_id, modality)
     write_png(paths["png"], result.render.image)
     atomic_write_bytes(paths["ply"], result.mesh.export(file_type="ply"))
@@ -226,8 +238,8 @@ def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str,
               centre_xz_mm=np.asarray(camera["centre_xz_mm"]),
               image_plane_y_mm=np.float64(camera["image_plane_y_mm"]),
               projection=np.str_(camera["projection"]))
-    timings = {"load": t_load, **result.timings, "write": time.perf_counter() - t0}
-    return {"numbers": result.numbers, "timings": timings}
+    timings = {"load": t_load, **result.timings, "face_qa": t_qa, "write": time.perf_counter() - t0}
+    return {"numbers": numbers, "timings": timings}
 
 
 def process_study(study: Study, *, save_dir: str | os.PathLike, options: ReconstructionOptions,
@@ -337,41 +349,13 @@ def _study_fingerprint(fps: dict) -> str | None:
 
 # --------------------------------------------------------------------------- QA sheet
 
-def qa_labels(ids: list[str], *, width: int) -> list[str]:
-    """Labels of at most ``width`` characters that tell every id of ``ids`` apart.
-
-    An id that fits is shown whole (without the ``PETCT_`` prefix); a longer one as its
-    head, "..", its tail, with the split chosen so that no two labels are equal (two
-    studies of one patient share the head, so the tail or a longer head must differ).
-    Ids that no split tells apart get their position appended.
-    """
-    names = [i.removeprefix("PETCT_") for i in ids]
-    if all(len(n) <= width for n in names):
-        return names
-
-    def shorten(name: str, head: int) -> str:
-        return name if len(name) <= width else f"{name[:head]}..{name[len(name) - (width - 2 - head):]}"
-
-    room = width - 2
-    for head in [8, *range(9, room), *range(7, 0, -1)]:
-        if not 0 < head < room:
-            continue
-        labels = [shorten(n, head) for n in names]
-        if len(set(labels)) == len(labels):
-            return labels
-    labels = [shorten(n, 8) for n in names]
-    return [f"{label[: width - 4]}#{k}" for k, label in enumerate(labels)]
-
-
-#: characters core.figures.montage prints under a cell
-LABEL_CHARS = 26
-
-
 def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int = 24,
-               ncols: int = 8, crop: int = 256) -> np.ndarray | None:
+               ncols: int = 8, crop: int = 256,
+               verdicts: dict[tuple[str, str], str] | None = None) -> np.ndarray | None:
     """RGB sheet: for each block of ``ncols`` studies, a row of CT renders above their PET
     renders (central ``crop`` pixels of each render, where the head is); black = missing
-    or unreadable."""
+    or unreadable. ``verdicts``: (id, modality) -> face QA verdict; a render whose verdict
+    is not "face" (render_qa) gets a red frame and its verdict in red."""
     from faceaudit.core.figures import montage
     from faceaudit.core.images import center_crop, read_grey
 
@@ -393,6 +377,9 @@ def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int 
                     image = blank
                 if min(image.shape[:2]) > crop:
                     image = center_crop(image, crop)
+                verdict = (verdicts or {}).get((study_id, modality), FACE)
+                if image is not blank and verdict not in (FACE, ""):
+                    image = mark_no_face(image, verdict)
                 images.append(image)
                 labels.append(f"{modality.upper()} {names[study_id]}")
             images.extend([blank] * (ncols - len(block)))
@@ -431,7 +418,7 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
                 continue
             stage.record(study_row(study, result, stage.previous(study.id), fps),
                          _study_fingerprint(fps))
-        _write_qa_montage(stage.save_dir, [s.id for s in studies])
+        _write_qa_montage(stage, [s.id for s in studies])
         return stage.finish(keep_ids=[s.id for s in studies],
                             summary=_summary(stage, [s.id for s in studies]),
                             details={"n_studies": len(studies), "n_processed": len(work)})
@@ -461,10 +448,13 @@ def _plan(stage: StageRun, studies: list[Study], options: ReconstructionOptions)
     return work, fps_of
 
 
-def _write_qa_montage(save_dir: Path, ids: list[str]) -> None:
+def _write_qa_montage(stage: StageRun, ids: list[str]) -> None:
+    save_dir = stage.save_dir
     rendered = [i for i in sorted(ids)
                 if any(output_paths(save_dir, i, m)["png"].is_file() for m in MODALITIES)]
-    sheet = qa_montage(save_dir, rendered)
+    verdicts = {(i, m): (stage.previous(i) or {}).get(f"{m}_face_qa") or FACE
+                for i in rendered for m in MODALITIES}
+    sheet = qa_montage(save_dir, rendered, verdicts=verdicts)
     if sheet is not None:
         write_png(save_dir / QA_MONTAGE, sheet)
 
@@ -475,6 +465,13 @@ def _summary(stage: StageRun, ids: list[str]) -> str:
               for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
     lines = [(f"reconstruction: {len(ids)} studies: {counts['ok']} ok, {counts['failed']} failed, "
               f"{counts['skipped']} skipped (unchanged); renders in {stage.save_dir}")]
+    for modality in MODALITIES:
+        faceless = [row["id"] for row in rows if row and row.get(f"{modality}_status") == STATUS_OK
+                    and row.get(f"{modality}_face_qa") not in (None, "", FACE)]
+        if faceless:
+            shown = ", ".join(faceless[:5]) + (f" and {len(faceless) - 5} more" if len(faceless) > 5 else "")
+            lines.append(f"  {len(faceless)} {modality.upper()} renders without a face "
+                         f"({modality}_face_qa {NO_FACE} or implausible; see qa_montage.png): {shown}")
     failed = [row for row in rows if row and row.get("status") == STATUS_FAILED]
     for row in failed[:10]:
         lines.append(f"  failed {row['id']}: {row.get('reason', '')}")

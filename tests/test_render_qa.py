@@ -1,0 +1,71 @@
+"""Face QA of stage-1 renders: a verdict per CT and PET render (issue 10 point 6)."""
+
+import numpy as np
+import pytest
+
+from faceaudit.petct.render_qa import (
+    FACE,
+    IMPLAUSIBLE,
+    NO_FACE,
+    UNCHECKED,
+    plausible_layout,
+    render_face_qa,
+)
+
+
+@pytest.fixture(scope="module")
+def headsq_render(headsq_ct):
+    from faceaudit.petct.render import render_frontal
+    from faceaudit.petct.surface import extract_head_surface
+
+    surface = extract_head_surface(headsq_ct.array, headsq_ct.spacing, modality="ct",
+                                   origin=headsq_ct.origin)
+    return render_frontal(surface.mesh).image
+
+
+def test_a_real_face_render_is_a_face_and_its_upside_down_copy_or_a_blob_is_not(headsq_render):
+    assert render_face_qa(headsq_render) == FACE
+    # a face found upside down has the chin above the eyes: not a usable frontal render
+    assert render_face_qa(headsq_render[::-1]) in (IMPLAUSIBLE, NO_FACE)
+    yy, xx = np.mgrid[:512, :512]
+    blob = (((yy - 256) / 100.0) ** 2 + ((xx - 256) / 80.0) ** 2 <= 1.0) * np.uint8(180)
+    assert render_face_qa(blob) == NO_FACE
+    assert render_face_qa(np.zeros((512, 512), np.uint8)) == NO_FACE
+
+
+def test_layout_rule_orders_eyes_nose_mouth_chin(headsq_render):
+    from faceaudit.core.images import center_crop
+    from faceaudit.petct.landmarks import _cached_mesh
+
+    landmarks = _cached_mesh(0.5).detect(center_crop(headsq_render, 208))
+    assert plausible_layout(landmarks)
+    flipped = landmarks.copy()
+    flipped[:, 1] = 1.0 - flipped[:, 1]
+    assert not plausible_layout(flipped)
+
+
+def test_a_face_mesh_that_fails_gives_unchecked_not_an_error():
+    class Broken:
+        def detect(self, image):
+            raise RuntimeError("graph crashed")
+
+    assert render_face_qa(np.zeros((512, 512), np.uint8), mesh=Broken()) == UNCHECKED
+
+
+def test_the_montage_frames_renders_without_a_face_in_red(tmp_path):
+    from faceaudit.core.files import make_private_dir, write_png
+    from faceaudit.petct.reconstruction import output_paths, qa_montage
+
+    for modality in ("ct", "pet"):
+        make_private_dir(tmp_path / output_paths(tmp_path, "a", modality)["png"].parent.name)
+        for sid in ("a", "b"):
+            write_png(output_paths(tmp_path, sid, modality)["png"], np.full((512, 512), 128, np.uint8))
+    verdicts = {("a", "ct"): FACE, ("a", "pet"): NO_FACE, ("b", "ct"): FACE, ("b", "pet"): FACE}
+    sheet = qa_montage(tmp_path, ["a", "b"], verdicts=verdicts).astype(int)
+    red = (sheet[..., 0] > 200) & (sheet[..., 1] < 60) & (sheet[..., 2] < 60)
+    # tiles are 160 px wide with a 14 px label row: PET of "a" is row 1, column 0
+    assert red[174:334, :160].sum() > 500
+    assert red[:174].sum() == 0 and red[174:334, 160:].sum() == 0
+    np.testing.assert_allclose(sheet[174 + 120, 80], 128, atol=2)     # the render still shows
+    unmarked = qa_montage(tmp_path, ["a", "b"]).astype(int)
+    assert not ((unmarked[..., 0] > 200) & (unmarked[..., 1] < 60)).any()
