@@ -97,8 +97,9 @@ LABEL_CHARS = 26
 
 
 def mark_no_face(image: np.ndarray, verdict: str) -> np.ndarray:
-    """The grey render (uint8, or float in [0, 1]) as RGB with a red frame and the verdict written in red ("no_face",
-    "implausible"): the QA sheet shows at a glance which renders the landmark stage will miss."""
+    """The grey render (uint8, or float in [0, 1]) as RGB with a red frame and the verdict
+    written in red ("no_face", "implausible"): the QA sheet shows at a glance which renders
+    the landmark stage will miss."""
     from PIL import Image, ImageDraw, ImageFont
 
     image = np.asarray(image)
