@@ -393,20 +393,30 @@ def _death_reason(exitcode: int | None) -> str:
     return f"the worker process running this item exited with code {exitcode} before finishing it"
 
 
-def _map_in_workers(fn, items: list, jobs: int) -> Iterator[tuple[int, Any, BaseException | None]]:
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
+class _WorkerPool:
+    """``jobs`` spawned worker processes, each fed one item at a time through its own pipe.
 
-    ctx = mp.get_context("spawn")
-    pending = deque(range(len(items)))
-    workers: dict[int, dict[str, Any]] = {}     # slot -> process, conn, running index
+    The parent always knows which item each worker holds, so a worker that dies without a
+    result (its pipe closes, its sentinel fires) fails that item alone and is replaced.
+    """
 
-    def start(slot: int) -> None:
-        parent, child = ctx.Pipe()
+    def __init__(self, fn, items: list, jobs: int) -> None:
+        import multiprocessing as mp
+
+        self.fn, self.items = fn, items
+        self.ctx = mp.get_context("spawn")
+        self.pending = deque(range(len(items)))
+        self.workers: dict[int, dict[str, Any]] = {}     # slot -> process, conn, held item index
+        for slot in range(jobs):
+            self._start(slot)
+            self._feed(slot)
+
+    def _start(self, slot: int) -> None:
+        parent, child = self.ctx.Pipe()
         saved = {k: os.environ.get(k) for k in _WORKER_THREAD_ENV}
         os.environ.update({k: "1" for k in _WORKER_THREAD_ENV})
         try:
-            proc = ctx.Process(target=_worker_loop, args=(child, fn), daemon=True)
+            proc = self.ctx.Process(target=_worker_loop, args=(child, self.fn), daemon=True)
             proc.start()
         finally:
             for key, value in saved.items():
@@ -415,52 +425,63 @@ def _map_in_workers(fn, items: list, jobs: int) -> Iterator[tuple[int, Any, Base
                 else:
                     os.environ[key] = value
         child.close()
-        workers[slot] = {"proc": proc, "conn": parent, "index": None}
+        self.workers[slot] = {"proc": proc, "conn": parent, "index": None}
 
-    def feed(slot: int) -> None:
-        worker = workers[slot]
-        if pending:
-            worker["index"] = pending.popleft()
-            worker["conn"].send((worker["index"], items[worker["index"]]))
-        else:
-            worker["index"] = None
+    def _feed(self, slot: int) -> None:
+        worker = self.workers[slot]
+        worker["index"] = self.pending.popleft() if self.pending else None
+        if worker["index"] is not None:
+            worker["conn"].send((worker["index"], self.items[worker["index"]]))
 
-    try:
-        for slot in range(jobs):
-            start(slot)
-            feed(slot)
-        while any(w["index"] is not None for w in workers.values()):
-            busy = {slot: w for slot, w in workers.items() if w["index"] is not None}
+    def results(self) -> Iterator[tuple[int, Any, BaseException | None]]:
+        from multiprocessing.connection import wait
+
+        while True:
+            busy = {slot: w for slot, w in self.workers.items() if w["index"] is not None}
+            if not busy:
+                return
             ready = wait([w["conn"] for w in busy.values()] + [w["proc"].sentinel for w in busy.values()])
             for slot, worker in busy.items():
-                if worker["conn"] in ready:
-                    try:
-                        index, result, error = worker["conn"].recv()
-                    except (EOFError, OSError):
-                        pass            # died: handled below by its sentinel
-                    else:
-                        yield index, result, error
-                        feed(slot)
-                        continue
-                if worker["proc"].sentinel in ready or not worker["proc"].is_alive():
-                    worker["proc"].join()
-                    index = worker["index"]
-                    yield index, None, WorkerDied(_death_reason(worker["proc"].exitcode))
-                    worker["conn"].close()
-                    start(slot)
-                    feed(slot)
-    finally:
-        for worker in workers.values():
+                outcome = self._collect(slot, worker, ready)
+                if outcome is not None:
+                    yield outcome
+                    self._feed(slot)
+
+    def _collect(self, slot: int, worker: dict[str, Any], ready: list) -> tuple | None:
+        """The worker's result, a WorkerDied for its item when it died, or None (still busy)."""
+        if worker["conn"] in ready:
+            try:
+                return worker["conn"].recv()
+            except (EOFError, OSError):
+                pass                    # died: its sentinel says so below
+        if worker["proc"].sentinel in ready or not worker["proc"].is_alive():
+            worker["proc"].join()
+            outcome = (worker["index"], None, WorkerDied(_death_reason(worker["proc"].exitcode)))
+            worker["conn"].close()
+            self._start(slot)
+            return outcome
+        return None
+
+    def close(self) -> None:
+        for worker in self.workers.values():
             try:
                 worker["conn"].send(None)
             except (OSError, ValueError):
                 pass
-        for worker in workers.values():
+        for worker in self.workers.values():
             worker["proc"].join(timeout=5)
             if worker["proc"].is_alive():
                 worker["proc"].terminate()
                 worker["proc"].join()
             worker["conn"].close()
+
+
+def _map_in_workers(fn, items: list, jobs: int) -> Iterator[tuple[int, Any, BaseException | None]]:
+    pool = _WorkerPool(fn, items, jobs)
+    try:
+        yield from pool.results()
+    finally:
+        pool.close()
 
 
 __all__ = [
