@@ -50,6 +50,7 @@ from faceaudit.core.runner import (
     fingerprint,
     map_items,
 )
+from faceaudit.petct.dicom_study import MIN_SERIES_FILES, pet_in_suv
 from faceaudit.petct.render import PROJECTIONS, SHADINGS, render_frontal
 from faceaudit.petct.render_qa import (  # noqa: F401  (qa_labels, LABEL_CHARS: the QA sheet's)
     FACE,
@@ -204,7 +205,8 @@ def _source(study: Study, modality: str) -> Path | None:
 
 
 def _load(study: Study, modality: str):
-    """(volume, seconds); a missing or ambiguous side is an InputError naming what was expected."""
+    """(volume, seconds, unit numbers); a missing or ambiguous side is an InputError naming
+    what was expected."""
     problem = study.problems.get(modality)
     if problem:
         raise InputError(f"study {study.id}: {problem}")
@@ -212,21 +214,27 @@ def _load(study: Study, modality: str):
     if path is None:
         if study.layout == "flat":
             expected = f"{study.id}_{modality}.nii.gz or a DICOM folder {study.id}_{modality}/"
+        elif study.layout == "tcia":
+            expected = (f"a DICOM series with Modality {'CT' if modality == 'ct' else 'PT'} and at "
+                        f"least {MIN_SERIES_FILES} files")
         else:
             expected = f"{'CTres' if modality == 'ct' else 'SUV'}.nii.gz (or {modality.upper()}.nii.gz)"
         raise InputError(f"study {study.id} has no {modality.upper()} volume (expected {expected})")
     t0 = time.perf_counter()
     volume = load_volume(path)
-    return volume, time.perf_counter() - t0
+    units = {}
+    if modality == "pet":
+        volume, units = pet_in_suv(volume, path)
+    return volume, time.perf_counter() - t0, units
 
 
 def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str, modality: str,
-                           options: ReconstructionOptions) -> dict:
+                           options: ReconstructionOptions, units: dict) -> dict:
     result = reconstruct_volume(volume.array, volume.spacing, modality=modality,
                                 origin=volume.origin, options=options)
     t0 = time.perf_counter()
     # what the landmark stage will see: a render without a face stays ok but is counted
-    numbers = {**result.numbers, "face_qa": render_face_qa(result.render.image)}
+    numbers = {**result.numbers, **units, "face_qa": render_face_qa(result.render.image)}
     t_qa = time.perf_counter() - t0
     t0 = time.perf_counter()
     paths = output_paths(save_dir, study_id, modality)
@@ -263,8 +271,9 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
         for modality in todo:
             t0 = time.perf_counter()
             try:
-                volume, t_load = loads.pop(modality).result()
-                record = _reconstruct_and_write(volume, t_load, save_dir, study.id, modality, options)
+                volume, t_load, units = loads.pop(modality).result()
+                record = _reconstruct_and_write(volume, t_load, save_dir, study.id, modality, options,
+                                                units)
                 del volume
                 record["status"], record["reason"] = STATUS_OK, ""
             except Exception as exc:  # one bad volume must not lose the other modality

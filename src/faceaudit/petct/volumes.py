@@ -355,10 +355,16 @@ def _autopet_study(patient_dir: Path, study_dir: Path) -> Study | None:
             study.problems[side] = _ambiguity(side, candidates)
         else:
             setattr(study, side, chosen)
-    # a folder with neither side is still reported when it holds some NIfTI (e.g. only SEG)
-    if (study.ct is None and study.pet is None and not study.problems
-            and not any(_strip_nifti(p.name) for p in study_dir.iterdir())):
-        return None
+    if study.ct is None and study.pet is None and not study.problems:
+        from faceaudit.petct.dicom_study import pick_series, series_folders
+
+        if series_folders(study_dir):     # a TCIA download: DICOM series, told apart by header
+            chosen, problems = pick_series(study_dir)
+            study.ct, study.pet, study.problems, study.layout = chosen["ct"], chosen["pet"], problems, "tcia"
+            return study
+        # a folder with neither side is still reported when it holds some NIfTI (e.g. only SEG)
+        if not any(_strip_nifti(p.name) for p in study_dir.iterdir()):
+            return None
     return study
 
 
@@ -387,6 +393,9 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
 
     AutoPET layout: ``root/PETCT_<patient>/<study>/{CTres|CT,SUV|PET}.nii.gz`` (or a DICOM
     folder of that name); id = ``PETCT_<patient>_<study>``, subject = ``PETCT_<patient>``.
+    TCIA layout (FDG-PET-CT-Lesions as downloaded): the same folders, the study folder holding
+    DICOM series sub-folders instead; CT and PET are the series whose Modality is CT and PT
+    (petct.dicom_study: SEG and localisers ignored, two candidates a problem naming both).
     Flat layout: ``root/<id>_ct.nii.gz`` + ``root/<id>_pet.nii.gz``, either of which may be a
     DICOM series folder ``root/<id>_ct/``, ``root/<id>_pet/``; subject = id.
     CT and PET are paired by study id; a study missing one side is returned with that

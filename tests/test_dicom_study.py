@@ -1,0 +1,134 @@
+"""TCIA FDG-PET-CT-Lesions layout: DICOM series picked by Modality, PET Bq/ml -> SUV (issue 10
+point 5, second half)."""
+
+import csv
+import struct
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, RunSettings
+from faceaudit.petct.dicom_study import _scan_value, pick_series, suv_factor
+from faceaudit.petct.reconstruction import ReconstructionOptions, run_reconstruction
+
+SPACING_XYZ = (4.0, 4.0, 4.0)
+WEIGHT_KG, DOSE_BQ, HALF_LIFE_S = 72.5, 3.4e8, 6586.2          # F-18
+#: injected 09:58:30, series at 11:02:00: 3810 s of decay
+INJECTION, SERIES = "095830.00", "110200"
+SUV_FACTOR = WEIGHT_KG * 1000.0 / (DOSE_BQ * 2.0 ** (-3810.0 / HALF_LIFE_S))
+
+
+def _phantom(modality: str) -> np.ndarray:
+    z, y, x = np.mgrid[:40, :36, :36].astype(np.float32)
+    head = ((z - 27) / 11.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 18) / 9.0) ** 2 <= 1.0
+    nose = ((z - 26) / 3.0) ** 2 + ((y - 8) / 3.0) ** 2 + ((x - 18) / 2.0) ** 2 <= 1.0
+    neck = (((y - 20) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0) & (z < 20)
+    body = head | nose | neck
+    if modality == "ct":
+        return np.where(body, 40.0, -1000.0).astype(np.float32)
+    brain = ((z - 29) / 7.0) ** 2 + ((y - 19) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0
+    return (np.where(body, 1.0, 0.02) + np.where(brain, 7.0, 0.0)).astype(np.float32)
+
+
+def _write_series(folder, array_zyx, tags: dict, *, uid: str, n_slices: int | None = None) -> None:
+    """A DICOM series of ``array_zyx`` (int16, canonical LPS, 4 mm) with ``tags`` on every slice."""
+    folder.mkdir(parents=True)
+    image = sitk.GetImageFromArray(np.asarray(array_zyx, dtype=np.int16))
+    image.SetSpacing(SPACING_XYZ)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(n_slices or image.GetDepth()):
+        slice_k = image[:, :, k]
+        for key, value in {**tags, "0020|000e": uid, "0020|0013": str(k + 1),
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "4",
+                           "0020|0032": f"0\\0\\{4.0 * k}"}.items():
+            slice_k.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"1-{k + 1:03d}.dcm"))
+        writer.Execute(slice_k)
+
+
+PET_TAGS = {"0008|0060": "PT", "0054|1001": "BQML", "0010|1030": str(WEIGHT_KG),
+            "0018|1074": str(DOSE_BQ), "0018|1075": str(HALF_LIFE_S), "0018|1072": INJECTION,
+            "0008|0031": SERIES, "0008|0008": "ORIGINAL\\PRIMARY"}
+
+
+def _tcia_study(root, *, pet_tags=PET_TAGS, second_pet: bool = False):
+    """PETCT_tcia/<study>/ with a CT, a PET in Bq/ml, a SEG, a 2-slice CT localiser."""
+    study = root / "PETCT_tcia" / "08-12-2005-NA-PET-CT Ganzkoerper-10445"
+    ct = _phantom("ct")
+    _write_series(study / "2.000000-CT IMAGES-31337", ct, {"0008|0060": "CT"}, uid="1.2.3.1")
+    bqml = np.rint(_phantom("pet") / SUV_FACTOR)                # SUV 1 = ~3.4 kBq/ml
+    _write_series(study / "3.000000-PET corr-98765", bqml, pet_tags, uid="1.2.3.2")
+    _write_series(study / "1.000000-Topogram-111", ct, {"0008|0060": "CT",
+                                                        "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"},
+                  uid="1.2.3.3", n_slices=2)
+    _write_series(study / "400.000000-Segmentation-222", ct > 0, {"0008|0060": "SEG"}, uid="1.2.3.4")
+    if second_pet:
+        _write_series(study / "4.000000-PET NAC-55555", bqml, pet_tags, uid="1.2.3.5")
+    return study
+
+
+def _rows(out):
+    with open(out / "manifest.csv", newline="") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh)}
+
+
+def test_tcia_study_ct_and_pet_picked_by_modality_and_pet_turned_into_suv(tmp_path):
+    study = _tcia_study(tmp_path / "in")
+    chosen, problems = pick_series(study)
+    assert chosen["ct"].name.startswith("2.000000-CT") and chosen["pet"].name.startswith("3.0")
+    assert problems == {}
+    factor, note = suv_factor(chosen["pet"])
+    assert factor == pytest.approx(SUV_FACTOR, rel=1e-9) and note == ""
+    out = tmp_path / "out"
+    # before: 'no PET/CT studies' (exit 2): the study folder holds no CTres/SUV volume
+    result = run_reconstruction(tmp_path / "in", out, ReconstructionOptions(head_height_mm=120.0),
+                                run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_OK
+    row = _rows(out)["PETCT_tcia_08-12-2005-NA-PET-CT Ganzkoerper-10445"]
+    assert row["ct_source"].endswith("2.000000-CT IMAGES-31337")
+    assert row["pet_units"] == "suv"
+    assert float(row["pet_suv_factor"]) == pytest.approx(SUV_FACTOR, rel=1e-5)    # 6 digits in the CSV
+    # the skin level in SUV: half the body's uptake of 1.0 (int16 Bq/ml rounding: < 0.1 %)
+    assert float(row["pet_threshold"]) == pytest.approx(0.5, abs=0.03)
+
+
+def test_pet_without_dose_or_weight_stays_relative_and_still_renders(tmp_path):
+    tags = {k: v for k, v in PET_TAGS.items() if k != "0010|1030"}
+    _tcia_study(tmp_path / "in", pet_tags=tags)
+    result = run_reconstruction(tmp_path / "in", tmp_path / "out",
+                                ReconstructionOptions(head_height_mm=120.0), run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_OK
+    row = next(iter(_rows(tmp_path / "out").values()))
+    assert row["pet_units"] == "relative" and "weight" in row["pet_units_note"]
+    assert row.get("pet_suv_factor", "") == ""
+    assert float(row["pet_threshold"]) == pytest.approx(0.5 / SUV_FACTOR, rel=0.06)
+
+
+def test_two_pet_series_are_a_failed_side_naming_both(tmp_path):
+    _tcia_study(tmp_path / "in", second_pet=True)
+    result = run_reconstruction(tmp_path / "in", tmp_path / "out",
+                                ReconstructionOptions(head_height_mm=120.0), run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_ITEMS_FAILED
+    row = next(iter(_rows(tmp_path / "out").values()))
+    assert row["status"] == "failed" and row["ct_status"] == "ok"
+    assert "3.000000-PET corr-98765/" in row["reason"] and "4.000000-PET NAC-55555/" in row["reason"]
+
+
+def test_radiopharmaceutical_values_are_found_inside_their_sequence(tmp_path):
+    """SimpleITK's header dictionary skips sequences; real PET files nest the dose there."""
+    def element(group, elem, vr, value: bytes) -> bytes:
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    item = element(0x0018, 0x1072, b"TM", b"095830.00 ") + element(0x0018, 0x1074, b"DS", b"340000000 ")
+    sequence = (struct.pack("<HH", 0x0054, 0x0016) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF)
+                + struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+                + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    path = tmp_path / "pet.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + element(0x0008, 0x0060, b"CS", b"PT") + sequence
+                     + struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\0\0" + struct.pack("<I", 4)
+                     + struct.pack("<HH", 0x0018, 0x1075))           # not before the pixel data
+    assert _scan_value(path, "0018|1074") == "340000000"
+    assert _scan_value(path, "0018|1072") == "095830.00"
+    assert _scan_value(path, "0018|1075") is None
