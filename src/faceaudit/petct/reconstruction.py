@@ -54,6 +54,7 @@ from faceaudit.petct.dicom_study import MIN_SERIES_FILES, pet_in_suv
 from faceaudit.petct.render import PROJECTIONS, SHADINGS, render_frontal
 from faceaudit.petct.render_qa import (  # noqa: F401  (qa_labels, LABEL_CHARS: the QA sheet's)
     FACE,
+    IMPLAUSIBLE,
     LABEL_CHARS,
     NO_FACE,
     mark_no_face,
@@ -476,7 +477,7 @@ def _summary(stage: StageRun, ids: list[str]) -> str:
               f"{counts['skipped']} skipped (unchanged); renders in {stage.save_dir}")]
     for modality in MODALITIES:
         faceless = [row["id"] for row in rows if row and row.get(f"{modality}_status") == STATUS_OK
-                    and row.get(f"{modality}_face_qa") not in (None, "", FACE)]
+                    and row.get(f"{modality}_face_qa") in (NO_FACE, IMPLAUSIBLE)]
         if faceless:
             shown = ", ".join(faceless[:5]) + (f" and {len(faceless) - 5} more" if len(faceless) > 5 else "")
             lines.append(f"  {len(faceless)} {modality.upper()} renders without a face "
