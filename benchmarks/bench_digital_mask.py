@@ -75,8 +75,10 @@ def main(argv=None) -> int:
         mask_backends["flame"] = flame.FlameBackend(flame.load_flame(Path(tmp) / flame.FLAME_FILE))
     rates = {}
     for name, backend in mask_backends.items():
-        rates[name] = _rate(lambda p, backend=backend: build_mask(p, backend=backend, face_mesh=mesh, renderer=renderer),
-                            preps)
+        def mask_one(p, backend=backend):
+            return build_mask(p, backend=backend, face_mesh=mesh, renderer=renderer)
+
+        rates[name] = _rate(mask_one, preps)
     lm = mesh.detect(preps[0])
     result = mask_backends["mediapipe"].build(preps[0], lm)
     rate_render = _rate(lambda _: renderer.render(result.vertices, result.faces), preps)

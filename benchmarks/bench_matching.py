@@ -19,9 +19,9 @@ import time
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from faceaudit.core.ranking import topk_accuracy, true_match_ranks
 from faceaudit.petct.alignment import icp_distance_matrix
 from faceaudit.petct.matching import distance_matrix
-from faceaudit.core.ranking import topk_accuracy, true_match_ranks
 
 
 def base_face() -> tuple[np.ndarray, str]:

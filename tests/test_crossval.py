@@ -9,16 +9,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from faceaudit.petct.splits import load_splits
+from conftest import load_script
+from faceaudit.core.files import InputError, write_png
+from faceaudit.core.images import to_uint8
+from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 from faceaudit.petct.denoise_metrics import image_metrics, msssim_window, summarise_metrics
 from faceaudit.petct.denoiser import load_denoiser, save_model, train_denoiser
 from faceaudit.petct.render_pairs import load_renders, pair_renders
-from faceaudit.petct.splits import kfold_patient_splits, split_leakage, upstream_random_splits
-from faceaudit.core.images import to_uint8
-from faceaudit.core.files import InputError, write_png
-from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
-
-from conftest import load_script
+from faceaudit.petct.splits import kfold_patient_splits, load_splits, split_leakage, upstream_random_splits
 
 perform_crossval = load_script("perform_crossval")
 

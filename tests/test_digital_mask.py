@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ORL, load_script
-from flame_fixtures import synthetic_flame_model
 from PIL import Image
 
+from conftest import ORL, load_script
 from faceaudit.core.files import InputError, write_csv, write_npz
 from faceaudit.core.manifest import read_manifest
 from faceaudit.core.runner import OptionsError, RunSettings, fingerprint
 from faceaudit.mask import backends, digital_mask, selection, topology
 from faceaudit.mask.digital_mask import DigitalMaskOptions
+from flame_fixtures import synthetic_flame_model
 
 CONTRACT = ["id", "subject", "status", "reason", "role", "video", "source", "backend", "det_score",
             "yaw", "pitch", "roll", "prep", "overlay", "mask_only", "mask_only_black"]

@@ -6,10 +6,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ORL
 from onnx import TensorProto, helper, numpy_helper
-from recognition_helpers import identify_folder
 
+from conftest import ORL
 from faceaudit.core.files import InputError
 from faceaudit.faces.embedding import (
     ArcFaceOnnxEmbedder,
@@ -18,6 +17,7 @@ from faceaudit.faces.embedding import (
     dlib_model_dir,
     make_embedder,
 )
+from recognition_helpers import identify_folder
 
 # insightface's norm_crop, called directly below, uses a deprecated skimage API
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")

@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ORL, load_script
 from PIL import Image
 
+from conftest import ORL, load_script
 from faceaudit.core.files import InputError, read_npz, write_npz
 from faceaudit.core.manifest import read_manifest
 from faceaudit.core.runner import OptionsError, RunSettings

@@ -1,8 +1,8 @@
 
 import numpy as np
 import pytest
-from conftest import ORL
 
+from conftest import ORL
 from faceaudit.core.figures import montage
 from faceaudit.core.images import read_grey, to_uint8
 from faceaudit.faces.facedetect import make_detector

@@ -5,23 +5,14 @@ import numpy as np
 import pytest
 
 from faceaudit.core.files import (
-
-    atomic_write_text,
-
     InputError,
-
+    atomic_write_text,
     make_private_dir,
-
     read_npz,
-
     write_npz,
-
     write_png,
-
 )
-
 from faceaudit.core.manifest import ItemResult, Manifest, read_manifest
-
 from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, map_items, write_run_json
 
 

@@ -3,13 +3,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flame_fixtures import synthetic_flame_model
 
 from faceaudit.core.files import InputError, read_npz, write_npz
 from faceaudit.mask import backends, flame, topology
 from faceaudit.mask import renderer as maskrender
 from faceaudit.mask.headpose import estimate_pose, landmarks_to_viewer
 from faceaudit.mask.selection import crop_face, upscale
+from flame_fixtures import synthetic_flame_model
 
 ORL = Path(__file__).resolve().parents[1] / "src" / "faceaudit" / "data" / "orl_faces"
 

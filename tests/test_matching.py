@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_script
 from scipy.spatial.transform import Rotation
 
+from conftest import load_script
 from faceaudit.core.files import InputError, read_npz, write_npz
 from faceaudit.core.manifest import read_manifest
 from faceaudit.core.runner import OptionsError, RunSettings

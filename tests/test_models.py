@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_tfjs_onnx import TfjsWriter, ints, text
 
 import faceaudit  # noqa: F401  (ORT telemetry off before onnxruntime is imported)
 from faceaudit import models
 from faceaudit.core.files import InputError
 from faceaudit.faces.tfjs_recognizers import RECOGNIZERS, TfjsOnnxEmbedder, make_tfjs_embedder
-from test_tfjs_onnx import TfjsWriter, ints, text
 
 ORL = models.orl_root()
 SMALL_CHECK = models.OrlCheck(subjects=8, photos=3)

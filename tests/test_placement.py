@@ -7,8 +7,8 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import load_script
 
+from conftest import load_script
 from faceaudit.core.files import InputError, read_npz, write_npz, write_png
 from faceaudit.core.images import to_uint8
 from faceaudit.core.manifest import read_manifest

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ORL, load_script
 from PIL import Image
-from recognition_helpers import identify_folder
 
+from conftest import ORL, load_script
 from faceaudit.core import ranking
 from faceaudit.core.files import InputError
 from faceaudit.core.stats import wilson_interval
 from faceaudit.mask.embedding_cache import upstream_black_background
 from faceaudit.mask.evaluation import chance_topk_multi, rank_queries
 from faceaudit.mask.scenarios import read_mask_run, resolve_scenarios
+from recognition_helpers import identify_folder
 
 run_face_recognition = load_script("run_face_recognition")
 

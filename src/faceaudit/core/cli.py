@@ -10,8 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from faceaudit.core.files import InputError
-from faceaudit.core.runner import (EXIT_CRASH, EXIT_USAGE, OptionsError, RunSettings, StageResult,
-                                   describe_os_error)
+from faceaudit.core.runner import EXIT_CRASH, EXIT_USAGE, OptionsError, RunSettings, StageResult, describe_os_error
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, jobs: bool = True) -> None:

@@ -4,7 +4,6 @@ grid, and matplotlib figures rendered to PNG bytes."""
 from __future__ import annotations
 
 import io
-
 from collections.abc import Sequence
 
 import numpy as np

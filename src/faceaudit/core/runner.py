@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from faceaudit.core.files import InputError, file_digest, make_private_dir, write_json
-from faceaudit.core.manifest import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult,
-                                     Manifest, describe_exception)
+from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult, Manifest, describe_exception
 
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1

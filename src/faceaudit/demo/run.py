@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceaudit.core.files import make_private_dir, read_json_file, write_json
-
 from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

@@ -39,24 +39,52 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.core.contracts import (DENOISED_DIR, MANIFEST_FILE, MODELS_DIR, RENDER_CROP, SPLITS_FILE,
-                                      denoised_fold_dir, model_info_path, model_path)
-from faceaudit.core.files import (InputError, atomic_write_bytes, file_digest, make_private_dir,
-                                  write_csv, write_json, write_png)
+from faceaudit.core.contracts import (
+    DENOISED_DIR,
+    MANIFEST_FILE,
+    MODELS_DIR,
+    RENDER_CROP,
+    SPLITS_FILE,
+    denoised_fold_dir,
+    model_info_path,
+    model_path,
+)
+from faceaudit.core.files import (
+    InputError,
+    atomic_write_bytes,
+    file_digest,
+    make_private_dir,
+    write_csv,
+    write_json,
+    write_png,
+)
 from faceaudit.core.images import to_uint8, wavelet_denoise
-from faceaudit.core.manifest import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult,
-                                     describe_exception)
+from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult, describe_exception
 from faceaudit.core.runner import OptionsError, RunSettings, StageResult, StageRun, fingerprint
 from faceaudit.petct.denoise_figures import denoising_montage, plot_loss_curves
-from faceaudit.petct.denoise_metrics import (METRIC_COLUMNS, MSSSIM_WEIGHTS, SUMMARY_COLUMNS,
-                                             fold_metrics, format_summary, msssim_window,
-                                             summarise_metrics)
-from faceaudit.petct.denoiser import (DEVICES, denoise_arrays, fold_seed, load_denoiser,
-                                      read_loss_csv, resolve_device, save_model, torch_threads,
-                                      train_denoiser, write_loss_csv)
+from faceaudit.petct.denoise_metrics import (
+    METRIC_COLUMNS,
+    MSSSIM_WEIGHTS,
+    SUMMARY_COLUMNS,
+    fold_metrics,
+    format_summary,
+    msssim_window,
+    summarise_metrics,
+)
+from faceaudit.petct.denoiser import (
+    DEVICES,
+    denoise_arrays,
+    fold_seed,
+    load_denoiser,
+    read_loss_csv,
+    resolve_device,
+    save_model,
+    torch_threads,
+    train_denoiser,
+    write_loss_csv,
+)
 from faceaudit.petct.render_pairs import RenderPair, RenderSet, load_renders, pair_renders
-from faceaudit.petct.splits import (DEFAULT_VAL_FRACTION, PARTS, SCHEMES, load_splits,
-                                    make_splits, split_leakage)
+from faceaudit.petct.splits import DEFAULT_VAL_FRACTION, PARTS, SCHEMES, load_splits, make_splits, split_leakage
 
 log = logging.getLogger(__name__)
 

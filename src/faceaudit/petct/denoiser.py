@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import math
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence

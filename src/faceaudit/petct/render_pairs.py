@@ -19,8 +19,14 @@ import numpy as np
 from faceaudit.core.contracts import MANIFEST_FILE
 from faceaudit.core.files import InputError
 from faceaudit.core.images import center_crop, read_grey, to_uint8
-from faceaudit.core.manifest import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult,
-                                     describe_exception, read_manifest)
+from faceaudit.core.manifest import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    ItemResult,
+    describe_exception,
+    read_manifest,
+)
 from faceaudit.core.runner import map_items
 
 
