@@ -252,7 +252,7 @@ def test_saved_model_reloads_and_reproduces_outputs_bit_for_bit(trained):
     assert stat.S_IMODE(os.stat(pt).st_mode) == 0o600
     state = torch.load(pt, weights_only=True)
     assert set(state) == set(model.state_dict())
-    assert json.loads(pt.with_suffix(".json").read_text())["arch"] == "unet"
+    assert json.loads(pt.with_suffix(".json").read_text(encoding="utf-8"))["arch"] == "unet"
     images = val_pet.astype(np.float32) / 255.0
     model.eval()
     with torch.no_grad():
@@ -294,7 +294,7 @@ def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsy
     assert "3 folds (3 trained, 0 unchanged); studies: 1 failed (PETCT_p05_s0)" in printed
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
 
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     assert splits["scheme"] == "kfold" and splits["n_folds"] == 3 and splits["crop"] == CROP
     tested = sorted(i for f in splits["folds"] for i in f["test"])
     assert len(tested) == len(set(tested)) == 8 and "PETCT_p05_s0" not in tested
@@ -316,13 +316,13 @@ def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsy
     assert (out / "qa_montage.png").read_bytes()[:4] == b"\x89PNG"
     summary = _read_csv(out / "summary.csv")
     assert [int(r["n_test"]) for r in summary] == [len(f["test"]) for f in splits["folds"]]
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["device_used"] == "cpu" and not any(f["reused"] for f in run["folds"])
 
     # Re-run: finished folds are reused, not retrained.
     models_before = (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns
     assert _run(ct_dir, pet_dir, out) == EXIT_ITEMS_FAILED
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert all(f["reused"] for f in run["folds"])
     assert (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns == models_before
     assert _read_csv(out / "metrics.csv") == metrics
@@ -331,7 +331,7 @@ def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsy
     other = tmp_path / "wavelet"
     assert _run(ct_dir, pet_dir, other, "--splits_file", str(out / "splits.json"),
                 "--denoiser", "wavelet") == EXIT_ITEMS_FAILED
-    assert [f["test"] for f in json.loads((other / "splits.json").read_text())["folds"]] == \
+    assert [f["test"] for f in json.loads((other / "splits.json").read_text(encoding="utf-8"))["folds"]] == \
         [f["test"] for f in splits["folds"]]
     assert sorted(r["id"] for r in _read_csv(other / "metrics.csv")) == tested
     assert not (other / "models").exists()
@@ -343,12 +343,12 @@ def test_rerun_redoes_only_folds_whose_settings_or_outputs_changed(tmp_path):
 
     def reused(*extra):
         assert _run(ct_dir, pet_dir, out, "--denoiser", "wavelet", *extra) == EXIT_OK
-        return [f["reused"] for f in json.loads((out / "run.json").read_text())["folds"]]
+        return [f["reused"] for f in json.loads((out / "run.json").read_text(encoding="utf-8"))["folds"]]
 
     assert reused() == [False, False, False]
     assert reused() == [True, True, True]
     assert reused("--overwrite") == [False, False, False]
-    test_id = json.loads((out / "splits.json").read_text())["folds"][1]["test"][0]
+    test_id = json.loads((out / "splits.json").read_text(encoding="utf-8"))["folds"][1]["test"][0]
     (out / "denoised" / "fold1" / f"{test_id}.png").unlink()
     assert reused() == [True, False, True]  # a lost output redoes its fold only
     assert reused("--crop", "56") == [False, False, False]  # another crop: new outputs
@@ -367,10 +367,10 @@ def test_upstream_arch_and_scheme_run(tmp_path):
     out = tmp_path / "cv"
     assert _run(ct_dir, pet_dir, out, "--arch", "upstream", "--split_scheme", "upstream",
                 "--n_epochs", "1") == EXIT_OK
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     assert splits["scheme"] == "upstream" and len(splits["folds"]) == 3
     assert [len(f["train"]) for f in splits["folds"]] == [5, 5, 5]
-    config = json.loads((out / "models" / "best_model_fold0.json").read_text())
+    config = json.loads((out / "models" / "best_model_fold0.json").read_text(encoding="utf-8"))
     assert config["arch"] == "upstream"
     denoiser = load_denoiser(out / "models" / "best_model_fold0.pt")
     assert denoiser(np.full((2, CROP, CROP), 0.5, np.float32)).shape == (2, CROP, CROP)
@@ -381,7 +381,7 @@ def test_stage_refuses_a_splits_file_with_repeated_fold_numbers(tmp_path, capsys
     ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
     out = tmp_path / "cv"
     assert _run(ct_dir, pet_dir, out, "--denoiser", "wavelet") == EXIT_OK
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     splits["folds"][1]["fold"] = 0
     bad = tmp_path / "splits_00.json"
     bad.write_text(json.dumps(splits))
@@ -394,7 +394,7 @@ def test_stage_refuses_a_splits_file_with_repeated_fold_numbers(tmp_path, capsys
 # ---------------------------------------------------------------- the stage API (issues 11, 12)
 
 def _folds_reused(out):
-    return [f["reused"] for f in json.loads((out / "run.json").read_text())["folds"]]
+    return [f["reused"] for f in json.loads((out / "run.json").read_text(encoding="utf-8"))["folds"]]
 
 
 def test_a_replaced_render_retrains_exactly_the_folds_that_use_it(tmp_path):
@@ -436,12 +436,12 @@ def test_a_failed_fold_leaves_nothing_and_the_others_finish(tmp_path):
     assert rows["fold0"]["status"] == rows["fold2"]["status"] == "ok"
     assert not (out / "loss_fold1.csv").exists() and not (out / "denoised" / "fold1").exists()
     assert not (out / "models" / "best_model_fold1.json").exists()
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     fold1_test = set(splits["folds"][1]["test"])
     assert not fold1_test & {r["id"] for r in _read_csv(out / "metrics.csv")}
     assert {rows[i]["status"] for i in fold1_test} == {"skipped"}
     assert all(rows[i]["reason"] == "its test fold failed: fold1" for i in fold1_test)
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert [f["status"] for f in run["folds"]] == ["ok", "failed", "ok"]
 
     (out / "models" / "best_model_fold1.pt").rmdir()
@@ -511,7 +511,7 @@ def test_a_killed_run_keeps_the_folds_it_finished(tmp_path):
     journal = out / "manifest.journal.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if journal.is_file() and '"id": "fold0"' in journal.read_text():
+        if journal.is_file() and '"id": "fold0"' in journal.read_text(encoding="utf-8"):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"

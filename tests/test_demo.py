@@ -18,9 +18,9 @@ def test_tiny_demo_runs_every_stage_then_skips_on_rerun(tmp_path):
 
     assert run_demo(out, jobs=1, n_patients=4, n_folds=2, n_epochs=1, photos=photos) == 0
 
-    timings = json.loads((out / "timings.json").read_text())
+    timings = json.loads((out / "timings.json").read_text(encoding="utf-8"))
     assert len(timings["first_run"]) == 8 and all(s > 0 for s in timings["first_run"].values())
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     for heading in ("Landmarks detected and well placed", "PET-to-CT identification, top-k",
                     "Face recognition: rank-1", "Digital mask", "PET-to-CT denoiser"):
         assert heading in report, heading
@@ -28,7 +28,7 @@ def test_tiny_demo_runs_every_stage_then_skips_on_rerun(tmp_path):
     assert (out / "crossval" / "denoised" / "fold1").is_dir()
 
     assert run_demo(out, jobs=1, n_patients=4, n_folds=2, n_epochs=1, photos=photos) == 0
-    rerun = json.loads((out / "timings.json").read_text())
+    rerun = json.loads((out / "timings.json").read_text(encoding="utf-8"))
     assert rerun["first_run"] == timings["first_run"]
     assert rerun["last_run"]["simulate PET/CT cohort"] == 0.0  # the cohort is not simulated again
     assert sum(rerun["last_run"].values()) < sum(timings["first_run"].values())

@@ -90,9 +90,9 @@ def test_cohort_layout_and_simulated_labels(demo_cohort):
     assert [s.id for s in studies] == sorted(e["id"] for e in plan)
     assert all(s.ct.name == "CTres.nii.gz" and s.pet.name == "SUV.nii.gz" for s in studies)
     for name in ("SIMULATED.txt", "README.md"):
-        text = (out / name).read_text()
+        text = (out / name).read_text(encoding="utf-8")
         assert "SIMULATED" in text and "simulated from 40 real face shapes" in text
-    record = json.loads((out / "cohort.json").read_text())
+    record = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
     assert record["simulated"] is True and record["studies"] == json.loads(json.dumps(plan))
     assert record["n_patients_two_sessions"] == 1 and record["hard_cases"] == ["padding"]
     with gzip.open(studies[0].ct, "rb") as fh:

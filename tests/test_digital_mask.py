@@ -72,7 +72,7 @@ def test_end_to_end_on_orl_writes_every_variant(tmp_path):
             assert not Path(row[variant]).is_absolute() and path.is_file()
             assert np.asarray(Image.open(path)).shape == (224, 224, 3)
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        assert (out / row["mesh"]).is_file() and json.loads((out / row["params"]).read_text())
+        assert (out / row["mesh"]).is_file() and json.loads((out / row["params"]).read_text(encoding="utf-8"))
         assert float(row["coverage"]) > 0.6
     for d in (out, out / "database", out / "query" / "s1"):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
@@ -88,7 +88,7 @@ def test_end_to_end_on_orl_writes_every_variant(tmp_path):
     assert reasons["blank.png"].startswith("no face")
     assert reasons["corrupt.jpg"].startswith("unreadable")
     assert (out / "montage.png").is_file()
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["n_images"] == 15 and run["n_pairs"] == 3 and run["unpaired_identities"] == {
         "zz_bad": "no video with 2 accepted frames"}
     assert run["protocol"] == "same-video" and run["backend"] == "mediapipe"

@@ -119,7 +119,7 @@ def test_known_ranks_topk_and_a_render_without_a_face_is_a_miss(tmp_path):
     assert d["distances"][1, 2] == pytest.approx(0.2) and d["distances"][1, 1] == pytest.approx(0.4)
     (fold,) = read_manifest(tmp_path / "MT" / "manifest.csv")  # still one row per fold
     assert fold["id"] == "fold0" and float(fold[f"top1_{key}"]) == 0.5
-    summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "MT" / "summary.json").read_text(encoding="utf-8"))
     assert summary["embedding"]["recognizers"]["dlib"]["render_input"] == RENDER_INPUT
 
 

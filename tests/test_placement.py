@@ -84,7 +84,7 @@ def test_placement_end_to_end_with_denoised_dir(cohort, tmp_path):
     for row in place.values():
         assert 0 < float(row["median_mad_mean"]) < 15
         assert float(row["well_placed_mean"]) == 1.0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["variants_scored"] == ["ct", "pet", "pet_wavelet", "pet_unet"]
     rows = read_manifest(out / "manifest.csv")
     assert sorted(r["id"] for r in rows) == sorted(f"fold{i // 2}/{x}" for i, x in enumerate(IDS))
@@ -131,7 +131,7 @@ def test_placement_with_injected_denoiser_and_without_unet(cohort, tmp_path):
     out = tmp_path / "LM"
     assert _run(cohort, out, models_path=models, denoised_dir=partial_cv, load_denoiser=fake_loader, n_qa=0) == 0
     assert seen == ["best_model_fold1.pt"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["pet_unet_source"] == {"0": str(partial_cv / "fold0"), "1": str(models / "best_model_fold1.pt")}
     assert (out / "denoised" / "fold1" / f"{IDS[3]}.png").is_file()
     assert read_npz(out / "fold1" / "landmarks_pet_unet.npz")["detected"].all()
@@ -142,7 +142,7 @@ def test_placement_with_injected_denoiser_and_without_unet(cohort, tmp_path):
 
     plain = tmp_path / "LM_plain"
     assert _run(cohort, plain, n_qa=0) == 0
-    summary = json.loads((plain / "summary.json").read_text())
+    summary = json.loads((plain / "summary.json").read_text(encoding="utf-8"))
     assert summary["variants_scored"] == ["ct", "pet", "pet_wavelet"]
     assert "pet_unet" in summary["variants_not_scored"]
     assert not (plain / "fold0" / "landmarks_pet_unet.npz").exists()
@@ -165,7 +165,7 @@ def test_a_broken_model_costs_only_its_folds_unet_variant(cohort, tmp_path):
     assert not (out / "fold1" / "landmarks_pet_unet.npz").exists()
     rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
     assert rows["fold1/denoiser"]["status"] == "failed" and "truncated" in rows["fold1/denoiser"]["reason"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     unet = next(r for r in summary["detection"] if r["variant"] == "pet_unet")
     assert unet["folds_scored"] == 1 and unet["n"] == 2
     # the CV's own images mend fold 1 in a re-run: its old failure does not linger
@@ -312,7 +312,7 @@ def test_unusable_splits_files_stop_the_stage_before_any_work(cohort, tmp_path, 
     """Issue 12 point 7: stage 3 reads splits.json through the one validator. A fold number
     used twice (its test images would be scored with a model trained on them), an id with
     no render, or a null fold number is exit 2 naming the entry; nothing is written."""
-    good = json.loads((cohort / "cv" / "splits.json").read_text())
+    good = json.loads((cohort / "cv" / "splits.json").read_text(encoding="utf-8"))
     script = load_script("perform_landmark_placement")
     cases = {"repeated": ({**good, "folds": [good["folds"][0], {**good["folds"][1], "fold": 0}]},
                           "fold number 0 is already used"),

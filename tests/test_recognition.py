@@ -253,13 +253,13 @@ def test_stage_end_to_end_on_a_mask_folder(mask_run, tmp_path, capsys):
     assert manifest["prep/database/s3/1"]["path"] == "database/s3/1_prep.png"
     dist = np.load(save / "distances" / "Face2Face.npz")
     assert dist["distances"].shape == (8, 8) and next(iter(dist["gallery_ids"])).startswith("prep/")
-    report = json.loads((save / "results.json").read_text())
+    report = json.loads((save / "results.json").read_text(encoding="utf-8"))
     assert len(report["scenarios"][0]["cmc"]) == 8
     assert report["detection"]["prep"] == {"n_images": 16, "n_found": 16, "n_failed": 0,
                                            "rate": 1.0}
     assert report["detection"]["mask_only"]["n_found"] == 0
     assert "faces found: prep 16/16" in printed
-    run = json.loads((save / "run.json").read_text())
+    run = json.loads((save / "run.json").read_text(encoding="utf-8"))
     assert run["protocol"] == "same-video" and run["embedding"]["n_embedded"] > 0
     assert (save / "cmc.png").stat().st_size > 1000
     assert stat.S_IMODE(save.stat().st_mode) == 0o700
@@ -270,7 +270,7 @@ def test_stage_end_to_end_on_a_mask_folder(mask_run, tmp_path, capsys):
                                       "--n_boot", "300", "--quiet",
                                       "--scenarios", "Face2Face", "MaskOnlyBlack2Face",
                                       "--upstream-scenario-bug"]) == 0
-    run = json.loads((save / "run.json").read_text())
+    run = json.loads((save / "run.json").read_text(encoding="utf-8"))
     assert run["embedding"]["n_embedded"] == 0 and run["embedding"]["n_from_cache"] > 0
     again = _results(save)
     assert list(again) == ["Face2Face", "MaskOnlyBlack2Face"]
@@ -312,7 +312,7 @@ def test_cross_mask_scenarios_pair_by_identity_and_role(tmp_path, capsys):
     assert cross["protocol"] == "across-video (cross: grey90)" and cross["cross_mask"] == "1"
     assert int(cross["n_queries"]) == 4 and int(cross["gallery_size"]) == 4
     assert results["Overlay2Overlay"]["protocol"] == "across-video"
-    run = json.loads((save / "run.json").read_text())
+    run = json.loads((save / "run.json").read_text(encoding="utf-8"))
     assert run["cross_database_same_photos"] == {"n_identities_both": 4, "n_same_photos": 4}
     assert run["cross_mask_backend"] == "grey90"
     manifest = _manifest(save)
@@ -422,7 +422,7 @@ def test_library_returns_the_table_and_prints_nothing(mask_run, tmp_path, capsys
     assert capsys.readouterr().out == ""
     assert "Face2Face" in result.summary and "faces found: prep 16/16" in result.summary
     assert result.counts == {"ok": 16, "failed": 0, "skipped": 0}
-    run = json.loads((save / "run.json").read_text())
+    run = json.loads((save / "run.json").read_text(encoding="utf-8"))
     assert run["stage"] == "face_recognition" and run["options"]["n_boot"] == 100
     # a re-run reuses every embedding: the rows say skipped and keep their numbers
     again = run_fr(mask_run, save, options, run=RunSettings(progress=False))
@@ -612,12 +612,12 @@ def test_two_recognizers_give_a_row_per_recognizer_and_scenario(mask_run, tmp_pa
     assert np.isnan(np.load(save / "dlib" / "distances" / "Overlay2Face.npz")["distances"]).all()
     assert not (save / "distances").exists() and not (save / "roc.csv").exists()
     # results.json and run.json name each recognizer with its description (mean/std)
-    record = json.loads((save / "results.json").read_text())
+    record = json.loads((save / "results.json").read_text(encoding="utf-8"))
     assert [b["name"] for b in record["backends"]] == ["dlib", "mobilefacenet"]
     assert record["backends"][1]["embedder"]["input_std"] == 1.0
     assert record["backends"][1]["outputs"] == "mobilefacenet"
     assert {(s["backend"], s["scenario"]) for s in record["scenarios"]} == set(expect)
-    run = json.loads((save / "run.json").read_text())
+    run = json.loads((save / "run.json").read_text(encoding="utf-8"))
     assert [b["name"] for b in run["backends"]] == ["dlib", "mobilefacenet"]
     assert run["backends"][0]["detection"]["overlay"]["n_found"] == 0
     assert run["backends"][1]["detection"]["overlay"]["n_found"] == 8  # overlays: queries only

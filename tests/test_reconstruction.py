@@ -124,7 +124,7 @@ def test_broken_studies_fail_with_reasons_while_the_others_finish(tmp_path, coho
         other = "pet" if modality == "ct" else "ct"
         assert row[f"{other}_status"] == "ok"            # the other modality is still rendered
         assert (out / {"ct": "cts", "pet": "pets"}[other] / f"{sid}.png").is_file()
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["counts"] == {"ok": 2, "failed": 5, "skipped": 0}
     assert (out / "qa_montage.png").is_file()
     assert oct(os.stat(out).st_mode & 0o777) == "0o700"
@@ -157,7 +157,7 @@ def test_script_exit_codes(tmp_path, cohort_with_broken_studies):
             "--head-height-mm", "120", "--ct-threshold", "-300", "--pet-threshold", "percentile",
             "--shading", "lambert"]
     assert module.main(argv) == EXIT_ITEMS_FAILED
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["options"]["ct_threshold"] == -300.0 and run["options"]["shading"] == "lambert"
     assert module.main(["--petct_path", str(tmp_path / "missing"), "--save_dir", str(out)]) == EXIT_USAGE
 

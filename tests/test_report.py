@@ -71,14 +71,14 @@ def test_every_stage_is_found_by_its_files(fixture_run):
 
 def test_tables_hold_the_stage_numbers(fixture_run):
     html_path, md_path = write_report(fixture_run)
-    text = html_path.read_text()
+    text = html_path.read_text(encoding="utf-8")
     assert "0.412" in text and "0.734" in text  # denoising metrics
     assert "EOFError: truncated gzip" in text  # failed items are listed with their reason
     assert "<td>rejected: yaw</td><td>2</td><td>50.0</td>" in text
     assert "<td>rejected: pitch</td><td>1</td><td>25.0</td>" in text
     assert "seed 3" in text and "numpy 2.4.6" in text
     assert "<tr><th>total</th><th>19.5</th><th>1.5</th></tr>" in text  # first and latest run
-    md = md_path.read_text()
+    md = md_path.read_text(encoding="utf-8")
     # our numbers, as percentages, beside the papers' (labelled as theirs)
     assert "| ct | 95.5 ± 1.3 | 88.0 ± 1.6 |  |  |  |" in md
     assert "| pet_unet | 62.5 ± 3.0 | 81.6 ± 3.1 | 46.7 ± 27.6 | 59.5 ± 3.5 | 13.9 |" in md
@@ -172,7 +172,7 @@ def test_recognizers_side_by_side_with_wilson_intervals_open_set_and_roc(tmp_pat
     run = tmp_path / "run"
     _recognition_run(run / "face_recognition")
     html_path, md_path = write_report(run)
-    md = md_path.read_text()
+    md = md_path.read_text(encoding="utf-8")
     assert ("| scenario | protocol | gallery | chance % | rank-1 % [Wilson 95 % CI], dlib | rank-5 %, dlib "
             "| rank-10 %, dlib | no face found, dlib | rank-1 % [Wilson 95 % CI], mobilefacenet |") in md
     assert ("| Face2Face | same-video | 40 | 2.5 | 100.0 [91.2, 100.0] | 100.0 | 100.0 | 0 "
@@ -190,13 +190,13 @@ def test_recognizers_side_by_side_with_wilson_intervals_open_set_and_roc(tmp_pat
     assert ("10 images embedded by dlib: 8 ok, 2 skipped; 10 images embedded by mobilefacenet: "
             "8 ok, 2 skipped") in md
     assert "Recognizers: dlib, mobilefacenet" in md
-    assert "<th>rank-1 % [Wilson 95 % CI], mobilefacenet</th>" in html_path.read_text()
+    assert "<th>rank-1 % [Wilson 95 % CI], mobilefacenet</th>" in html_path.read_text(encoding="utf-8")
 
 
 def test_one_recognizer_keeps_one_column_group_and_its_files_in_the_folder(tmp_path):
     run = tmp_path / "run"
     _recognition_run(run / "fr", backends=("mobilefacenet",))
-    md = write_report(run)[1].read_text()
+    md = write_report(run)[1].read_text(encoding="utf-8")
     assert "| scenario | protocol | gallery | chance % | rank-1 % [Wilson 95 % CI] | rank-5 % |" in md
     assert "| Face2Face | same-video | 40 | 2.5 | 97.5 [87.1, 99.6] | 100.0 | 100.0 | 0 |  |" in md
     assert "](report_figures/roc_fr.png)" in md and "](fr/cmc.png)" in md
@@ -218,7 +218,7 @@ def test_matching_shows_each_attack_with_chance_when_topk_has_an_attack_column(t
     _write_csv(run / "matching" / "manifest.csv",
                [{"id": f"fold{k}", "subject": "", "status": "failed" if k == 4 else "ok",
                  "reason": "no landmarks" if k == 4 else ""} for k in range(5)])
-    md = write_report(run)[1].read_text()
+    md = write_report(run)[1].read_text(encoding="utf-8")
     assert ("| attack | probe | top-1 % | chance top-1 % | top-5 % | chance top-5 % | gallery "
             "| probes with features % |") in md
     assert "| landmarks-none | pet_unet | 41.3 ± 5.0 | 25.0 | 90.0 ± 5.0 | 100.0 | 4 | 80.0 |" in md
@@ -237,7 +237,7 @@ def test_crossval_counts_folds_and_studies_apart(tmp_path):
                [{"id": f"fold{k}", "subject": "", "status": "ok", "reason": ""} for k in range(3)]
                + [{"id": f"PETCT_{s}_1", "subject": f"PETCT_{s}", "status": st, "reason": ""}
                   for s, st in (("a", "ok"), ("b", "ok"), ("c", "ok"), ("d", "skipped"))])
-    md = write_report(run)[1].read_text()
+    md = write_report(run)[1].read_text(encoding="utf-8")
     assert "- 3 folds: 3 ok; 4 studies: 3 ok, 1 skipped" in md
 
 
@@ -251,18 +251,18 @@ def test_the_report_says_the_cohort_is_simulated_from_real_face_shapes(fixture_r
     _cohort(fixture_run / "cohort", "# SIMULATED PET/CT cohort\n\nThe faces are simulated from 40 real "
                                     "face shapes: the MediaPipe face meshes of the 40\npeople of ORL.\n")
     html_path, md_path = write_report(fixture_run)
-    md = md_path.read_text()
+    md = md_path.read_text(encoding="utf-8")
     assert "The PET/CT cohort of this run is SIMULATED (cohort): no patient data" in md
     assert "Its faces are simulated from 40 real face shapes, as the cohort's README.md says." in md
-    assert "<b>SIMULATED</b>" in html_path.read_text()
+    assert "<b>SIMULATED</b>" in html_path.read_text(encoding="utf-8")
 
 
 def test_a_cohort_outside_the_run_folder_is_found_through_the_reconstruction(fixture_run, tmp_path):
-    md = write_report(fixture_run)[1].read_text()
+    md = write_report(fixture_run)[1].read_text(encoding="utf-8")
     assert "SIMULATED" not in md  # nothing says so: no notice
     _cohort(tmp_path / "elsewhere", "Every volume here is SIMULATED (one head CT, deformed).\n")
     write_json(fixture_run / "reconstruction" / "run.json",
                {"stage": "reconstruction", "args": {"petct_path": str(tmp_path / "elsewhere")}})
-    md = write_report(fixture_run)[1].read_text()
+    md = write_report(fixture_run)[1].read_text(encoding="utf-8")
     assert f"The PET/CT cohort of this run is SIMULATED ({tmp_path / 'elsewhere'})" in md
     assert "real face shapes" not in md  # its README does not say so

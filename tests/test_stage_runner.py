@@ -4,6 +4,8 @@ into a locked folder stops, a location that cannot be written is exit 2."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +123,7 @@ def test_run_json_is_written_even_when_the_stage_raises(tmp_path):
         with StageRun("t", tmp_path, RunSettings(seed=3)) as stage:
             stage.record(ItemResult("a", "p"), "fp")
             raise RuntimeError("montage writer broke")
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert record["error"] == "RuntimeError: montage writer broke" and record["seed"] == 3
     assert [r["id"] for r in read_manifest(tmp_path / "manifest.csv")] == ["a"]
 
@@ -194,3 +196,70 @@ def test_run_guarded_exit_codes(capsys):
     assert run_guarded(bug) == EXIT_CRASH
     assert "Traceback" in capsys.readouterr().err
     assert run_guarded(lambda: EXIT_ITEMS_FAILED) == EXIT_ITEMS_FAILED
+
+
+def test_seed_must_be_a_whole_number_of_zero_or_more():
+    with pytest.raises(OptionsError, match="expected --seed to be a whole number >= 0, found -1"):
+        RunSettings(seed=-1)
+
+
+def test_half_written_files_of_a_killed_writer_are_removed_by_the_next_run(tmp_path):
+    """A writer SIGKILLed inside atomic_path leaves its hidden partial file (a whole face,
+    maybe); the next run into the folder removes it and keeps finished files."""
+    code = """
+        import os, signal, sys
+        from faceaudit.core.files import atomic_path
+        with atomic_path(sys.argv[1] + "/faces/p1.png") as tmp:
+            tmp.write_bytes(b"half a face")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """
+    write_png(tmp_path / "faces" / "p0.png", __import__("numpy").zeros((2, 2), "uint8"))
+    assert _run_python(code, str(tmp_path)).returncode == -signal.SIGKILL
+    partial = [p for p in (tmp_path / "faces").iterdir() if p.name != "p0.png"]
+    assert len(partial) == 1 and partial[0].name.startswith(".p1.png.partial-")
+    with StageRun("t", tmp_path, RunSettings()) as stage:
+        stage.finish()
+    assert sorted(p.name for p in (tmp_path / "faces").iterdir()) == ["p0.png"]
+
+
+def test_a_part_of_an_item_keeps_its_own_fingerprint_column(tmp_path):
+    with StageRun("t", tmp_path, RunSettings()) as stage:
+        stage.record(ItemResult("s1", "p", values={"ct_status": "ok", "ct_fingerprint": "a",
+                                                   "pet_status": "failed", "pet_fingerprint": "b"}))
+        stage.finish()
+    with StageRun("t", tmp_path, RunSettings()) as stage:
+        assert stage.is_fresh("s1", "a", column="ct_fingerprint", status_column="ct_status")
+        assert not stage.is_fresh("s1", "b", column="pet_fingerprint", status_column="pet_status")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounting a read-only or tiny file system needs root and unshare")
+@pytest.mark.parametrize("mount, expected", [("ro", r"\[Errno 30 EROFS\]"), ("size=64k", r"\[Errno 28 ENOSPC\]")])
+def test_a_read_only_or_full_location_is_exit_2_with_one_line(tmp_path, mount, expected):
+    """A real read-only / full file system (tmpfs in a private mount namespace)."""
+    code = f"""
+        import sys
+        from faceaudit.core.cli import run_guarded
+        from faceaudit.core.manifest import ItemResult
+        from faceaudit.core.runner import RunSettings, StageRun
+
+        def stage():
+            with StageRun("t", sys.argv[1] + "/out", RunSettings()) as run:
+                for k in range(2000):          # rows with long reasons fill a 64 KiB disk
+                    run.record(ItemResult(f"item{{k}}", "p", values={{"note": "x" * 200}}), "fp")
+                return run.finish()
+
+        sys.exit(run_guarded(stage))
+    """
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o {mount} tmpfs {mnt} && "
+              f"exec {sys.executable} -c '{textwrap.dedent(code)}' {mnt}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    if "mount:" in proc.stderr and proc.returncode not in (0, 1, 2, 3):
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"error: cannot write to {mnt}")
+    assert re.search(expected, lines[0])

@@ -122,7 +122,7 @@ def np_conv(x, k, strides, padding, dilations=(1, 1), depthwise=False):
 
 def np_forward(path: Path, feed: np.ndarray) -> dict[str, np.ndarray]:
     """Evaluate the written graph with numpy, node by node, in TF's NHWC semantics."""
-    model = json.loads(path.read_text())
+    model = json.loads(path.read_text(encoding="utf-8"))
     graph = load_tfjs_graph(path)
     env: dict[str, np.ndarray] = {}
     for node in model["modelTopology"]["node"]:

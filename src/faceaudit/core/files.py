@@ -23,6 +23,9 @@ import numpy as np
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+#: In the name of every file still being written; a process killed mid-write leaves one
+#: behind, and the next run into the folder removes it (it may hold a whole face).
+PARTIAL_MARK = ".partial-"
 
 
 class InputError(ValueError):
@@ -56,15 +59,17 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     """
     path = Path(path)
     make_private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARK}", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not exc.filename:   # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
@@ -182,3 +187,15 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return atomic_write_text(path, buf.getvalue())
+
+
+def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the half-written files (``.<name>.partial-*``) that killed writers left below
+    ``folder``; only safe while no other process writes there (the runner holds the lock)."""
+    removed = []
+    for path in Path(folder).rglob(f".*{PARTIAL_MARK}*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+

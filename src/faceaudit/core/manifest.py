@@ -92,12 +92,15 @@ class Manifest:
 
     def _append_journal(self, row: Mapping[str, Any]) -> None:
         line = json.dumps(row, default=_json_default) + "\n"
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:     # os.write names no file: say which one (full disk ...)
+            raise OSError(exc.errno, exc.strerror, str(self.journal_path)) from exc
 
     def get(self, item_id: str) -> dict[str, Any] | None:
         return self.rows.get(item_id)

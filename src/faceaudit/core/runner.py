@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from faceaudit.core.files import InputError, file_digest, make_private_dir, write_json
+from faceaudit.core.files import InputError, file_digest, make_private_dir, remove_partial_files, write_json
 from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult, Manifest, describe_exception
 
 EXIT_OK = 0
@@ -45,6 +45,15 @@ EXIT_USAGE = 2
 EXIT_CRASH = 3
 
 LOCK_NAME = ".faceaudit.lock"
+
+#: Errors of the output location itself: no item can succeed after one, so a stage stops
+#: (exit 2) instead of failing every remaining item with the same reason.
+LOCATION_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+def is_location_error(exc: BaseException) -> bool:
+    """A full, read-only or over-quota output location (see LOCATION_ERRNOS)."""
+    return isinstance(exc, OSError) and exc.errno in LOCATION_ERRNOS
 
 #: Packages whose versions go into every run.json.
 TRACKED_PACKAGES = (
@@ -80,6 +89,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise OptionsError(f"expected --jobs to be a whole number >= 1, found {self.jobs!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise OptionsError(f"expected --seed to be a whole number >= 0, found {self.seed!r}")
 
 
 @dataclass
@@ -206,6 +217,7 @@ class StageRun:
         self._lock = OutputLock(self.save_dir)
         self._lock.acquire()
         try:
+            remove_partial_files(self.save_dir)
             self.manifest = Manifest(self.save_dir / self.manifest_name)
         except BaseException:
             self._lock.release()
@@ -228,15 +240,17 @@ class StageRun:
     def previous(self, item_id: str) -> dict[str, Any] | None:
         return self.manifest.get(item_id) if self.manifest is not None else None
 
-    def is_fresh(self, item_id: str, item_fingerprint: str, outputs: Iterable[Path] = ()) -> bool:
+    def is_fresh(self, item_id: str, item_fingerprint: str, outputs: Iterable[Path] = (), *,
+                 column: str = "fingerprint", status_column: str = "status") -> bool:
         """True when the item finished ok earlier from the same inputs and options and all its
-        outputs are still there; never with --overwrite."""
+        outputs are still there; never with --overwrite. ``column`` and ``status_column`` name
+        where a row keeps the fingerprint and status of one part of an item (a study's CT)."""
         if self.run.overwrite:
             return False
         row = self.previous(item_id)
-        if not row or row.get("status") not in (STATUS_OK, STATUS_SKIPPED):
+        if not row or row.get(status_column) not in (STATUS_OK, STATUS_SKIPPED):
             return False
-        if row.get("fingerprint") != item_fingerprint:
+        if row.get(column) != item_fingerprint:
             return False
         return all(Path(p).is_file() for p in outputs)
 
@@ -429,8 +443,18 @@ class _WorkerPool:
     def _feed(self, slot: int) -> None:
         worker = self.workers[slot]
         worker["index"] = self.pending.popleft() if self.pending else None
-        if worker["index"] is not None:
+        if worker["index"] is None:
+            return
+        try:
             worker["conn"].send((worker["index"], self.items[worker["index"]]))
+        except OSError:
+            # the worker died after its last result: the item never reached it, so it goes
+            # back to the queue and a fresh worker takes the slot
+            self.pending.appendleft(worker["index"])
+            worker["proc"].join()
+            worker["conn"].close()
+            self._start(slot)
+            self._feed(slot)
 
     def results(self) -> Iterator[tuple[int, Any, BaseException | None]]:
         from multiprocessing.connection import wait
@@ -485,7 +509,7 @@ def _map_in_workers(fn, items: list, jobs: int) -> Iterator[tuple[int, Any, Base
 
 __all__ = [
     "EXIT_CRASH", "EXIT_ITEMS_FAILED", "EXIT_OK", "EXIT_USAGE", "STATUS_FAILED", "STATUS_OK",
-    "STATUS_SKIPPED", "OptionsError", "OutputLocationError", "OutputLock", "RunSettings",
-    "StageResult", "StageRun", "WorkerDied", "describe_os_error", "fingerprint", "map_items",
+    "STATUS_SKIPPED", "LOCATION_ERRNOS", "OptionsError", "OutputLocationError", "OutputLock", "RunSettings",
+    "StageResult", "StageRun", "WorkerDied", "describe_os_error", "fingerprint", "is_location_error", "map_items",
     "open_output_dir", "package_versions", "write_run_json",
 ]

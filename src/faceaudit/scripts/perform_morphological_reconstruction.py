@@ -59,7 +59,8 @@ def main(argv=None) -> int:
             projection=args.projection, head_px=args.head_px)
         return run_reconstruction(args.petct_path, args.save_dir, options, run=run)
 
-    return run_guarded(build_and_run, run=run_settings(args))
+    # the settings are built inside the guarded call too: --jobs 0 is exit 2, not a traceback
+    return run_guarded(lambda: build_and_run(run=run_settings(args)))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         return run_face_recognition(args.masks_dir, args.save_dir, options, run=run,
                                     cross_masks_dir=args.cross_masks_dir)
 
-    return run_guarded(build_and_run, run=run_settings(args))
+    # the settings are built inside the guarded call too: --jobs 0 is exit 2, not a traceback
+    return run_guarded(lambda: build_and_run(run=run_settings(args)))
 
 
 if __name__ == "__main__":
