@@ -21,7 +21,8 @@ def demo_cohort(tmp_path_factory):
     """Two patients, three studies: the first patient (ORL s23) has one study with padding,
     the second (ORL s5) two sessions."""
     out = tmp_path_factory.mktemp("demo")
-    plan = demo_data.generate_cohort(out, n=2, seed=6, second_study_fraction=0.5, progress=False)
+    plan = demo_data.generate_cohort(out, n=2, seed=6, second_study_fraction=0.5, hard_cases=("padding",),
+                                     progress=False)
     return out, plan
 
 
@@ -63,11 +64,11 @@ def test_patients_get_distinct_orl_people_then_mixes():
         assert abs(sum(mixed["weights"]) - 1.0) < 1e-9 and min(mixed["weights"]) >= 0.34
 
 
-def test_hard_cases_are_planned_per_study_and_default_to_padding_only():
-    default = demo_data.plan_cohort(n=10, seed=0)
+def test_hard_cases_are_planned_per_study_and_default_to_all():
+    default = demo_data.plan_cohort(n=10, seed=0, hard_cases=("padding",))
     assert {c for e in default for c in e["hard_cases"]} == {"padding"}
-    everything = demo_data.plan_cohort(n=10, seed=0, hard_cases=hard_cases.HARD_CASES,
-                                       hard_case_fraction=0.2)
+    everything = demo_data.plan_cohort(n=10, seed=0, hard_case_fraction=0.2)
+    assert {c for e in everything for c in e["hard_cases"]} == set(hard_cases.HARD_CASES)
     for case in hard_cases.HARD_CASES:
         assert sum(case in e["hard_cases"] for e in everything) == round(0.2 * len(everything))
     # only the hard cases change with the option, every other choice stays

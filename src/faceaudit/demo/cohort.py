@@ -27,9 +27,10 @@ in ``faceaudit/data/vtk_headsq_ct``, BSD-style notice kept there) extended and a
 * PET: SUV from the same warped anatomy (soft tissue 0.9, fat 0.35, bone 0.6, brain 6-11,
   0-3 hot lesions in the neck/torso), 7 mm FWHM blur, Poisson counts noise, a 2 mm post
   filter (the reconstruction's Gaussian);
-* hard cases of issue 10 (``--hard-cases``, see ``faceaudit.demo.hard_cases``): -3024 HU
-  padding outside the reconstruction circle (on by default), arms up with the hands
-  above the head, a 10 degree oblique acquisition, a U-shaped headrest (off by default).
+* the clinical hard cases (``--hard-cases``, see ``faceaudit.demo.hard_cases``), each in
+  about a fifth of the studies by default: -3024 HU padding outside the reconstruction
+  circle, arms up with the hands above the head, a 10 degree oblique acquisition stored
+  with oblique direction cosines, a U-shaped headrest touching the head.
 """
 
 from __future__ import annotations

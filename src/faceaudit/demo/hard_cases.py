@@ -26,8 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 HARD_CASES = ("padding", "arms_up", "oblique", "headrest")
-#: cases stage 1 handles today, on in the default demo
-DEFAULT_HARD_CASES = ("padding",)
+#: stage 1 handles every case (padding, head found below raised hands, oblique resampling,
+#: cradle side plates cut), so the default demo exercises them all
+DEFAULT_HARD_CASES = HARD_CASES
 PADDING_HU = -3024
 ARMS_UP_EXTRA_SLICES = 30
 OBLIQUE_TILT_DEG = 10.0
