@@ -1,8 +1,13 @@
 import csv
+import errno
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import ORL, load_script
-from faceaudit.core.files import InputError, write_csv, write_npz
+from faceaudit.core.files import InputError, write_npz
 from faceaudit.core.manifest import read_manifest
-from faceaudit.core.runner import OptionsError, RunSettings, fingerprint
+from faceaudit.core.runner import OptionsError, RunSettings, StageRun
 from faceaudit.mask import backends, digital_mask, selection, topology
 from faceaudit.mask.digital_mask import DigitalMaskOptions
 from flame_fixtures import synthetic_flame_model
@@ -206,27 +211,187 @@ def test_options_are_validated_on_creation():
     assert DigitalMaskOptions(max_yaw=15).selection == selection.SelectionOptions(max_yaw=15)
 
 
-def test_rerun_reuses_selection_decisions_by_content_and_retries_failures(tmp_path):
-    options = selection.SelectionOptions()
-    files = {}
-    for name, data in (("a.png", b"a"), ("b.png", b"b"), ("c.jpg", b"c"), ("d.png", b"d")):
-        files[name] = tmp_path / name
-        files[name].write_bytes(data)
-    rows = [{"source": str(files["a.png"]), "status": "accepted", "reason": ""},
-            {"source": str(files["b.png"]), "status": "rejected", "reason": "no face (none >= 0.1)"},
-            {"source": str(files["c.jpg"]), "status": "rejected", "reason": "unreadable: c.jpg"},
-            {"source": str(files["d.png"]), "status": "rejected", "reason": "error: RuntimeError"}]
-    for row in rows:
-        row["fingerprint"] = fingerprint(Path(row["source"]), options)
-    write_csv(tmp_path / "selection.csv", rows)
-    earlier = digital_mask._read_selection(tmp_path)
-    assert sorted(Path(s).name for s in earlier) == ["a.png", "b.png"]  # failures: tried again
-    # reused only while the photo's content and the options are those that decided it
-    assert earlier[str(files["a.png"])]["fingerprint"] == fingerprint(files["a.png"], options)
-    files["a.png"].write_bytes(b"another photo")
-    assert earlier[str(files["a.png"])]["fingerprint"] != fingerprint(files["a.png"], options)
-    assert earlier[str(files["b.png"])]["fingerprint"] != fingerprint(
-        files["b.png"], selection.SelectionOptions(max_yaw=10.0))
+def _fake_selection(monkeypatch, outcomes):
+    """select_one answering from ``outcomes`` (file name -> row values, or "crash"); returns
+    the list of file names it is asked about."""
+    calls = []
+
+    def fake(image, options):
+        calls.append(Path(image.source).name)
+        outcome = outcomes[Path(image.source).name]
+        if outcome == "crash":
+            raise RuntimeError("detector crashed")
+        return {"identity": image.identity, "video": image.video, "name": image.name,
+                "source": image.source, **outcome}
+
+    monkeypatch.setattr(selection, "select_one", fake)
+    return calls
+
+
+def _select_twice_src(tmp_path):
+    src = tmp_path / "photos" / "p1"
+    src.mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.jpg", "d.png"):
+        (src / name).write_bytes(name.encode())
+    return src.parent
+
+
+def _select(out, src, options=selection.SelectionOptions()):
+    with StageRun("digital_mask", out, RunSettings(progress=False)) as stage:
+        rows, n_new = digital_mask.select_images(stage, selection.discover_images(src), options)
+        digital_mask.write_selection(stage.save_dir, rows)
+    return rows, n_new
+
+
+def test_rerun_reuses_selection_decisions_by_content_and_retries_failures(tmp_path, monkeypatch):
+    src = _select_twice_src(tmp_path)
+    calls = _fake_selection(monkeypatch, {
+        "a.png": {"status": "accepted", "reason": ""},
+        "b.png": {"status": "rejected", "reason": "no face (none >= 0.1)"},
+        "c.jpg": {"status": "rejected", "reason": "unreadable: c.jpg"},
+        "d.png": "crash"})
+    out = tmp_path / "DM"
+    rows, n_new = _select(out, src)
+    assert calls == ["a.png", "b.png", "c.jpg", "d.png"] and n_new == 4
+    assert rows[3]["reason"] == "error: RuntimeError: detector crashed"
+    calls.clear()
+    assert _select(out, src)[1] == 2 and calls == ["c.jpg", "d.png"]  # failures: tried again
+    calls.clear()
+    (src / "p1" / "a.png").write_bytes(b"another photo")          # new content: decided anew
+    assert _select(out, src)[1] == 3 and calls == ["a.png", "c.jpg", "d.png"]
+    calls.clear()
+    _select(out, src, selection.SelectionOptions(max_yaw=10.0))    # other rules: all anew
+    assert calls == ["a.png", "b.png", "c.jpg", "d.png"]
+
+
+def test_a_broken_selection_csv_is_named_in_a_warning_and_decided_again(tmp_path, monkeypatch, caplog):
+    src = _select_twice_src(tmp_path)
+    calls = _fake_selection(monkeypatch, dict.fromkeys(("a.png", "b.png", "c.jpg", "d.png"),
+                                                       {"status": "rejected", "reason": "no face"}))
+    out = tmp_path / "DM"
+    _select(out, src)
+    (out / "selection.csv").write_bytes(b"\xff\xfe not utf-8 \x00\x81")
+    calls.clear()
+    with caplog.at_level("WARNING", logger="faceaudit.mask.digital_mask"):
+        _select(out, src)
+    assert len(calls) == 4
+    assert any(str(out / "selection.csv") in r.getMessage() for r in caplog.records)
+
+
+def _killed_run(tmp_path, body, *args):
+    """Run ``body`` (Python, after the stage imports) in a child process that kills itself with
+    SIGKILL where the body says; returns the child's exit code."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+        from faceaudit.core.runner import RunSettings
+        from faceaudit.mask import digital_mask, selection
+        from faceaudit.mask.digital_mask import DigitalMaskOptions
+
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+    """) + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def test_a_run_killed_during_selection_keeps_the_decisions_it_made(tmp_path, monkeypatch):
+    src = _select_twice_src(tmp_path)
+    out = tmp_path / "DM"
+    code, err = _killed_run(tmp_path, """
+        calls = []
+        def fake(image, options):
+            calls.append(image.source)
+            if len(calls) == 3:
+                die()
+            return {"identity": image.identity, "video": image.video, "name": image.name,
+                    "source": image.source, "status": "rejected", "reason": "no face"}
+        selection.select_one = fake
+        digital_mask.run_digital_mask(sys.argv[1], sys.argv[2], DigitalMaskOptions(),
+                                      run=RunSettings(progress=False))
+    """, src, out)
+    assert code == -signal.SIGKILL, err
+    assert not (out / "selection.csv").exists()
+    calls = _fake_selection(monkeypatch, dict.fromkeys(("a.png", "b.png", "c.jpg", "d.png"),
+                                                       {"status": "rejected", "reason": "no face"}))
+    rows, n_new = _select(out, src)
+    assert calls == ["c.jpg", "d.png"] and n_new == 2   # the first two decisions survived the kill
+    assert not (out / digital_mask.SELECTION_JOURNAL).exists()
+
+
+def _disjoint_seeds(n_photos=4):
+    rows = [{"identity": "s1", "video": "", "name": str(k), "status": "accepted"} for k in range(1, n_photos + 1)]
+    picks = {s: set(selection.choose_pairs(rows, protocol="same-video", seed=s)[0]) for s in range(20)}
+    return 0, next(s for s in range(20) if not picks[s] & picks[0])
+
+
+def test_a_run_killed_while_writing_a_mask_leaves_no_face_behind(tmp_path):
+    """The run dies (SIGKILL) between two files of its second mask: that item has no row.
+    The next run, picking other photos, removes the files no row records."""
+    src = _photos(tmp_path, ids=("s1",), n=4, bad=False)
+    out = tmp_path / "DM"
+    seed_a, seed_b = _disjoint_seeds()
+    code, err = _killed_run(tmp_path, """
+        real = digital_mask.write_json
+        written = []
+        def dying(path, obj):
+            written.append(path)
+            if len(written) == 2:
+                die()
+            return real(path, obj)
+        digital_mask.write_json = dying
+        digital_mask.run_digital_mask(sys.argv[1], sys.argv[2], DigitalMaskOptions(),
+                                      run=RunSettings(progress=False, seed=int(sys.argv[3])))
+    """, src, out, seed_a)
+    assert code == -signal.SIGKILL, err
+    assert len(list(out.rglob("*_prep.png"))) == 2   # one finished mask, one half-written
+    assert _run(src, out, seed=seed_b).exit_code == 0
+    rows = read_manifest(out / "manifest.csv")
+    named = {os.path.normpath(out / r[k]) for r in rows for k in digital_mask.OUTPUT_KEYS}
+    left = {os.path.normpath(p) for p in out.rglob("*") if p.is_file() and p.parent != out}
+    assert left == named and len(list(out.rglob("*_prep.png"))) == 2
+
+
+def test_a_photo_that_cannot_be_read_is_a_failed_row_not_the_end_of_the_run(tmp_path, monkeypatch):
+    """EACCES while fingerprinting one photo (root reads through chmod, so the fault is
+    injected where the stage reads the file)."""
+    from faceaudit.core import runner
+
+    src = _photos(tmp_path, ids=("s8",), n=3, bad=False)
+    locked = src / "s8" / "3.pgm"
+    real = runner.file_digest
+
+    def digest(path, *args):
+        if Path(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(runner, "file_digest", digest)
+    out = tmp_path / "DM"
+    result = _run(src, out)
+    assert result.exit_code == 1
+    rows = {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert rows["s8/3"]["status"] == "failed"
+    assert rows["s8/3"]["reason"] == f"unreadable: cannot read {locked}: [Errno 13 EACCES] Permission denied"
+    assert sum(r["status"] == "ok" for r in rows.values()) == 2
+    assert "unreadable 1" in result.summary and "masks: 2 built, 0 unchanged from an earlier run, 0 failed" \
+        in result.summary
+
+
+def test_selection_errors_are_counted_apart_from_unreadable_photos():
+    rows = [{"identity": "p", "status": "rejected", "reason": r} for r in
+            ("unreadable: cannot read image x", "error: RuntimeError: boom", "error: WorkerDied: killed",
+             "no face (none)")]
+    text, details = digital_mask._summary(DigitalMaskOptions(), rows, {"failed": 3}, 0, {}, 0, Path("DM"))
+    assert details["n_unreadable"] == 1 and details["n_selection_errors"] == 2
+    assert details["n_masks_failed"] == 0
+    assert "unreadable 1; selection errors 2" in text
+
+
+def test_a_run_without_masks_removes_the_earlier_montage(tmp_path):
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "montage.png")
+    digital_mask._write_montage(tmp_path, [])
+    assert not (tmp_path / "montage.png").exists()
 
 
 def test_a_replaced_photo_is_redone_and_another_seed_removes_the_old_picks(tmp_path):

@@ -3,6 +3,7 @@
 Output folder ``DM`` (0700, files 0600)::
 
     DM/selection.csv     every input image: accepted/rejected, reason, confidences, pose, role
+                         (selection.journal.jsonl holds each new decision until it is written)
     DM/<role>/<identity>/<name>_prep.png            224x224 crop (the original face)
     DM/<role>/<identity>/<name>_overlay.png         mask over the photo inside the face cut
     DM/<role>/<identity>/<name>_mask_only.png       mask on white
@@ -19,15 +20,19 @@ Selection does not depend on the backend, so the same --seed and input give the 
 images for every backend (cross-mask runs pair up by id). A re-run reuses a selection
 decision, and keeps a mask, only when the photo's content and the options that shape
 it are those that produced it; masks of images this run no longer picks (another
---seed, a removed photo) are deleted. A failed mask leaves no image at all: the photo
-is never passed on unmasked.
+--seed, a removed photo) are deleted, and so are files under the role folders that no
+finished row names (a run killed while writing a mask). A failed mask leaves no image at
+all: the photo is never passed on unmasked. A run killed during selection keeps the
+decisions it made (journaled one by one).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import time
@@ -52,6 +57,7 @@ from faceaudit.core.files import (
 from faceaudit.core.manifest import (
     STATUS_FAILED,
     STATUS_OK,
+    STATUS_SKIPPED,
     ItemResult,
     describe_exception,
 )
@@ -81,6 +87,10 @@ SELECTION_COLUMNS = ("identity", "video", "name", "source", "status", "reason", 
 ROW_COLUMNS = ("role", "video", "source", "backend", "det_score", "yaw", "pitch", "roll",
                *OUTPUT_KEYS, "coverage", "rms_landmark_px")
 MEANSHAPE_FILE = "meanshape.npz"
+MONTAGE_FILE = "montage.png"
+SELECTION_FILE = "selection.csv"
+#: New selection decisions, one JSON object a line, until selection.csv is written.
+SELECTION_JOURNAL = "selection.journal.jsonl"
 #: Selection outcomes that are failures, not decisions: a failed manifest row, tried again.
 RETRIED_REASONS = ("unreadable", "error")
 
@@ -273,38 +283,103 @@ def _load_mean_shape(model_dir: str | None) -> tuple[np.ndarray, str]:
 # --------------------------------------------------------------------------- selection phase
 
 def _read_selection(save_dir: Path) -> dict[str, dict]:
-    """Earlier selection decisions keyed by source (rows of unreadable files or errors are
-    left out, so a re-run tries them again). A row is reused only when its fingerprint
-    (the photo's content and the selection options) is the one the photo has now."""
-    csv_path = save_dir / "selection.csv"
-    if not csv_path.is_file():
+    """Earlier selection decisions keyed by source: ``selection.csv`` of the last finished
+    run, then the journal of a run killed before it wrote one (later rows win). Rows of
+    unreadable files or errors are left out, so a re-run tries them again. A row is reused
+    only when its fingerprint (the photo's content and the selection options) is the one
+    the photo has now."""
+    rows: dict[str, dict] = {}
+    csv_path = save_dir / SELECTION_FILE
+    if csv_path.is_file():
+        try:
+            with open(csv_path, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                missing = [c for c in ("source", "reason", "fingerprint") if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise ValueError(f"no column {', '.join(missing)}")
+                rows = {r["source"]: r for r in reader}
+        except (OSError, ValueError, csv.Error) as exc:
+            log.warning("earlier selection decisions in %s not used (every photo is decided again): %s",
+                        csv_path, describe_exception(exc))
+            rows = {}
+    rows.update(_replay_selection_journal(save_dir / SELECTION_JOURNAL))
+    return {source: r for source, r in rows.items()
+            if source and r.get("fingerprint") and r.get("status")
+            and selection.reason_code(r.get("reason") or "") not in RETRIED_REASONS}
+
+
+def _replay_selection_journal(path: Path) -> dict[str, dict]:
+    if not path.is_file():
         return {}
+    rows = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:      # the last line of a run killed while writing it
+                continue
+            if isinstance(row, dict) and isinstance(row.get("source"), str):
+                rows[row["source"]] = {k: ("" if v is None else v) for k, v in row.items()}
+    return rows
+
+
+def _journal_selection(path: Path, row: dict[str, Any]) -> None:
+    """Append one decision to the selection journal at once (flushed to disk), so a run
+    killed half way through selection keeps every decision it made."""
+    line = json.dumps({k: row.get(k, "") for k in SELECTION_COLUMNS}, default=str) + "\n"
     try:
-        with open(csv_path, newline="", encoding="utf-8") as fh:
-            return {r["source"]: r for r in csv.DictReader(fh)
-                    if selection.reason_code(r["reason"]) not in RETRIED_REASONS}
-    except (OSError, ValueError, KeyError):
-        return {}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:     # os.write names no file: say which one (full disk ...)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def write_selection(save_dir: Path, rows: list[dict]) -> None:
+    """``selection.csv`` of every image; the journal it replaces goes."""
+    write_csv(save_dir / SELECTION_FILE, rows, SELECTION_COLUMNS)
+    (save_dir / SELECTION_JOURNAL).unlink(missing_ok=True)
+
+
+def _read_error(source: str, exc: OSError) -> str:
+    """A selection reason for a photo the stage cannot read (EACCES, EIO ...)."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return (f"unreadable: cannot read {source}: [Errno {exc.errno} {name}] {exc.strerror or exc}"
+            if name else f"unreadable: cannot read {source}: {exc}")
 
 
 def select_images(stage: StageRun, images: list[selection.InputImage],
                   options: selection.SelectionOptions) -> tuple[list[dict], int]:
     """Selection rows of every image, reusing earlier decisions whose fingerprint matches;
-    returns the rows (in ``images`` order) and how many images were decided anew."""
+    returns the rows (in ``images`` order) and how many images were decided anew. Each new
+    decision is journaled at once; a photo that cannot even be read for its fingerprint
+    is an ``unreadable`` row (a failed manifest row), not the end of the run."""
     earlier = {} if stage.run.overwrite else _read_selection(stage.save_dir)
-    fps = {im.source: fingerprint(Path(im.source), options) for im in images}
+    fps, fresh = {}, {}
+    for im in images:
+        try:
+            fps[im.source] = fingerprint(Path(im.source), options)
+        except OSError as exc:
+            fps[im.source] = ""
+            fresh[im.source] = {"source": im.source, "status": selection.REJECTED,
+                                "reason": _read_error(im.source, exc)}
     reused = {im.source: earlier[im.source] for im in images
-              if im.source in earlier and earlier[im.source].get("fingerprint") == fps[im.source]}
-    todo = [im for im in images if im.source not in reused]
-    fresh = {}
+              if im.source in earlier and fps[im.source]
+              and earlier[im.source].get("fingerprint") == fps[im.source]}
+    todo = [im for im in images if im.source not in reused and im.source not in fresh]
     worker = functools.partial(selection.select_one, options=options)
+    journal = stage.save_dir / SELECTION_JOURNAL
     for image, row, error in map_items(worker, todo, jobs=stage.run.jobs, desc="selection",
                                        progress=stage.run.progress):
         if error is not None:
             row = {"identity": image.identity, "video": image.video, "name": image.name,
                    "source": image.source, "status": selection.REJECTED,
                    "reason": f"error: {describe_exception(error)}"}
-        fresh[image.source] = row
+        fresh[image.source] = {**row, "fingerprint": fps[image.source]}
+        _journal_selection(journal, fresh[image.source])
     rows = []
     for image in images:
         row = dict(reused.get(image.source) or fresh[image.source])
@@ -330,7 +405,9 @@ def mask_images(stage: StageRun, chosen: list[dict], options: DigitalMaskOptions
     todo = []
     for row in chosen:
         iid = item_id(row["role"], row["identity"], row["name"])
-        row["_fp"] = fingerprint(Path(row["source"]), options.selection, options.backend, model.tag)
+        # the selection fingerprint covers the photo's content and the selection options, so
+        # the parent never reads the photo a second time (nor fails on it here)
+        row["_fp"] = fingerprint(row["fingerprint"], options.backend, model.tag)
         outputs = [stage.save_dir / p for p in output_paths(row).values()]
         if stage.is_fresh(iid, row["_fp"], outputs):
             stage.record(stage.skipped(iid))
@@ -365,6 +442,21 @@ def remove_stale(stage: StageRun, keep_ids: set[str]) -> int:
     return len(stale)
 
 
+def remove_unrecorded(stage: StageRun) -> int:
+    """Delete the files under the role folders that no ok (or kept) manifest row names: the
+    outputs of an item a killed run was writing when it died, which no row records and so
+    no later run would remove. Returns how many files went."""
+    recorded = {os.path.normpath(stage.save_dir / row[k])
+                for row in stage.manifest.rows.values() if row.get("status") in (STATUS_OK, STATUS_SKIPPED)
+                for k in OUTPUT_KEYS if row.get(k)}
+    orphans = []
+    for role in (selection.DATABASE, selection.QUERY):
+        for folder, _, names in os.walk(stage.save_dir / role):   # symlinks are not followed
+            orphans += [Path(folder) / n for n in names if os.path.normpath(Path(folder) / n) not in recorded]
+    remove_outputs(stage.save_dir, [p.relative_to(stage.save_dir) for p in orphans])
+    return len(orphans)
+
+
 # --------------------------------------------------------------------------- montage and summary
 
 def _write_montage(save_dir: Path, rows: list[dict[str, Any]], *, max_rows: int = 8) -> None:
@@ -384,29 +476,33 @@ def _write_montage(save_dir: Path, rows: list[dict[str, Any]], *, max_rows: int 
         ImageDraw.Draw(head).text((2, 2), text, fill=(0, 0, 0))
         lines += [np.asarray(head), tiles]
     if lines:
-        write_png(save_dir / "montage.png", np.concatenate(lines, axis=0))
+        write_png(save_dir / MONTAGE_FILE, np.concatenate(lines, axis=0))
+    else:   # an earlier run's faces must not stand for this run's (empty) result
+        (save_dir / MONTAGE_FILE).unlink(missing_ok=True)
 
 
 def _summary(options: DigitalMaskOptions, rows: list[dict], counts: dict[str, int], n_pairs: int,
              unpaired: dict[str, str], n_tried: int, save_dir: Path) -> tuple[str, dict]:
-    decided = [r for r in rows if selection.reason_code(r["reason"]) not in RETRIED_REASONS]
+    codes = [selection.reason_code(r["reason"]) for r in rows]
+    decided = [r for r, code in zip(rows, codes) if code not in RETRIED_REASONS]
     accepted = sum(r["status"] == selection.ACCEPTED for r in decided)
     rejected = Counter(selection.reason_code(r["reason"]) for r in decided
                        if r["status"] != selection.ACCEPTED)
-    unreadable = len(rows) - len(decided)
+    unreadable, errors = codes.count("unreadable"), codes.count("error")
     built = counts.get(STATUS_OK, 0)
-    failed_masks = counts.get(STATUS_FAILED, 0) - unreadable
+    failed_masks = counts.get(STATUS_FAILED, 0) - unreadable - errors
     by_reason = ", ".join(f"{code} {n}" for code, n in sorted(rejected.items())) or "none"
     selected = (f"digital mask ({options.backend}): {len(rows)} images of "
                 f"{len({r['identity'] for r in rows})} identities; accepted {accepted}; "
-                f"rejected {sum(rejected.values())} ({by_reason}); unreadable {unreadable}")
+                f"rejected {sum(rejected.values())} ({by_reason}); unreadable {unreadable}"
+                + (f"; selection errors {errors}" if errors else ""))
     masked = (f"masks: {built} built, {counts.get('skipped', 0)} unchanged from an earlier run, "
               f"{failed_masks} failed; {n_pairs} pairs, {len(unpaired)} identities unpaired; "
               f"outputs in {save_dir}")
     text = f"{selected}\n{masked}"
     details = {"n_images": len(rows), "n_accepted": accepted, "rejected": dict(rejected),
-               "n_unreadable": unreadable, "n_masks_built": built, "n_masks_tried": n_tried,
-               "n_masks_failed": failed_masks}
+               "n_unreadable": unreadable, "n_selection_errors": errors, "n_masks_built": built,
+               "n_masks_tried": n_tried, "n_masks_failed": failed_masks}
     return text, details
 
 
@@ -423,13 +519,14 @@ def run_digital_mask(input_dir: str | os.PathLike, save_dir: str | os.PathLike,
     model = load_mask_model(options)
     images = selection.discover_images(input_dir)
     with StageRun("digital_mask", save_dir, run, options=options) as stage:
+        remove_unrecorded(stage)
         t_sel = time.time()
         rows, n_selected = select_images(stage, images, options.selection)
         sel_seconds = time.time() - t_sel
         roles, unpaired = selection.choose_pairs(rows, protocol=options.protocol, seed=run.seed)
         for row in rows:
             row["role"] = roles.get(f"{row['identity']}/{row['name']}", "")
-        write_csv(stage.save_dir / "selection.csv", rows, SELECTION_COLUMNS)
+        write_selection(stage.save_dir, rows)
         if model.mean_shape is not None:
             write_npz(stage.save_dir / MEANSHAPE_FILE, mean_shape=model.mean_shape)
         failed = [r for r in rows if selection.reason_code(r["reason"]) in RETRIED_REASONS]
