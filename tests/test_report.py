@@ -1,7 +1,10 @@
 """The report is built from stage outputs; its tables must hold their numbers."""
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,6 +101,53 @@ def test_cli_on_a_folder_without_stage_outputs(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no stage outputs found below" in capsys.readouterr().err
     assert main([str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err == f"error: expected a run folder at {tmp_path / 'absent'}, found nothing\n"
+
+
+def test_rejections_are_grouped_by_their_rule_not_their_first_word(tmp_path):
+    reasons = ["no face (no detection with confidence >= 0.1)", "no face (none)",
+               "no landmarks (MediaPipe face mesh found no face on the crop)",
+               "face too small (31 px box side in the photo < 40)", "low confidence (0.512 <= 0.9)",
+               "more than one face (another at 0.400 >= 0.1)", "unreadable: cannot read image x.jpg"]
+    _write_csv(tmp_path / "run" / "digital_mask" / "selection.csv",
+               [{"identity": "s1", "name": str(k), "status": "rejected", "reason": r} for k, r in enumerate(reasons)]
+               + [{"identity": "s1", "name": "ok", "status": "accepted", "reason": ""}])
+    md = write_report(tmp_path / "run")[1].read_text(encoding="utf-8")
+    for rule, n in (("no face", 2), ("no landmarks", 1), ("face too small", 1), ("low confidence", 1),
+                    ("more than one face", 1), ("unreadable", 1)):
+        assert f"| rejected: {rule} | {n} |" in md, rule
+    assert "| accepted | 1 | 12.5 |" in md and "rejected: no |" not in md
+
+
+def test_a_report_that_cannot_be_written_is_exit_2_with_one_line(fixture_run, monkeypatch, capsys):
+    import errno
+
+    from faceaudit.report import build
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(build, "atomic_write_text", read_only)
+    assert main([str(fixture_run)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write to {fixture_run / 'report.html'}: [Errno 30 EROFS] "
+                   "Read-only file system\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounting a read-only file system needs root and unshare")
+def test_a_read_only_run_folder_is_exit_2_with_one_line(fixture_run, tmp_path):
+    """The run folder on a real read-only file system (tmpfs remounted ro, private namespace)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs tmpfs {mnt} && cp -r {fixture_run} {mnt}/run && mount -o remount,ro {mnt} && "
+              f"exec {sys.executable} -m faceaudit.report {mnt}/run")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    if "mount:" in proc.stderr:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: cannot write to {mnt}/run") and "[Errno 30 EROFS]" in proc.stderr
 
 
 def _browser():

@@ -55,3 +55,6 @@ def landmarks_file(fold_folder: str | Path, variant: str) -> Path:
 # --- every stage
 MANIFEST_FILE = "manifest.csv"
 RUN_FILE = "run.json"
+
+# --- stage 5 -> report
+SELECTION_FILE = "selection.csv"  # every input photo: accepted/rejected, reason, pose, role

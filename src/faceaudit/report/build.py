@@ -28,9 +28,11 @@ import re
 import sys
 from pathlib import Path
 
-from faceaudit.core.files import atomic_write_text
-from faceaudit.core.runner import EXIT_OK, EXIT_USAGE
-from faceaudit.report.common import Section, Table, csv_table, read_csv_rows, read_json
+from faceaudit.core.cli import run_guarded
+from faceaudit.core.contracts import CT_RENDERS, MANIFEST_FILE, PET_RENDERS, SELECTION_FILE, SPLITS_FILE
+from faceaudit.core.files import InputError, atomic_write_text
+from faceaudit.core.runner import EXIT_OK, StageResult
+from faceaudit.report.common import Section, Table, csv_table, figures_in, read_csv_rows, read_json
 from faceaudit.report.sections_mask import (
     recognition_facts,
     recognition_figures,
@@ -44,12 +46,12 @@ from faceaudit.report.sections_petct import (
 )
 
 STAGE_SIGNATURES = {
-    "reconstruction": lambda d: (d / "cts").is_dir() and (d / "pets").is_dir()
-    and (d / "manifest.csv").is_file(),
-    "crossval": lambda d: (d / "splits.json").is_file() and (d / "metrics.csv").is_file(),
+    "reconstruction": lambda d: (d / CT_RENDERS).is_dir() and (d / PET_RENDERS).is_dir()
+    and (d / MANIFEST_FILE).is_file(),
+    "crossval": lambda d: (d / SPLITS_FILE).is_file() and (d / "metrics.csv").is_file(),
     "placement": lambda d: (d / "detection.csv").is_file(),
     "matching": lambda d: (d / "topk.csv").is_file(),
-    "digital_mask": lambda d: (d / "selection.csv").is_file(),
+    "digital_mask": lambda d: (d / SELECTION_FILE).is_file(),
     "recognition": lambda d: (d / "results.csv").is_file(),
 }
 STAGE_TITLES = {
@@ -60,7 +62,6 @@ STAGE_TITLES = {
     "digital_mask": "Digital mask",
     "recognition": "Face recognition attack",
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 #: Figures the report draws itself (from the stages' CSV files), below the run folder.
 FIGURE_DIR = "report_figures"
 
@@ -102,7 +103,7 @@ def row_kind(stage: str, row: dict[str, str], *, backends: int = 1) -> str:
 def manifest_facts(folder: Path, stage: str = "") -> list[str]:
     """Counts per status, per kind of row (a crossval manifest holds fold rows and study
     rows; a recognition manifest one row per image and recognizer), and the failed rows."""
-    path = folder / "manifest.csv"
+    path = folder / MANIFEST_FILE
     if not path.is_file():
         return []
     rows = read_csv_rows(path)
@@ -132,10 +133,6 @@ def run_facts(folder: Path) -> list[str]:
     if record.get("seconds") is not None:
         facts.append(f"{float(record['seconds']):.1f} s")
     return [", ".join(facts)] if facts else []
-
-
-def figures_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def headline_tables(stages: dict[str, list[Path]]) -> list[Table]:
@@ -171,7 +168,7 @@ def build_sections(run_dir: Path) -> list[Section]:
             elif key == "matching":
                 sec.tables.append(csv_table(folder / "topk.csv", "PET-to-CT identification, top-k"))
             elif key == "digital_mask":
-                sec.tables.append(selection_table(folder / "selection.csv"))
+                sec.tables.append(selection_table(folder / SELECTION_FILE))
             if key == "recognition":
                 sec.facts += recognition_facts(folder)
                 slug = re.sub(r"[^A-Za-z0-9]+", "_", str(rel)).strip("_") or "run"
@@ -277,11 +274,12 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Build ``report.html`` and ``report.md`` in ``run_dir`` from the stage folders below it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"expected a run folder at {run_dir}, found nothing")
+        raise InputError(f"expected a run folder at {run_dir}, found "
+                         f"{'a file' if run_dir.exists() else 'nothing'}")
     sections = build_sections(run_dir)
     if not sections:
-        raise ValueError(f"no stage outputs found below {run_dir} (looked for "
-                         "cts/+pets/, splits.json, detection.csv, topk.csv, selection.csv, results.csv)")
+        raise InputError(f"no stage outputs found below {run_dir} (looked for {CT_RENDERS}/+{PET_RENDERS}/, "
+                         f"{SPLITS_FILE}, detection.csv, topk.csv, {SELECTION_FILE}, results.csv)")
     stages = {sec.key: [] for sec in sections}
     for sec in sections:
         stages[sec.key].append(sec.folder)
@@ -297,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m faceaudit.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="folder holding the stage output folders")
     args = parser.parse_args(argv)
-    try:
-        html_path, md_path = write_report(args.run_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"wrote {html_path} and {md_path}")
-    return EXIT_OK
+    return run_guarded(report_result, args.run_dir)
+
+
+def report_result(run_dir: str | os.PathLike) -> StageResult:
+    """:func:`write_report` as a command's result: what was written, exit 0. A folder without
+    stage outputs, or one the report cannot be written into, raises (exit 2 in run_guarded)."""
+    html_path, md_path = write_report(run_dir)
+    return StageResult("report", Path(run_dir), {}, EXIT_OK, summary=f"wrote {html_path} and {md_path}")
 
 
 if __name__ == "__main__":

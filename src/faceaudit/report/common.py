@@ -10,6 +10,7 @@ from pathlib import Path
 from faceaudit.core.files import InputError, read_json_file
 
 MAX_TABLE_ROWS = 60
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 
 
 @dataclass
@@ -41,6 +42,11 @@ def read_json(path: Path) -> dict:
         return read_json_file(path)
     except InputError:
         return {}
+
+
+def figures_in(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted: the figures a stage wrote."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def rows_by(path: Path, key: str) -> dict[str, dict[str, str]]:

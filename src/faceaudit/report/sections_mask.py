@@ -7,23 +7,26 @@ import math
 from pathlib import Path
 
 from faceaudit.core.files import atomic_write_bytes
+from faceaudit.core.ranking import OPEN_SET_FARS
+from faceaudit.mask.evaluation import far_key
+from faceaudit.mask.recognition_output import RANK_CI_METHOD
+from faceaudit.mask.selection import ACCEPTED, reason_code
 from faceaudit.report import paper_numbers as paper
-from faceaudit.report.common import Table, fmt, pct, read_csv_rows, read_json
+from faceaudit.report.common import Table, figures_in, fmt, pct, read_csv_rows, read_json
 
-#: The false-accept rates of the open-set columns (results.csv tar_at_far_<key>).
-FARS = ((0.01, "1pct"), (0.001, "0.1pct"))
-#: How results.csv names the Wilson interval of rank-k (recognition_output.RANK_CI_METHOD).
-WILSON = "wilson score 95%"
+#: The false-accept rates of the open-set columns and their results.csv suffix (tar_at_far_<key>).
+FARS = tuple((far, far_key(far)) for far in OPEN_SET_FARS)
 
 
 def selection_table(path: Path) -> Table:
-    """Accepted images, and rejected ones grouped by the rule that rejected them."""
+    """Accepted images, and rejected ones grouped by the rule that rejected them (the
+    reason's code: "no face", "face too small", "yaw" ...)."""
     counts: dict[str, int] = {}
     for row in read_csv_rows(path):
         decision = row.get("decision") or row.get("status") or "?"
         reason = (row.get("reason") or "").strip()
-        rule = reason.split()[0].rstrip(":") if reason else ""
-        key = decision if decision == "accepted" or not rule else f"{decision}: {rule}"
+        rule = reason_code(reason) if reason else ""
+        key = decision if decision == ACCEPTED or not rule else f"{decision}: {rule}"
         counts[key] = counts.get(key, 0) + 1
     total = sum(counts.values())
     rows = [[k, str(v), f"{100.0 * v / total:.1f}"] for k, v in sorted(counts.items())]
@@ -54,7 +57,7 @@ class RecognitionRun:
 
     def ci_label(self) -> str:
         methods = {r.get("rank_ci_method", "") for r in self.rows}
-        return "Wilson 95 % CI" if methods == {WILSON} else "95 % CI"
+        return "Wilson 95 % CI" if methods == {RANK_CI_METHOD} else "95 % CI"
 
     def has_open_set(self) -> bool:
         return bool(self.rows) and "tar_at_far_1pct" in self.rows[0]
@@ -139,7 +142,7 @@ def recognition_figures(folder: Path, roc_path: Path) -> list[Path]:
         cmc = fr.backend_dir(b) / "cmc.png"
         if cmc.is_file():
             figures.append(cmc)
-    return figures + [p for p in _images(fr.folder) if p.name not in ("roc.png", "cmc.png")]
+    return figures + [p for p in figures_in(fr.folder) if p.name not in ("roc.png", "cmc.png")]
 
 
 def draw_roc(fr: RecognitionRun, path: Path) -> Path | None:
@@ -184,11 +187,6 @@ def draw_roc(fr: RecognitionRun, path: Path) -> Path | None:
     axes[0][0].set_ylabel("true-accept rate (%)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return atomic_write_bytes(path, figure_png(fig))
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".svg"))
 
 
 def recognition_facts(folder: Path) -> list[str]:
