@@ -1,7 +1,10 @@
 import csv
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -321,9 +324,13 @@ def test_stage_writes_contract_outputs_resumes_and_reuses_splits(tmp_path, capsy
 
     # Re-run: finished folds are reused, not retrained.
     models_before = (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns
+    trained = run["folds"]
     assert _run(ct_dir, pet_dir, out) == EXIT_ITEMS_FAILED
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert all(f["reused"] for f in run["folds"])
+    # the reused folds report the best epoch and loss their models were saved with
+    assert [(f["best_epoch"], f["best_val_loss"]) for f in run["folds"]] == \
+        [(f["best_epoch"], f["best_val_loss"]) for f in trained]
     assert (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns == models_before
     assert _read_csv(out / "metrics.csv") == metrics
 
@@ -389,6 +396,57 @@ def test_stage_refuses_a_splits_file_with_repeated_fold_numbers(tmp_path, capsys
                 "--denoiser", "wavelet") == EXIT_USAGE
     assert "fold entry #1 (fold 0): fold number 0 is already used" in capsys.readouterr().err
     assert not (tmp_path / "cv2" / "metrics.csv").exists()
+
+
+def test_unusable_splits_or_renders_exit_2_and_create_no_output_folder(tmp_path, capsys):
+    """Inputs are read and checked before the output folder, its lock, manifest.csv and
+    run.json are made (they were made first, then the stage stopped with exit 2)."""
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"folds": [{"fold": 0, "train"')
+    repeated = tmp_path / "repeated.json"
+    ids = sorted(p.stem for p in ct_dir.glob("*.png"))
+    repeated.write_text(json.dumps({"folds": [{"fold": 0, "train": ids[2:], "val": [], "test": ids[:2]},
+                                              {"fold": 0, "train": ids[:4], "val": [], "test": ids[4:]}]}))
+    for name, splits_file, message in (("truncated", truncated, "as JSON"),
+                                       ("repeated", repeated, "fold number 0 is already used"),
+                                       ("missing", tmp_path / "absent.json", "found nothing")):
+        out = tmp_path / f"cv_{name}"
+        assert _run(ct_dir, pet_dir, out, "--splits_file", str(splits_file), "--denoiser", "wavelet") == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert message in err and str(splits_file) in err, (name, err)
+        assert not out.exists(), name
+    unreadable = tmp_path / "broken"
+    for side in ("cts", "pets"):
+        (unreadable / side).mkdir(parents=True)
+        (unreadable / side / "PETCT_p00_s0.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "cv_unreadable"
+    assert _run(unreadable / "cts", unreadable / "pets", out) == EXIT_USAGE
+    assert "expected readable CT/PET render pairs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounting a tiny file system needs root and unshare")
+def test_a_full_models_location_stops_the_stage_with_exit_2(tmp_path):
+    """A full disk (a real 64 KiB tmpfs as --models_path) is the location's fault, not the
+    fold's: exit 2 with one line naming it, instead of every fold failing the same way."""
+    ct_dir, pet_dir, _ = _write_cohort(tmp_path / "recon", n_patients=6, two_studies=())
+    mnt, out = tmp_path / "mnt", tmp_path / "cv"
+    mnt.mkdir()
+    args = ["--ct_files", ct_dir, "--pet_files", pet_dir, "--save_perfs_dir", out, "--models_path", mnt,
+            "--n_epochs", "1", "--n_folds", "3", "--batch_size", "4", "--crop", CROP, "--device", "cpu",
+            "--threads", "1", "--quiet"]
+    command = " ".join([sys.executable, str(Path(perform_crossval.__file__)), *map(str, args)])
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt} && exec {command}"],
+                          capture_output=True, text=True, timeout=300)
+    if "mount:" in proc.stderr:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "Errno 28 ENOSPC" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "denoised" / "fold0").exists()  # the fold's partial outputs are gone
+    rows = _read_csv(out / "manifest.csv")
+    assert not any(r["id"].startswith("fold") for r in rows)  # no fold row blamed for the disk
 
 
 # ---------------------------------------------------------------- the stage API (issues 11, 12)
@@ -463,9 +521,10 @@ def test_fewer_folds_remove_the_outputs_of_the_dropped_ones(tmp_path):
 @pytest.mark.parametrize("flag, value, message", [
     ("--n_epochs", "0", "expected --n_epochs to be a whole number >= 1, found 0"),
     ("--batch_size", "-4", "expected --batch_size to be a whole number >= 1, found -4"),
-    ("--lr", "0", "expected --lr to be a finite number > 0, found 0.0"),
-    ("--lr", "nan", "expected --lr to be a finite number > 0, found nan"),
-    ("--n_folds", "1", "expected --n_folds to be a whole number >= 2 for the kfold scheme"),
+    ("--lr", "0", "expected --lr to be a number in (0, inf), found 0.0"),
+    ("--lr", "nan", "expected --lr to be a number in (0, inf), found nan"),
+    ("--n_folds", "1", "expected --n_folds to be a whole number >= 2, found 1"),
+    ("--crop", "16", "expected --crop to be a whole number >= 33, found 16"),
     ("--crop", "60", "expected --crop to be a multiple of 8 above 32 px, found 60"),
     ("--threads", "-1", "expected --threads to be a whole number >= 0, found -1"),
 ])
@@ -523,3 +582,12 @@ def test_a_killed_run_keeps_the_folds_it_finished(tmp_path):
     assert perform_crossval.main(args) == EXIT_OK
     assert _folds_reused(out) == [True, False, False]
     assert (out / "models" / "best_model_fold0.pt").stat().st_mtime_ns == model0
+
+
+def test_the_model_settings_file_is_the_contracts_one(tmp_path):
+    """save_model and load_denoiser find the settings beside the weights where the contract
+    (stage 3 reads it) puts them."""
+    from faceaudit.core.contracts import model_info_for, model_info_path, model_path
+
+    assert model_info_for(model_path(tmp_path, 3)) == model_info_path(tmp_path, 3) == \
+        tmp_path / "best_model_fold3.json"

@@ -56,5 +56,18 @@ def landmarks_file(fold_folder: str | Path, variant: str) -> Path:
 MANIFEST_FILE = "manifest.csv"
 RUN_FILE = "run.json"
 
+# --- stage 2 -> report
+METRICS_FILE = "metrics.csv"     # per fold x test study: MS-SSIM and PSNR before/after denoising
+
+# --- stage 4 -> report
+TOPK_FILE = "topk.csv"           # one row per attack x k
+RANKS_FILE = "ranks.csv"         # one row per fold x probe
+
+
+def model_info_for(model_file: str | Path) -> Path:
+    """The settings file beside a model file: ``model_info_path(d, k)`` for ``model_path(d, k)``."""
+    return Path(model_file).with_suffix(".json")
+
+
 # --- stage 5 -> report
 SELECTION_FILE = "selection.csv"  # every input photo: accepted/rejected, reason, pose, role

@@ -25,9 +25,7 @@ best_model_fold{k}.json (architecture and training settings).
 
 from __future__ import annotations
 
-import errno
 import logging
-import math
 import os
 import re
 import shutil
@@ -42,6 +40,7 @@ import numpy as np
 from faceaudit.core.contracts import (
     DENOISED_DIR,
     MANIFEST_FILE,
+    METRICS_FILE,
     MODELS_DIR,
     RENDER_CROP,
     SPLITS_FILE,
@@ -54,13 +53,15 @@ from faceaudit.core.files import (
     atomic_write_bytes,
     file_digest,
     make_private_dir,
+    read_json_file,
     write_csv,
     write_json,
     write_png,
 )
 from faceaudit.core.images import to_uint8, wavelet_denoise
 from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult, describe_exception
-from faceaudit.core.runner import OptionsError, RunSettings, StageResult, StageRun, fingerprint
+from faceaudit.core.options import expect, expect_choice, expect_number, expect_whole
+from faceaudit.core.runner import RunSettings, StageResult, StageRun, fingerprint, is_location_error
 from faceaudit.petct.denoise_figures import denoising_montage, plot_loss_curves
 from faceaudit.petct.denoise_metrics import (
     METRIC_COLUMNS,
@@ -89,24 +90,11 @@ from faceaudit.petct.splits import DEFAULT_VAL_FRACTION, PARTS, SCHEMES, load_sp
 log = logging.getLogger(__name__)
 
 DENOISERS = ("unet", "wavelet")
-#: The crop stage 3 falls back to; kept here for the modules that import it from this stage.
-DEFAULT_CROP = RENDER_CROP
-#: Errors of the whole output location (not of one fold): the run stops with exit 2.
-LOCATION_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 # ----------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------
-
-def _expect(ok: bool, flag: str, expected: str, found: Any) -> None:
-    if not ok:
-        raise OptionsError(f"expected {flag} to be {expected}, found {found!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 @dataclass(frozen=True)
 class CrossvalOptions:
@@ -139,20 +127,18 @@ class CrossvalOptions:
                                      ("--denoiser", self.denoiser, DENOISERS),
                                      ("--split_scheme", self.split_scheme, SCHEMES),
                                      ("--device", self.device, DEVICES)):
-            _expect(value in choices, flag, f"one of {', '.join(choices)}", value)
-        for flag, value in (("--n_epochs", self.n_epochs), ("--batch_size", self.batch_size)):
-            _expect(_is_int(value) and value >= 1, flag, "a whole number >= 1", value)
+            expect_choice(flag, value, choices)
+        expect_whole("--n_epochs", self.n_epochs, 1)
+        expect_whole("--batch_size", self.batch_size, 1)
         least = 2 if self.split_scheme == "kfold" else 1
-        _expect(_is_int(self.n_folds) and self.n_folds >= least, "--n_folds",
-                f"a whole number >= {least} for the {self.split_scheme} scheme", self.n_folds)
-        _expect(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
-                "--lr", "a finite number > 0", self.lr)
-        _expect(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1,
-                "the validation fraction", "a number between 0 and 1", self.val_fraction)
-        _expect(_is_int(self.crop) and self.crop > 32 and self.crop % SPATIAL_MULTIPLE == 0,
-                "--crop", f"a multiple of {SPATIAL_MULTIPLE} above 32 px", self.crop)
-        _expect(_is_int(self.threads) and self.threads >= 0, "--threads",
-                "a whole number >= 0", self.threads)
+        expect_whole("--n_folds", self.n_folds, least)  # a kfold split needs a second fold
+        expect_number("--lr", self.lr, low=0, low_open=True)
+        expect_number("the validation fraction", self.val_fraction, low=0, high=1, low_open=True,
+                      high_open=True)
+        expect_whole("--crop", self.crop, 33)
+        expect(self.crop % SPATIAL_MULTIPLE == 0, "--crop", f"a multiple of {SPATIAL_MULTIPLE} above 32 px",
+               self.crop)
+        expect_whole("--threads", self.threads, 0)
 
     def model_shaping(self, seed: int) -> dict[str, Any]:
         """The options a fold's outputs depend on (device and threads change only rounding)."""
@@ -313,16 +299,6 @@ def run_fold(fold: Mapping[str, Any], data: RenderSet, options: CrossvalOptions,
 # The stage
 # ----------------------------------------------------------------------------------------
 
-def _number(value: Any) -> Any:
-    """A manifest value read back as text ('' / '3' / '0.25') as None / int / float."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        number = float(value)
-        return int(number) if number.is_integer() and "." not in value else number
-    return value
-
-
 def _fold_row(k: int, fold: Mapping[str, Any], info: Mapping[str, Any], device: str
               ) -> ItemResult:
     return ItemResult(f"fold{k}", "", STATUS_OK, "", {
@@ -334,16 +310,17 @@ def _fold_row(k: int, fold: Mapping[str, Any], info: Mapping[str, Any], device: 
 
 def _reuse_fold(stage: StageRun, k: int, paths: FoldPaths, denoiser: str
                 ) -> dict[str, Any] | None:
-    """The earlier row and loss history of a fresh fold; None when the history cannot be read
-    back (the fold is then trained again)."""
+    """The earlier row, loss history and best epoch of a fresh fold (as its model's .json
+    records them); None when they cannot be read back (the fold is then trained again)."""
     try:
         history = read_loss_csv(paths.loss_csv) if denoiser == "unet" else []
-    except (OSError, KeyError, ValueError, TypeError):
+        info = read_json_file(paths.model_info) if denoiser == "unet" else {}
+        seconds = float(stage.previous(f"fold{k}").get("seconds") or "nan")
+    except (OSError, InputError, KeyError, ValueError, TypeError):
         return None
-    row = stage.skipped(f"fold{k}")
-    return {"row": row, "reused": True, "history": history,
-            **{key: _number(row.values.get(key)) for key in ("best_epoch", "best_val_loss",
-                                                             "seconds")}}
+    return {"row": stage.skipped(f"fold{k}"), "reused": True, "history": history,
+            "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
+            "seconds": None if seconds != seconds else seconds}
 
 
 def _do_fold(stage: StageRun, fold: Mapping[str, Any], data: RenderSet,
@@ -363,7 +340,7 @@ def _do_fold(stage: StageRun, fold: Mapping[str, Any], data: RenderSet,
                         progress=run.progress)
     except Exception as exc:  # one fold's failure (a bad render, CUDA out of memory) only
         paths.remove()
-        if isinstance(exc, OSError) and exc.errno in LOCATION_ERRNOS:
+        if is_location_error(exc):
             raise  # the whole output location is unusable: exit 2, not a failed fold
         stage.record(ItemResult(f"fold{k}", "", STATUS_FAILED, describe_exception(exc),
                                 {"fold": k}))
@@ -400,7 +377,7 @@ def _write_tables(save_dir: Path, splits: Mapping[str, Any], data: RenderSet,
                   metrics: list[dict[str, Any]], histories: Mapping[int, list]
                   ) -> list[dict[str, Any]]:
     """metrics.csv, summary.csv, loss_curves.png and qa_montage.png; the summary rows."""
-    write_csv(save_dir / "metrics.csv", metrics, METRIC_COLUMNS)
+    write_csv(save_dir / METRICS_FILE, metrics, METRIC_COLUMNS)
     summary = summarise_metrics(metrics)
     write_csv(save_dir / "summary.csv", summary, SUMMARY_COLUMNS)
     if histories:
@@ -485,14 +462,16 @@ def run_crossval(ct_files: str | os.PathLike, pet_files: str | os.PathLike,
     """
     ct_dir, pet_dir, save_dir = Path(ct_files), Path(pet_files), Path(save_dir)
     _check_locations(ct_dir, pet_dir, save_dir)
+    # every input is read and checked before the output folder is made: unusable renders or
+    # splits stop the stage (exit 2) with nothing written
     pairs, problems = pair_renders(ct_dir, pet_dir)
+    data, digests, problems = _load_studies(pairs, problems, ct_dir=ct_dir, pet_dir=pet_dir,
+                                            crop=options.crop, progress=run.progress)
+    splits = _fold_plan(data, problems, options, seed=run.seed)
     device = resolve_device(options.device) if options.denoiser == "unet" else "cpu"
     models_dir = Path(options.models_path) if options.models_path else save_dir / MODELS_DIR
     with torch_threads(options.threads), StageRun("crossval", save_dir, run,
                                                   options=options) as stage:
-        data, digests, problems = _load_studies(pairs, problems, ct_dir=ct_dir, pet_dir=pet_dir,
-                                                crop=options.crop, progress=run.progress)
-        splits = _fold_plan(data, problems, options, seed=run.seed)
         write_json(save_dir / SPLITS_FILE, splits)
         if options.denoiser == "unet":
             make_private_dir(models_dir)
@@ -527,6 +506,6 @@ def _run_record(splits: Mapping[str, Any], data: RenderSet, folds: list[dict[str
                    "data_range": 1.0, "implementation": "pytorch_msssim.ms_ssim"}}
 
 
-#: DEVICES, DEFAULT_CROP and load_denoiser are re-exported for the scripts and stage 3.
-__all__ = ["DEFAULT_CROP", "DENOISERS", "DEVICES", "SCHEMES", "CrossvalOptions", "FoldPaths",
+#: DEVICES and load_denoiser are re-exported for the scripts and stage 3.
+__all__ = ["DENOISERS", "DEVICES", "SCHEMES", "CrossvalOptions", "FoldPaths",
            "fold_fingerprint", "load_denoiser", "load_splits", "run_crossval", "run_fold"]

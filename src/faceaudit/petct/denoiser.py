@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from faceaudit.core.contracts import model_info_for
 from faceaudit.core.files import InputError, atomic_write_bytes, write_csv, write_json
 from faceaudit.core.manifest import describe_exception
 from faceaudit.petct.denoise_metrics import msssim_loss
@@ -232,7 +233,7 @@ def save_model(model, pt_path: str | os.PathLike, *, info: Mapping[str, Any]) ->
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(pt_path, buf.getvalue())
-    write_json(pt_path.with_suffix(".json"), {**model_config(model), **info})
+    write_json(model_info_for(pt_path), {**model_config(model), **info})
     return pt_path
 
 
@@ -266,7 +267,7 @@ def load_denoiser(pt_path: str | os.PathLike, device: str = "cpu", *,
     from faceaudit.petct.unet import build_model
 
     pt_path = Path(pt_path)
-    sidecar = pt_path.with_suffix(".json")
+    sidecar = model_info_for(pt_path)
     for path in (pt_path, sidecar):
         if not path.is_file():
             raise InputError(f"expected a denoiser file at {path}, found nothing "

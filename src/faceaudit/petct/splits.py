@@ -24,7 +24,6 @@ fold, a duplicated id, an unknown id) is a usage error naming the file and the e
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from faceaudit.core.contracts import RENDER_CROP, SPLITS_FILE
-from faceaudit.core.files import InputError
+from faceaudit.core.files import InputError, read_json_file
 
 SCHEMES = ("kfold", "upstream")
 PARTS = ("train", "val", "test")
@@ -247,13 +246,9 @@ def _read_record(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"expected the cross-validation {SPLITS_FILE} at {path}, found nothing")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path} as JSON (not valid JSON: {exc})") from exc
-    except OSError as exc:
+        record = read_json_file(path)
+    except OSError as exc:              # a file that cannot be opened is an input, not an output, fault
         raise InputError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(record, dict):
-        raise InputError(f"expected a JSON object in {path}, found {type(record).__name__}")
     folds = record.get("folds")
     if not isinstance(folds, list) or not folds:
         raise InputError(f"{path}: expected a non-empty 'folds' list like "
