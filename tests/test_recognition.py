@@ -697,6 +697,6 @@ def test_the_demo_attacks_with_dlib_and_mobilefacenet_and_checks_the_model_first
     argv = steps[-1].argv
     assert argv[argv.index("--backend") + 1] == "dlib,mobilefacenet"
     monkeypatch.setenv("FACEAUDIT_MODELS", str(tmp_path / "empty_cache"))
-    assert demo.run_demo(tmp_path / "out") == 2
+    assert demo.main([str(tmp_path / "out")]) == 2   # run_demo raises InputError; main: exit 2
     assert "make models" in capsys.readouterr().err
     assert not (tmp_path / "out" / "cohort").exists()  # stopped before the first stage
