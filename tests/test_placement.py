@@ -3,6 +3,7 @@ blurred noisy copy as "PET"), with the cross-validation's contracts written by h
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -349,15 +350,15 @@ def test_script_rejects_unusable_options_before_any_work(cohort, tmp_path, capsy
     script = load_script("perform_landmark_placement")
     common = ["--ct_files", str(cohort / "recon" / "cts"), "--pet_files", str(cohort / "recon" / "pets"),
               "--splits_file", str(cohort / "cv" / "splits.json"), "--save_dir", str(tmp_path / "LM")]
-    for extra, message in ((["--upscale", "0"], "expected --upscale to be a factor > 0, found 0.0"),
-                           (["--pad", "-1"], "expected --pad to be pixels >= 0"),
+    for extra, message in ((["--upscale", "0"], "expected --upscale to be a number in (0, inf), found 0.0"),
+                           (["--pad", "-1"], "expected --pad to be a number in [0, inf), found -1.0"),
                            (["--min_detection_confidence", "1.5"], "expected --min_detection_confidence"),
                            (["--n_qa", "-1"], "expected --n_qa to be a whole number >= 0, found -1"),
                            (["--jobs", "0"], "expected --jobs to be a whole number >= 1")):
         assert script.main(common + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "LM").exists()
-    with pytest.raises(OptionsError, match="expected --upscale to be a factor > 0, found nan"):
+    with pytest.raises(OptionsError, match=r"expected --upscale to be a number in \(0, inf\), found nan"):
         PlacementOptions(upscale=float("nan"))
 
 
@@ -391,3 +392,119 @@ def test_a_failed_item_leaves_no_denoised_image_in_save_dir(cohort, tmp_path):
     assert not (denoised / "fold1" / f"{IDS[2]}.png").exists()
     assert (denoised / "fold0" / f"{IDS[0]}.png").is_file() and rows[f"fold0/{IDS[0]}"]["status"] == "ok"
     assert read_npz(out / "fold1" / "landmarks_pet_unet.npz")["ids"].tolist() == [IDS[3]]
+
+
+def _rows(out):
+    return {r["id"]: r for r in read_manifest(out / "manifest.csv")}
+
+
+def test_a_denoiser_failing_mid_fold_leaves_none_of_the_folds_images(cohort, tmp_path, monkeypatch):
+    """The denoiser works on the first batch and fails on the second: the image of the first
+    batch, sources.json and the fold's earlier U-Net landmarks all go before the failed
+    fold0/denoiser row is recorded (they stayed beside it); fold 1 is untouched."""
+    import faceaudit.petct.placement as placement
+
+    monkeypatch.setattr(placement, "DENOISE_BATCH", 1)
+    models = tmp_path / "models"
+    models.mkdir()
+    for k in (0, 1):
+        (models / f"best_model_fold{k}.pt").write_bytes(b"1.0")
+
+    def loader(pt_path):
+        calls = []
+
+        def run(batch):
+            calls.append(len(batch))
+            if pt_path.read_bytes() == b"broken" and len(calls) == 2:
+                raise RuntimeError("CUDA out of memory")
+            return batch
+        return run
+
+    out = tmp_path / "LM"
+    assert _run(cohort, out, models_path=models, load_denoiser=loader, n_qa=0) == 0
+    fold0 = out / "denoised" / "fold0"
+    assert sorted(p.name for p in fold0.iterdir()) == sorted([f"{i}.png" for i in IDS[:2]] + ["sources.json"])
+    assert (out / "fold0" / "landmarks_pet_unet.npz").is_file()
+
+    (models / "best_model_fold0.pt").write_bytes(b"broken")   # re-trained, and fails on batch 2
+    assert _run(cohort, out, models_path=models, load_denoiser=loader, n_qa=0) == 1
+    rows = _rows(out)
+    assert rows["fold0/denoiser"]["status"] == "failed" and "CUDA out of memory" in rows["fold0/denoiser"]["reason"]
+    assert list(fold0.iterdir()) == []
+    assert not (out / "fold0" / "landmarks_pet_unet.npz").exists()
+    assert rows[f"fold0/{IDS[0]}"]["status"] == "ok" and rows[f"fold0/{IDS[0]}"].get("mad_pet_unet") in ("", None)
+    assert (out / "denoised" / "fold1" / f"{IDS[2]}.png").is_file()
+    assert (out / "fold1" / "landmarks_pet_unet.npz").is_file()
+
+
+def test_an_image_that_cannot_be_written_fails_only_its_folds_unet_variant(cohort, tmp_path):
+    """A folder where a denoised image must go (IsADirectoryError, not a full or read-only
+    disk) stopped the whole stage with exit 2; now it is the fold's failed denoiser row."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for k in (0, 1):
+        (models / f"best_model_fold{k}.pt").write_bytes(b"x")
+    out = tmp_path / "LM"
+    blocker = out / "denoised" / "fold0" / f"{IDS[1]}.png"
+    (blocker / "inside").mkdir(parents=True)
+    assert _run(cohort, out, models_path=models, load_denoiser=lambda pt: (lambda batch: batch), n_qa=0) == 1
+    rows = _rows(out)
+    assert rows["fold0/denoiser"]["status"] == "failed" and "IsADirectoryError" in rows["fold0/denoiser"]["reason"]
+    assert not (out / "denoised" / "fold0" / f"{IDS[0]}.png").exists() and blocker.is_dir()
+    assert read_npz(out / "fold1" / "landmarks_pet_unet.npz")["detected"].all()
+    assert rows[f"fold0/{IDS[0]}"]["status"] == "ok"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounting a read-only file system needs root and unshare")
+def test_a_read_only_denoised_folder_stops_the_stage_with_exit_2(cohort, tmp_path):
+    """A real read-only mount where the U-Net images go is the location's fault: exit 2, one
+    line, no failed fold row."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "LM"
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "best_model_fold0.pt").write_bytes(b"x")
+    code = textwrap.dedent(f"""
+        import sys
+        from faceaudit.core.cli import run_guarded
+        from faceaudit.core.runner import RunSettings
+        from faceaudit.petct.placement import PlacementOptions, run_landmark_placement
+        recon = "{cohort / 'recon'}"
+        sys.exit(run_guarded(run_landmark_placement, recon + "/cts", recon + "/pets",
+                             "{cohort / 'cv' / 'splits.json'}", "{out}",
+                             PlacementOptions(models_dir="{models}", n_qa=0), run=RunSettings(progress=False),
+                             load_denoiser=lambda pt: (lambda batch: batch)))
+    """)
+    ro = out / "denoised" / "fold0"
+    ro.mkdir(parents=True)
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro} && "
+                           f"exec {sys.executable} -c '{code}'"], capture_output=True, text=True, timeout=300)
+    if "mount:" in proc.stderr:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 2, proc.stderr
+    assert "EROFS" in proc.stderr and "Traceback" not in proc.stderr
+    assert "fold0/denoiser" not in _rows(out)
+
+
+def test_a_changed_mad_divisor_redoes_the_rows_and_an_unchanged_one_skips_them(cohort, tmp_path):
+    """--upstream-mad changes every mad_* value: the rows are ok with the new values (they were
+    'skipped: inputs and options unchanged'); a run with the same options skips them."""
+    out = tmp_path / "LM"
+    denoised = cohort / "cv" / "denoised"
+    assert _run(cohort, out, denoised_dir=denoised, n_qa=0) == 0
+    first = _rows(out)
+    assert _run(cohort, out, denoised_dir=denoised, n_qa=0, upstream_mad=True) == 0
+    second = _rows(out)
+    for item_id, row in second.items():
+        assert row["status"] == "ok", item_id
+        assert row["fingerprint"] != first[item_id]["fingerprint"]
+        for v in ("pet", "pet_wavelet", "pet_unet"):
+            assert float(row[f"mad_{v}"]) == pytest.approx(float(first[item_id][f"mad_{v}"]) * 478 / 468, rel=1e-5)
+    assert _run(cohort, out, denoised_dir=denoised, n_qa=0, upstream_mad=True) == 0
+    third = _rows(out)
+    assert {r["status"] for r in third.values()} == {"skipped"}
+    assert all(third[i]["mad_pet"] == second[i]["mad_pet"] for i in third)

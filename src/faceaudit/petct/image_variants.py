@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,9 @@ def denoise_fold(tasks: list[PlacementTask], model_file: Path, out_dir: Path, *,
     An image written before is reused only when out_dir/sources.json says it came
     from this model's and this PET's exact bytes at this crop (a re-trained model or
     a new render is denoised again). Items whose PET cannot be read are left out
-    (the placement reports them).
+    (the placement reports them). When the denoiser cannot be loaded or run, or an image
+    cannot be written, no image of these tasks is left in out_dir (nor in sources.json)
+    and the error is raised: the fold's U-Net variant is not scored, so none of its faces stay.
     """
     sha1 = sha1 or file_sha1
     model_sha1 = sha1(str(model_file))
@@ -172,21 +175,43 @@ def denoise_fold(tasks: list[PlacementTask], model_file: Path, out_dir: Path, *,
             todo.append(t)
     if not todo:
         return done
-    denoiser = load_denoiser(model_file)
-    crops, ids = _read_crops(todo, crop, out_dir)
-    make_private_dir(out_dir)
-    for start in range(0, len(ids), batch_size):
-        batch = np.stack(crops[start:start + batch_size]).astype(np.float32)
-        out = np.asarray(denoiser(batch), dtype=np.float32)
-        if out.shape != batch.shape:
-            raise InputError(f"expected denoiser {model_file} to return shape {batch.shape}, found {out.shape}")
-        for i, img in enumerate(out):
-            path = out_dir / f"{ids[start + i]}.png"
-            write_png(path, to_uint8(img))
-            done[ids[start + i]] = str(path)
-            sources[ids[start + i]] = wanted[ids[start + i]]
-        write_json(sources_path, sources)  # per batch: an interrupted run keeps what it finished
+    try:
+        denoiser = load_denoiser(model_file)
+        crops, ids = _read_crops(todo, crop, out_dir)
+        make_private_dir(out_dir)
+        for start in range(0, len(ids), batch_size):
+            batch = np.stack(crops[start:start + batch_size]).astype(np.float32)
+            out = np.asarray(denoiser(batch), dtype=np.float32)
+            if out.shape != batch.shape:
+                raise InputError(f"expected denoiser {model_file} to return shape {batch.shape}, found {out.shape}")
+            for i, img in enumerate(out):
+                path = out_dir / f"{ids[start + i]}.png"
+                write_png(path, to_uint8(img))
+                done[ids[start + i]] = str(path)
+                sources[ids[start + i]] = wanted[ids[start + i]]
+            write_json(sources_path, sources)  # per batch: an interrupted run keeps what it finished
+    except BaseException:
+        _remove_denoised(out_dir, [t.id for t in tasks], sources)
+        raise
     return done
+
+
+def _remove_denoised(out_dir: Path, ids: list[str], sources: dict[str, str]) -> None:
+    """Remove the denoised images of ``ids`` and their sources.json entries (best effort: the
+    error that brought us here is the one reported)."""
+    for item_id in ids:
+        with suppress(OSError):     # a folder where the image was to go: nothing of ours there
+            (out_dir / f"{item_id}.png").unlink(missing_ok=True)
+        sources.pop(item_id, None)
+    sources_path = out_dir / "sources.json"
+    try:
+        if sources:
+            write_json(sources_path, sources)
+        else:
+            sources_path.unlink(missing_ok=True)
+    except OSError:     # a full disk: drop the record rather than keep one naming gone images
+        with suppress(OSError):
+            sources_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- QA

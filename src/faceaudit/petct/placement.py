@@ -21,15 +21,17 @@ sources.json: per id, the SHA-1 of the model and PET render it was denoised from
 A re-run reuses a fold's variant only when its ids, settings and input fingerprint
 all match (``--overwrite`` redoes all); a new render, a re-trained denoiser or new
 denoised images therefore recompute exactly the variants they feed. An item none of
-whose variants had to be placed again is a ``skipped`` row. A test image that cannot
-be scored is a failed row; it is left out of every variant of its fold, and no
-denoised image of it is left in ``save_dir``.
+whose variants had to be placed again, with the images and options (the MAD divisor
+too) of its earlier ok row, is a ``skipped`` row. A test image that cannot be scored is
+a failed row; it is left out of every variant of its fold, and no denoised image of it
+is left in ``save_dir``. A fold whose model cannot be loaded, run or written out keeps
+none of its denoised images and no U-Net landmarks; a full or read-only output location
+stops the stage (exit 2).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
@@ -39,6 +41,7 @@ import numpy as np
 
 from faceaudit.core.contracts import (
     DENOISED_DIR,
+    MANIFEST_FILE,
     N_FACE_LANDMARKS,
     N_LANDMARKS,
     denoised_fold_dir,
@@ -59,17 +62,17 @@ from faceaudit.core.files import (
 from faceaudit.core.manifest import (
     STATUS_FAILED,
     STATUS_OK,
-    STATUS_SKIPPED,
     ItemResult,
     describe_exception,
     read_manifest,
 )
+from faceaudit.core.options import expect, expect_number, expect_whole
 from faceaudit.core.runner import (
-    OptionsError,
     RunSettings,
     StageResult,
     StageRun,
     fingerprint,
+    is_location_error,
     map_items,
 )
 from faceaudit.petct.image_variants import (
@@ -94,6 +97,9 @@ from faceaudit.petct.landmarks import (
 )
 from faceaudit.petct.splits import read_splits
 
+#: PET crops per denoiser call when the U-Net images are computed here from a fold's model
+DENOISE_BATCH = 32
+
 # --------------------------------------------------------------------------- options
 
 
@@ -114,15 +120,11 @@ class PlacementOptions:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, str(value))
-        _check_number("--upscale", self.upscale, "a factor > 0", lambda v: v > 0)
-        _check_number("--pad", self.pad, "pixels >= 0, or a fraction < 1 of the image size",
-                      lambda v: v >= 0)
-        _check_number("--min_detection_confidence", self.min_detection_confidence,
-                      "a confidence in [0, 1]", lambda v: 0 <= v <= 1)
-        if isinstance(self.n_qa, bool) or not isinstance(self.n_qa, int) or self.n_qa < 0:
-            raise OptionsError(f"expected --n_qa to be a whole number >= 0, found {self.n_qa!r}")
-        if not isinstance(self.upstream_mad, bool):
-            raise OptionsError(f"expected upstream_mad to be True or False, found {self.upstream_mad!r}")
+        expect_number("--upscale", self.upscale, low=0, low_open=True)
+        expect_number("--pad", self.pad, low=0)    # pixels, or a fraction < 1 of the image size
+        expect_number("--min_detection_confidence", self.min_detection_confidence, low=0, high=1)
+        expect_whole("--n_qa", self.n_qa, 0)
+        expect(isinstance(self.upstream_mad, bool), "upstream_mad", "True or False", self.upstream_mad)
 
     @property
     def framing(self) -> Framing:
@@ -133,11 +135,9 @@ class PlacementOptions:
         return json.dumps({"crop": crop, "upscale": self.upscale, "pad": self.pad,
                            "min_detection_confidence": self.min_detection_confidence}, sort_keys=True)
 
-
-def _check_number(flag: str, value, expected: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not ok(value):
-        raise OptionsError(f"expected {flag} to be {expected}, found {value!r}")
+    def row_options(self, crop: int | None) -> dict:
+        """Every option a manifest row depends on: the landmarks' settings and the MAD's divisor."""
+        return {"landmarks": self.settings(crop), "upstream_mad": self.upstream_mad}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -145,7 +145,7 @@ def _check_number(flag: str, value, expected: str, ok) -> None:
 
 def read_subjects(ct_dir: Path) -> dict[str, str]:
     """id -> subject from the reconstruction manifest beside the CT folder (else empty)."""
-    manifest = ct_dir.parent / "manifest.csv"
+    manifest = ct_dir.parent / MANIFEST_FILE
     if not manifest.is_file():
         return {}
     return {row["id"]: row["subject"] or row["id"] for row in read_manifest(manifest)}
@@ -176,6 +176,10 @@ class _Context:
     sha1: Callable[[str], str]
     unet_sources: dict[int, str] = field(default_factory=dict)
     unet_errors: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def row_options(self) -> dict:
+        return self.options.row_options(self.crop)
 
 
 @dataclass
@@ -217,11 +221,13 @@ def _unet_images(stage: StageRun, ctx: _Context, k: int, ids: list[str]) -> dict
         return None
     out_dir = denoised_fold_dir(ctx.save_dir / DENOISED_DIR, k)
     try:
+        # a failure leaves none of the fold's denoised images (denoise_fold removes them)
         written = denoise_fold([_task(ctx, k, i, None) for i in ids], model, out_dir, crop=ctx.crop,
-                               load_denoiser=ctx.load_denoiser, overwrite=ctx.overwrite, sha1=ctx.sha1)
-    except OSError:
-        raise                       # the output location (full, read-only): exit 2
-    except Exception as exc:        # a bad model: this fold's U-Net variant only
+                               load_denoiser=ctx.load_denoiser, batch_size=DENOISE_BATCH,
+                               overwrite=ctx.overwrite, sha1=ctx.sha1)
+    except Exception as exc:        # a bad model, an unwritable image: this fold's U-Net variant only
+        if is_location_error(exc):
+            raise                   # the output location (full, read-only): exit 2
         ctx.unet_errors[k] = describe_exception(exc)
         stage.record(ItemResult(f"fold{k}/denoiser", "", STATUS_FAILED, ctx.unet_errors[k], {"fold": k}))
         return None
@@ -254,6 +260,9 @@ def plan_fold(stage: StageRun, ctx: _Context, fold: dict) -> FoldPlan:
     tasks = [_task(ctx, k, i, None if unet is None else unet[i]) for i in ids]
     variants = [v for v in VARIANTS if v != "pet_unet" or unet is not None]
     folder = make_private_dir(fold_dir(ctx.save_dir, k))
+    for v in VARIANTS:
+        if v not in variants:   # an earlier run's landmarks of a variant not scored now
+            landmarks_file(folder, v).unlink(missing_ok=True)
     fingerprints = {v: variant_fingerprint(tasks, v, sha1=ctx.sha1) for v in variants}
     stored = {} if ctx.overwrite else {
         v: data for v in variants
@@ -342,19 +351,24 @@ def score_fold(ctx: _Context, plan: FoldPlan, computed: dict) -> FoldScores:
     return scores
 
 
-def record_fold(stage: StageRun, ctx: _Context, plan: FoldPlan, scores: FoldScores) -> None:
-    """One row per scored task: detected per variant, MAD per PET variant; ``skipped`` when
-    none of its variants had to be placed again."""
-    status = STATUS_OK if plan.to_place else STATUS_SKIPPED
+def record_fold(stage: StageRun, ctx: _Context, plan: FoldPlan, scores: FoldScores,
+                computed: dict) -> None:
+    """One row per scored task: detected per variant, MAD per PET variant. A row is
+    ``skipped`` (its earlier values kept) when none of its landmarks were placed now and
+    its images, the variants scored and every option it depends on are those of its ok row."""
+    outputs = [landmarks_file(plan.folder, v) for v in plan.variants]
     for j, t in enumerate(scores.tasks):
+        item_id = f"fold{plan.fold}/{t.id}"
+        sources = {v: ctx.sha1(getattr(t, VARIANT_SOURCE[v])) for v in plan.variants}
+        item_fingerprint = fingerprint(ctx.row_options, sources)
+        if (plan.fold, t.id) not in computed and stage.is_fresh(item_id, item_fingerprint, outputs):
+            stage.record(stage.skipped(item_id), item_fingerprint)
+            continue
         res = scores.landmarks[t.id]
         values = {"fold": plan.fold}
         values.update({f"detected_{v}": res.get(v) is not None for v in plan.variants})
         values.update({f"mad_{v}": float(scores.mads[v][j]) for v in plan.variants if v != "ct"})
-        sources = {v: ctx.sha1(getattr(t, VARIANT_SOURCE[v])) for v in plan.variants}
-        stage.record(ItemResult(f"fold{plan.fold}/{t.id}", t.subject, status,
-                                "" if status == STATUS_OK else "inputs and options unchanged", values),
-                     fingerprint(ctx.settings, sources))
+        stage.record(ItemResult(item_id, t.subject, STATUS_OK, "", values), item_fingerprint)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -381,7 +395,7 @@ def _summary_text(ctx: _Context, summary: dict, n_items: int) -> str:
     lines += [f"pet_unet not scored in fold {k}: {why}" for k, why in ctx.unet_errors.items()]
     if summary["n_failed"]:
         lines.append(f"{summary['n_failed']} of {n_items} test image(s) could not be scored; "
-                     f"see {ctx.save_dir / 'manifest.csv'}")
+                     f"see {ctx.save_dir / MANIFEST_FILE}")
     return "\n".join(lines)
 
 
@@ -453,7 +467,7 @@ def run_landmark_placement(ct_files: str | Path, pet_files: str | Path, splits_f
         scores = {}
         for plan in plans:
             scores[plan.fold] = score_fold(ctx, plan, computed)
-            record_fold(stage, ctx, plan, scores[plan.fold])
+            record_fold(stage, ctx, plan, scores[plan.fold], computed)
         folds = [plan.fold for plan in plans]
         n_items = sum(len(plan.tasks) for plan in plans)
         n_failed = n_items - sum(len(s.tasks) for s in scores.values())
