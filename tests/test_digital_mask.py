@@ -188,10 +188,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max_yaw", "-1"], "expected --max_yaw to be an angle in (0, 90] degrees, found -1.0"),
-    (["--max_pitch", "0"], "expected --max_pitch to be an angle in (0, 90] degrees, found 0.0"),
-    (["--max_roll", "nan"], "expected --max_roll to be an angle in (0, 180] degrees"),
-    (["--min_confidence", "1.5"], "expected --min_confidence to be a confidence in [0, 1)"),
+    (["--max_yaw", "-1"], "expected --max_yaw to be a number in (0, 90], found -1.0"),
+    (["--max_pitch", "0"], "expected --max_pitch to be a number in (0, 90], found 0.0"),
+    (["--max_roll", "nan"], "expected --max_roll to be a number in (0, 180], found nan"),
+    (["--min_confidence", "1.5"], "expected --min_confidence to be a number in [0, 1), found 1.5"),
     (["--min_side", "0"], "expected --min_side to be a whole number >= 1, found 0"),
     (["--jobs", "0"], "expected --jobs to be a whole number >= 1, found 0"),
 ])
@@ -200,6 +200,17 @@ def test_nonsense_options_exit_2_before_any_work(tmp_path, capsys, flags, messag
     code = script.main(["--input_dir", str(ORL), "--save_dir", str(tmp_path / "o"), *flags])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_script_defaults_are_the_options_defaults(monkeypatch):
+    from faceaudit.mask import digital_mask as dm
+
+    seen = {}
+    monkeypatch.setattr(dm, "run_digital_mask", lambda src, out, options, run: seen.setdefault("o", options) and 0)
+    assert load_script("run_digital_mask").main(["--input_dir", "in", "--save_dir", "out"]) == 0
+    assert seen["o"] == DigitalMaskOptions()
+    defaults = selection.SelectionOptions()
+    assert DigitalMaskOptions().selection == defaults and defaults.size == defaults.min_side == 224
 
 
 def test_options_are_validated_on_creation():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceaudit.core.contracts import N_FACE_LANDMARKS, N_LANDMARKS
 from faceaudit.core.files import InputError
 from faceaudit.core.geometry import procrustes_mean, umeyama
 from faceaudit.mask.flame import FlameBackend, find_flame, load_flame
@@ -94,22 +95,22 @@ class MeanShapeBackend:
 
     def __init__(self, mean_shape: np.ndarray) -> None:
         mean_shape = np.asarray(mean_shape, dtype=np.float64)
-        if mean_shape.shape != (478, 3):
-            raise InputError(f"a mean shape must be (478, 3), got {mean_shape.shape}")
+        if mean_shape.shape != (N_LANDMARKS, 3):
+            raise InputError(f"a mean shape must be ({N_LANDMARKS}, 3), got {mean_shape.shape}")
         self.mean_shape = mean_shape
 
     def build(self, prep_rgb: np.ndarray, landmarks: np.ndarray) -> MaskResult:
         h, w = prep_rgb.shape[:2]
         target = landmarks_to_viewer(landmarks, w, h)
-        rot, s, t = umeyama(self.mean_shape[:468], target[:468])
+        # fitted on the face points only: the 10 iris points follow the eyes' gaze, not the pose
+        rot, s, t = umeyama(self.mean_shape[:N_FACE_LANDMARKS], target[:N_FACE_LANDMARKS])
         placed = s * self.mean_shape @ rot.T + t  # viewer frame: x, -row, depth
         verts = append_mouth_centre(flip_y(placed))
         verts, faces = add_forehead(verts, face_triangles())
-        resid = np.sqrt(((placed[:468] - target[:468]) ** 2).sum(1).mean())
+        resid = np.sqrt(((placed[:N_FACE_LANDMARKS] - target[:N_FACE_LANDMARKS]) ** 2).sum(1).mean())
         return MaskResult(self.name, verts, faces, np.asarray(landmarks), {
             "rotation": rot.tolist(), "scale": float(s), "translation": t.tolist(),
             "rms_landmark_px": float(resid)})
-
 
 
 def make_backend(name: str, *, model_dir: str | os.PathLike | None = None,

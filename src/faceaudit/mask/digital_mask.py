@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from faceaudit.core.contracts import MASK_PREP_SIZE, N_LANDMARKS, SELECTION_FILE
 from faceaudit.core.files import (
     InputError,
     atomic_write_bytes,
@@ -61,8 +62,8 @@ from faceaudit.core.manifest import (
     ItemResult,
     describe_exception,
 )
+from faceaudit.core.options import expect_choice
 from faceaudit.core.runner import (
-    OptionsError,
     RunSettings,
     StageResult,
     StageRun,
@@ -88,11 +89,14 @@ ROW_COLUMNS = ("role", "video", "source", "backend", "det_score", "yaw", "pitch"
                *OUTPUT_KEYS, "coverage", "rms_landmark_px")
 MEANSHAPE_FILE = "meanshape.npz"
 MONTAGE_FILE = "montage.png"
-SELECTION_FILE = "selection.csv"
 #: New selection decisions, one JSON object a line, until selection.csv is written.
 SELECTION_JOURNAL = "selection.journal.jsonl"
 #: Selection outcomes that are failures, not decisions: a failed manifest row, tried again.
 RETRIED_REASONS = ("unreadable", "error")
+
+
+#: The selection rules' defaults, which the stage's options and the script show as theirs.
+_RULES = selection.SelectionOptions()
 
 
 @dataclass(frozen=True)
@@ -105,22 +109,20 @@ class DigitalMaskOptions:
     backend: str = "mediapipe"
     protocol: str = "same-video"
     model_dir: str | None = None     # flame: holds flame_model.npz; meanshape: meanshape.npz
-    detector: str = "retinaface"
-    min_confidence: float = 0.9
-    max_other_confidence: float = 0.1
-    max_yaw: float = 20.0
-    max_pitch: float = 20.0
-    max_roll: float | None = None
-    min_side: int = 224
-    detect_size: int = selection.DETECT_SIZE
-    min_face_size: float = 40.0
+    # the selection rules the command line sets (defaults and checks: selection.SelectionOptions)
+    detector: str = _RULES.detector
+    min_confidence: float = _RULES.min_confidence
+    max_other_confidence: float = _RULES.max_other_confidence
+    max_yaw: float = _RULES.max_yaw
+    max_pitch: float = _RULES.max_pitch
+    max_roll: float | None = _RULES.max_roll
+    min_side: int = _RULES.min_side
+    detect_size: int = _RULES.detect_size
+    min_face_size: float = _RULES.min_face_size
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise OptionsError(f"expected --backend to be one of {list(BACKENDS)}, found {self.backend!r}")
-        if self.protocol not in selection.PROTOCOLS:
-            raise OptionsError(f"expected --protocol to be one of {list(selection.PROTOCOLS)}, "
-                               f"found {self.protocol!r}")
+        expect_choice("--backend", self.backend, BACKENDS)
+        expect_choice("--protocol", self.protocol, selection.PROTOCOLS)
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", str(self.model_dir))
         self.selection  # noqa: B018  (validates the selection rules)
@@ -188,7 +190,7 @@ def _mask_tools(backend: str, model_dir: str | None, mean_shape: np.ndarray | No
     if "mesh" not in _STATE:
         _STATE["mesh"] = FaceMesh()
     if "renderer" not in _STATE:
-        _STATE["renderer"] = MaskRenderer(224, 224)
+        _STATE["renderer"] = MaskRenderer(MASK_PREP_SIZE, MASK_PREP_SIZE)
     # keyed by the mean shape's content too: one process may mask with several means
     shape_tag = "" if mean_shape is None else hashlib.sha1(np.ascontiguousarray(mean_shape)).hexdigest()
     key = f"backend:{backend}:{model_dir}:{shape_tag}"
@@ -271,11 +273,11 @@ def _load_mean_shape(model_dir: str | None) -> tuple[np.ndarray, str]:
         # a mistyped --model_dir must not fall back to the bundled mean without a word
         found = "a file" if Path(model_dir).is_file() else (
             "a folder without it" if Path(model_dir).is_dir() else "nothing")
-        raise InputError(f"expected {MEANSHAPE_FILE} (array mean_shape (478, 3)) in --model_dir "
+        raise InputError(f"expected {MEANSHAPE_FILE} (array mean_shape ({N_LANDMARKS}, 3)) in --model_dir "
                          f"{model_dir}, found {found}; leave --model_dir out for the bundled mean")
     mean = read_npz(path, required=("mean_shape",))["mean_shape"]
-    if mean.shape != (478, 3):
-        raise InputError(f"{path}: mean_shape must be (478, 3), one row per MediaPipe "
+    if mean.shape != (N_LANDMARKS, 3):
+        raise InputError(f"{path}: mean_shape must be ({N_LANDMARKS}, 3), one row per MediaPipe "
                          f"landmark; found shape {mean.shape}")
     return mean, str(path)
 

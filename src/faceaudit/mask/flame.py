@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from faceaudit.core.contracts import N_LANDMARKS
 from faceaudit.core.files import InputError, read_npz
 from faceaudit.core.geometry import umeyama
 from faceaudit.mask.topology import (
@@ -101,9 +102,9 @@ def load_flame(path: str | os.PathLike) -> FlameModel:
     faces = np.asarray(data["f"], np.int64)
     lmk_face_idx = np.asarray(data["lmk_face_idx"], np.int64)
     lmk_mp = np.asarray(data["lmk_mediapipe_idx"], np.int64)
-    if faces.max() >= n_v or lmk_face_idx.max() >= len(faces) or lmk_mp.max() >= 478:
+    if faces.max() >= n_v or lmk_face_idx.max() >= len(faces) or lmk_mp.max() >= N_LANDMARKS:
         raise InputError(f"{path}: indices out of range: expected f < {n_v} vertices, "
-                         f"lmk_face_idx < {len(faces)} faces, lmk_mediapipe_idx < 478; found "
+                         f"lmk_face_idx < {len(faces)} faces, lmk_mediapipe_idx < {N_LANDMARKS}; found "
                          f"maxima {faces.max()}, {lmk_face_idx.max()}, {lmk_mp.max()}")
     return FlameModel(v, shapedirs, posedirs, jreg, weights, parents, faces, lmk_face_idx,
                       np.asarray(data["lmk_b_coords"], np.float64), lmk_mp, n_shape, n_expr)
@@ -292,7 +293,7 @@ class FlameBackend:
 
     def build(self, prep_rgb: np.ndarray, landmarks: np.ndarray) -> MaskResult:
         h, w = prep_rgb.shape[:2]
-        lm_img = landmarks_to_image(landmarks, w, h)[:478]
+        lm_img = landmarks_to_image(landmarks, w, h)[:N_LANDMARKS]
         fit = self.fit(lm_img[self.model.lmk_mediapipe_idx])
         if not np.all(np.isfinite(fit["vertices_view"])):
             raise MaskError("FLAME fit diverged (non-finite vertices)")

@@ -49,15 +49,16 @@ from __future__ import annotations
 import math
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from faceaudit.core.contracts import MASK_PREP_SIZE
 from faceaudit.core.files import InputError
 from faceaudit.core.images import read_rgb
-from faceaudit.core.runner import OptionsError
+from faceaudit.core.options import expect_choice, expect_number, expect_whole
 from faceaudit.faces.facedetect import DETECT_SIZE, detect_downscaled
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif",
@@ -93,50 +94,30 @@ class SelectionOptions:
     max_yaw: float = 20.0            # degrees
     max_pitch: float = 20.0          # degrees
     max_roll: float | None = None    # degrees; None: roll is not checked
-    min_side: int = 224              # px: smaller images are upscaled by an integer factor
+    min_side: int = MASK_PREP_SIZE   # px: smaller images are upscaled by an integer factor
     crop_scale: float = 2.5
-    size: int = 224                  # px: side of the prep crop
+    size: int = MASK_PREP_SIZE       # px: side of the prep crop
     detect_size: int = DETECT_SIZE   # px: long side of the copy the detector sees
     min_face_size: float = 40.0      # px: shortest accepted face box side, in the photo
 
     def __post_init__(self) -> None:
-        if self.detector not in DETECTORS:
-            raise OptionsError(f"expected --detector to be one of {list(DETECTORS)}, "
-                               f"found {self.detector!r}")
-        _check_number("min_confidence", self.min_confidence, "a confidence in [0, 1)",
-                      lambda v: 0 <= v < 1)
-        _check_number("max_other_confidence", self.max_other_confidence,
-                      "a confidence in (0, 1]", lambda v: 0 < v <= 1)
-        for name in ("max_yaw", "max_pitch"):
-            _check_number(name, getattr(self, name), "an angle in (0, 90] degrees",
-                          lambda v: 0 < v <= 90)
+        expect_choice("--detector", self.detector, DETECTORS)
+        expect_number("--min_confidence", self.min_confidence, low=0, high=1, high_open=True)
+        expect_number("--max_other_confidence", self.max_other_confidence, low=0, high=1, low_open=True)
+        expect_number("--max_yaw", self.max_yaw, low=0, high=90, low_open=True)      # degrees
+        expect_number("--max_pitch", self.max_pitch, low=0, high=90, low_open=True)
         if self.max_roll is not None:
-            _check_number("max_roll", self.max_roll, "an angle in (0, 180] degrees (or unset)",
-                          lambda v: 0 < v <= 180)
-        _check_whole("min_side", self.min_side, 1)
-        _check_number("crop_scale", self.crop_scale, "a factor >= 1", lambda v: v >= 1)
-        _check_whole("size", self.size, 32)
-        _check_whole("detect_size", self.detect_size, 64)
-        _check_number("min_face_size", self.min_face_size, "a box side >= 0 px", lambda v: v >= 0)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _check_number(name: str, value, expected: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not ok(value):
-        raise OptionsError(f"expected --{name} to be {expected}, found {value!r}")
-
-
-def _check_whole(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise OptionsError(f"expected --{name} to be a whole number >= {minimum}, found {value!r}")
+            expect_number("--max_roll", self.max_roll, low=0, high=180, low_open=True)
+        expect_whole("--min_side", self.min_side, 1)
+        expect_number("--crop_scale", self.crop_scale, low=1)
+        expect_whole("--size", self.size, 32)
+        expect_whole("--detect_size", self.detect_size, 64)
+        expect_number("--min_face_size", self.min_face_size, low=0)
 
 
 @dataclass
 class Decision:
-    """What selection found for one image; ``prep`` and ``landmarks`` only when a face was cropped."""
+    """What selection found for one image; ``prep`` only when a face was cropped."""
 
     status: str
     reason: str = ""
@@ -152,7 +133,6 @@ class Decision:
     image_h: int = 0
     box: tuple[float, float, float, float] | None = None  # original-image pixels
     prep: np.ndarray | None = None        # (size, size, 3) uint8
-    landmarks: np.ndarray | None = None   # (478, 3) normalised, on prep
 
     def row(self) -> dict[str, Any]:
         box = self.box or (float("nan"),) * 4
@@ -229,7 +209,7 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def crop_face(image: np.ndarray, box: tuple[float, float, float, float], *,
-              scale: float = 2.5, size: int = 224) -> np.ndarray:
+              scale: float = 2.5, size: int = MASK_PREP_SIZE) -> np.ndarray:
     """(size, size, 3) uint8 crop of ``scale`` x the square face box, black-padded outside the image.
 
     box: (x0, y0, x1, y1) pixels of ``image``. The square has side max(w, h) and the same centre.
@@ -296,7 +276,7 @@ def evaluate_image(image: np.ndarray, detector, face_mesh, options: SelectionOpt
     pose = estimate_pose(landmarks, options.size, options.size)
     dec.yaw, dec.pitch, dec.roll = pose.yaw, pose.pitch, pose.roll
     dec.pose_residual = pose.rms_residual
-    dec.prep, dec.landmarks = prep, landmarks
+    dec.prep = prep
     if abs(pose.yaw) >= options.max_yaw:
         dec.reason = f"yaw {pose.yaw:.1f} (|yaw| >= {options.max_yaw:g})"
     elif abs(pose.pitch) >= options.max_pitch:

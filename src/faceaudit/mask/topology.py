@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from faceaudit.core.contracts import N_LANDMARKS
 from faceaudit.mask.headpose import landmarks_to_viewer
 
-N_MESH_VERTICES = 479  # 478 landmarks + the mouth-fill centre
-MOUTH_CENTRE = 478
+N_MESH_VERTICES = N_LANDMARKS + 1  # the landmarks + the mouth-fill centre
+MOUTH_CENTRE = N_LANDMARKS
 
 
 class MaskError(RuntimeError):
@@ -136,5 +137,5 @@ def landmarks_to_image(landmarks: np.ndarray, width: int, height: int) -> np.nda
 def append_mouth_centre(verts: np.ndarray) -> np.ndarray:
     _, loops = triangles_and_loops()
     mouth = next(loop for loop in loops if 10 not in loop and 33 not in loop and 263 not in loop)
-    return np.concatenate([verts[:478], verts[list(mouth)].mean(0, keepdims=True)])
+    return np.concatenate([verts[:N_LANDMARKS], verts[list(mouth)].mean(0, keepdims=True)])
 
