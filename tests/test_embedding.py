@@ -27,19 +27,33 @@ pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureW
 KPS_OFFSETS = np.array([[-40, -30], [40, -30], [0, 5], [-30, 40], [30, 40]], dtype=float)
 
 
-def tiny_arcface(path, *, dim=512, size=112, seed=0):
-    """Conv(3->8, 8x8/8) -> ReLU -> Flatten -> Gemm(dim): an ArcFace-shaped ONNX (N,3,112,112)."""
+def tiny_arcface(path, *, dim=512, size=112, seed=0, names=("conv0", "relu0"),
+                 prologue=None):
+    """Conv(3->8, 8x8/8) -> ReLU -> Flatten -> Gemm(dim): an ArcFace-shaped ONNX (N,3,112,112).
+
+    names : the node names of the Conv and the ReLU. prologue : (mean, std, names of the
+    two nodes) to open the graph with Sub(input, mean) -> Mul(1 / std): a graph that
+    normalises its input itself.
+    """
     rng = np.random.default_rng(seed)
     cells = (size // 8) ** 2 * 8
     inits = [numpy_helper.from_array(rng.normal(0, 0.1, (8, 3, 8, 8)).astype(np.float32), "cw"),
              numpy_helper.from_array(np.zeros(8, np.float32), "cb"),
              numpy_helper.from_array(rng.normal(0, 0.02, (cells, dim)).astype(np.float32), "fw"),
              numpy_helper.from_array(np.zeros(dim, np.float32), "fb")]
-    nodes = [helper.make_node("Conv", ["input.1", "cw", "cb"], ["c"], name="conv0",
-                              kernel_shape=[8, 8], strides=[8, 8]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu0"),
-             helper.make_node("Flatten", ["r"], ["f"], name="flat0", axis=1),
-             helper.make_node("Gemm", ["f", "fw", "fb"], ["fc1"], name="fc0")]
+    nodes, first = [], "input.1"
+    if prologue is not None:
+        mean, std, (sub_name, mul_name) = prologue
+        inits += [numpy_helper.from_array(np.full((1, 3, 1, 1), mean, np.float32), "pm"),
+                  numpy_helper.from_array(np.full((1, 3, 1, 1), 1 / std, np.float32), "ps")]
+        nodes += [helper.make_node("Sub", ["input.1", "pm"], ["centred"], name=sub_name),
+                  helper.make_node("Mul", ["centred", "ps"], ["scaled"], name=mul_name)]
+        first = "scaled"
+    nodes += [helper.make_node("Conv", [first, "cw", "cb"], ["c"], name=names[0],
+                               kernel_shape=[8, 8], strides=[8, 8]),
+              helper.make_node("Relu", ["c"], ["r"], name=names[1]),
+              helper.make_node("Flatten", ["r"], ["f"], name="flat0", axis=1),
+              helper.make_node("Gemm", ["f", "fw", "fb"], ["fc1"], name="fc0")]
     graph = helper.make_graph(
         nodes, "tiny_arcface",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, size, size])],
@@ -89,12 +103,12 @@ def fake_scrfd(path, *, faces, size=640):
     return Path(path)
 
 
-def _reference_arcface(model_path, bgr_crop):
-    """The ArcFace forward pass by hand: BGR -> RGB, (x - 127.5) / 127.5, NCHW."""
+def _reference_arcface(model_path, bgr_crop, *, mean=127.5, std=127.5):
+    """The ArcFace forward pass by hand: BGR -> RGB, (x - mean) / std, NCHW."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    blob = ((bgr_crop[:, :, ::-1].astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+    blob = ((bgr_crop[:, :, ::-1].astype(np.float32) - mean) / std).transpose(2, 0, 1)[None]
     return sess.run(None, {"input.1": np.ascontiguousarray(blob)})[0].ravel()
 
 
@@ -202,6 +216,7 @@ def test_insightface_pack_uses_highest_scoring_face_and_bgr(tiny_models):
     described = emb.describe()
     assert described["channel_order"] == "BGR" and set(described["model_files"]) == {
         "det_10g.onnx", "w600k_r50.onnx"}
+    assert (described["input_mean"], described["input_std"]) == (127.5, 127.5)
 
 
 def test_insightface_path_identifies_end_to_end(tiny_models, tmp_path):
@@ -336,3 +351,122 @@ def test_dlib_takes_the_retinaface_box_when_hog_finds_nothing():
 
     res = DlibEmbedder(upsample=()).embed(_astronaut())   # no HOG pass at all
     assert res.found and res.detector == "retinaface" and res.det_score > 0.9
+
+
+# ------------------------------------------------------- input normalisation (issue 14's trap)
+
+
+def _crop_of(image):
+    """The BGR ArcFace crop of the image's best RetinaFace face."""
+    from insightface.utils.face_align import norm_crop
+
+    from faceaudit.faces.facedetect import RetinaFaceDetector
+
+    face = RetinaFaceDetector(min_score=0.5).detect(image)[0]
+    return norm_crop(np.ascontiguousarray(image[:, :, ::-1]), face.keypoints, image_size=112)
+
+
+def test_arcface_onnx_normalises_exactly_once_whatever_the_node_names(tmp_path):
+    """The same weights (a) behind a Sub/Mul prologue named otherwise than insightface's
+    guess looks for ('prep/...'), (b) without a prologue but with first nodes named 'Sub...'
+    and 'Mul...': both must give the embedding of one (x - 127.5) / 127.5. insightface's
+    name guess fed (a) a normalised blob that the graph normalised again, and (b) raw pixels."""
+    for folder in ("plain", "self", "misnamed"):
+        (tmp_path / folder).mkdir()
+    plain = tiny_arcface(tmp_path / "plain" / "plain.onnx")
+    self_norm = tiny_arcface(tmp_path / "self" / "self.onnx",
+                             prologue=(127.5, 127.5, ("prep/centre", "prep/scale")))
+    misnamed = tiny_arcface(tmp_path / "misnamed" / "misnamed.onnx", names=("Sub_conv", "Mul_relu"))
+    image = _astronaut()
+    want = _reference_arcface(plain, _crop_of(image))
+    for path, mean_std, rule in ((self_norm, (0.0, 1.0), "graph rule"),
+                                 (misnamed, (127.5, 127.5), "default")):
+        emb = make_embedder("arcface-onnx", model_dir=path)
+        np.testing.assert_allclose(emb.embed(image).vector, want, rtol=1e-4, atol=1e-5)
+        info = emb.describe()
+        assert (info["input_mean"], info["input_std"]) == mean_std
+        assert info["normalisation"].startswith(rule)
+
+
+def test_arcface_onnx_normalisation_from_the_option_or_a_sidecar(tmp_path):
+    path = tiny_arcface(tmp_path / "model.onnx")
+    image = _astronaut()
+    crop = _crop_of(image)
+    def by_hand(mean, std):
+        return _reference_arcface(path, crop, mean=mean, std=std)
+
+    (tmp_path / "model.json").write_text('{"input_mean": 127.5, "input_std": 128.0}')
+    emb = make_embedder("arcface-onnx", model_dir=path)
+    assert emb.describe()["normalisation"] == "sidecar model.json"
+    np.testing.assert_allclose(emb.embed(image).vector, by_hand(127.5, 128.0), rtol=1e-4, atol=1e-5)
+    emb = make_embedder("arcface-onnx", model_dir=path, input_mean=0.0, input_std=1.0)
+    assert (emb.describe()["input_mean"], emb.describe()["normalisation"]) == (0.0, "option")
+    np.testing.assert_allclose(emb.embed(image).vector, by_hand(0.0, 1.0), rtol=1e-4, atol=1e-4)
+    (tmp_path / "model.json").write_text('{"mean": 0}')
+    with pytest.raises(InputError, match="input_mean and input_std in .*model.json"):
+        make_embedder("arcface-onnx", model_dir=path)
+    with pytest.raises(InputError, match="input_std \\(> 0\\)"):
+        make_embedder("arcface-onnx", model_dir=path, input_mean=0.0, input_std=0.0)
+
+
+def test_insightface_pack_normalisation_is_set_not_guessed(tmp_path):
+    """A pack whose ArcFace opens with nodes named 'Sub...'/'Mul...' (a Conv and a ReLU):
+    insightface guessed 'normalises itself' and fed raw pixels."""
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    fake_scrfd(pack / "det_10g.onnx", faces=[(0.9, (400, 330), 90)])
+    tiny_arcface(pack / "w600k_r50.onnx", names=("Sub_conv", "Mul_relu"))
+    image = _astronaut()
+    kps = ((np.array([400.0, 330.0]) + KPS_OFFSETS) / 1.25).astype(np.float32)
+    from insightface.utils.face_align import norm_crop
+
+    crop = norm_crop(np.ascontiguousarray(image[:, :, ::-1]), kps, image_size=112)
+    emb = make_embedder("insightface", model_dir=pack)
+    np.testing.assert_allclose(emb.embed(image).vector,
+                               _reference_arcface(pack / "w600k_r50.onnx", crop),
+                               rtol=1e-3, atol=1e-4)
+    assert emb.describe()["normalisation"].startswith("default")
+    other = make_embedder("insightface", model_dir=pack, input_mean=127.5, input_std=128.0)
+    info = other.describe()
+    assert (info["input_mean"], info["input_std"], info["normalisation"]) == (127.5, 128.0, "option")
+    np.testing.assert_allclose(other.embed(image).vector,
+                               _reference_arcface(pack / "w600k_r50.onnx", crop, std=128.0),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_arcface_onnx_parses_the_model_file_once(tmp_path, monkeypatch):
+    import onnx as onnx_module
+
+    path = tiny_arcface(tmp_path / "model.onnx")
+    calls = []
+    real_load = onnx_module.load
+    monkeypatch.setattr(onnx_module, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    make_embedder("arcface-onnx", model_dir=path)
+    assert len(calls) == 1
+
+
+def test_dlib_describe_pins_model_digests_computed_once_per_process(dlib_embedder, tmp_path,
+                                                                    monkeypatch):
+    from faceaudit.faces import embedding
+
+    info = dlib_embedder.describe()
+    for p in dlib_embedder.model_files:
+        assert info["model_files"][p.name] == embedding.file_digest(p)
+    calls = []
+    real = embedding.file_digest
+    monkeypatch.setattr(embedding, "file_digest", lambda p: calls.append(p) or real(p))
+    embedding._digest_of.cache_clear()
+    dlib_embedder.describe()
+    dlib_embedder.describe()
+    assert len(calls) == 2     # two model files, each hashed once
+    # a model file of the same size but other bytes is another model
+    copies = []
+    for p in dlib_embedder.model_files:
+        copy = tmp_path / p.name
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0xFF
+        copy.write_bytes(bytes(data))
+        copies.append(copy)
+    monkeypatch.setattr(dlib_embedder, "model_files", copies)
+    changed = dlib_embedder.describe()["model_files"]
+    assert changed != info["model_files"] and set(changed) == set(info["model_files"])

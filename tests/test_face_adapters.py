@@ -55,3 +55,32 @@ def test_face_mesh_on_real_photos():
 def test_montage_shape():
     sheet = montage([np.zeros((10, 20), np.uint8)] * 5, labels=list("abcde"), ncols=3, tile=32)
     assert sheet.shape == (2 * (32 + 14), 3 * 32, 3)
+
+
+def test_orl_helpers_are_the_one_place_for_the_bundled_faces():
+    """One orl_root for the model check and the cohort's face shapes; the loader reads the
+    photos upscaled 3x through one face mesh, in the order given."""
+    from faceaudit import models
+    from faceaudit.demo import face_shapes
+    from faceaudit.faces import orl
+
+    assert models.orl_root is orl.orl_root and orl.orl_root() == ORL
+    assert not hasattr(face_shapes, "_orl_root")
+    people = orl.orl_people()
+    assert [p.name for p in people[:3]] == ["s1", "s2", "s3"] and len(people) == 40
+    assert [p.stem for p in orl.orl_photos(people[0])][:3] == ["1", "2", "3"]
+    assert orl.orl_photo(2, 10) == ORL / "s2" / "10.pgm"
+    paths = [orl.orl_photo(1, 1), orl.orl_photo(1, 2)]
+    found = list(orl.mesh_landmarks(paths))
+    assert [f[0] for f in found] == paths
+    assert all(lm.shape == (N_LANDMARKS, 3) and (w, h) == (276, 336) for _, lm, w, h in found)
+
+
+def test_one_alignment_and_one_session_helper_for_every_onnx_model():
+    from faceaudit.faces import alignment, embedding, onnx_session, tfjs_recognizers
+
+    assert embedding.norm_crop is alignment.norm_crop is tfjs_recognizers.norm_crop
+    for module in (embedding, tfjs_recognizers):
+        assert not hasattr(module, "_ort_cpu_session_options") and not hasattr(module, "_session")
+    opts = onnx_session.cpu_session_options()
+    assert opts.intra_op_num_threads == 1 and opts.log_severity_level == 3

@@ -463,6 +463,35 @@ def test_a_broken_model_file_exits_2_naming_it_before_any_output(mask_run, tmp_p
     assert not (tmp_path / "FR").exists()
 
 
+def test_input_normalisation_option_reaches_the_model_and_run_json(mask_run, tmp_path, capsys):
+    """--input_mean/--input_std set an ArcFace ONNX's normalisation; run.json records it with
+    where it came from; one without the other, or with no ArcFace backend, is exit 2."""
+    from test_embedding import tiny_arcface
+
+    model = tiny_arcface(tmp_path / "arc.onnx")
+    argv = ["--masks_dir", str(mask_run), "--scenarios", "Face2Face", "--quiet", "--n_boot", "40"]
+    assert run_face_recognition.main(argv + ["--save_dir", str(tmp_path / "FR"), "--backend",
+                                             "arcface-onnx", "--model_dir", str(model),
+                                             "--input_mean", "127.5", "--input_std", "128"]) == 0
+    described = json.loads((tmp_path / "FR" / "run.json").read_text(encoding="utf-8"))
+    embedder = described["backends"][0]["embedder"]
+    assert (embedder["input_mean"], embedder["input_std"], embedder["normalisation"]) == (
+        127.5, 128.0, "option")
+    assert run_face_recognition.main(argv + ["--save_dir", str(tmp_path / "FR2"), "--backend",
+                                             "arcface-onnx", "--model_dir", str(model)]) == 0
+    default = json.loads((tmp_path / "FR2" / "run.json").read_text(encoding="utf-8"))
+    assert default["backends"][0]["embedder"]["input_std"] == 127.5
+    capsys.readouterr()
+    assert run_face_recognition.main(argv + ["--save_dir", str(tmp_path / "FR3"), "--backend",
+                                             "arcface-onnx", "--model_dir", str(model),
+                                             "--input_mean", "127.5"]) == 2
+    assert "input_mean (a finite number) and input_std (> 0) together" in capsys.readouterr().err
+    assert run_face_recognition.main(argv + ["--save_dir", str(tmp_path / "FR3"), "--input_mean",
+                                             "0", "--input_std", "1"]) == 2
+    assert "only with insightface or arcface-onnx" in capsys.readouterr().err
+    assert not (tmp_path / "FR3").exists()
+
+
 # ---------------------------------------------------------------- open set (issue 13.7)
 
 

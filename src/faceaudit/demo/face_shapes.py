@@ -25,13 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 N_ORL_PEOPLE = 40
-ORL_UPSCALE = 3
 #: the face-mesh points the warp follows (the 10 iris points sit on the eyeball)
 N_WARP_POINTS = 468
 FADE_INNER_MM = 5.0
@@ -39,10 +37,6 @@ FADE_OUTER_MM = 35.0
 FIELD_STEP_MM = 3.0
 #: regularisation of the thin-plate fit (mm^2 scale): per-photo landmark jitter is not face shape
 TPS_SMOOTHING = 10.0
-
-
-def _orl_root() -> Path:
-    return Path(str(resources.files("faceaudit") / "data" / "orl_faces"))
 
 
 def _eye_indices() -> tuple[np.ndarray, np.ndarray]:
@@ -72,28 +66,22 @@ def orl_identity_shapes() -> tuple[np.ndarray, tuple[str, ...]]:
     """
     from faceaudit.core.files import InputError
     from faceaudit.core.geometry import procrustes_mean
-    from faceaudit.core.images import read_grey, to_uint8
-    from faceaudit.faces.facemesh import FaceMesh
+    from faceaudit.faces.orl import mesh_landmarks, orl_people, orl_photos, orl_root
 
-    root = _orl_root()
-    people = sorted((p for p in root.glob("s*") if p.is_dir()), key=lambda p: int(p.name[1:]))
+    people = orl_people()
     if len(people) != N_ORL_PEOPLE:
-        raise InputError(f"expected {N_ORL_PEOPLE} ORL people at {root}, found {len(people)}")
+        raise InputError(f"expected {N_ORL_PEOPLE} ORL people at {orl_root()}, found {len(people)}")
+    photos: dict[Path, list[np.ndarray]] = {person: [] for person in people}
+    for path, lm, width, height in mesh_landmarks([f for p in people for f in orl_photos(p)]):
+        if lm is not None:
+            points = _photo_to_lps(lm, width, height)
+            photos[path.parent].append(points / inter_ocular_3d(points))
     shapes = []
-    with FaceMesh() as mesh:
-        for person in people:
-            photos = []
-            for path in sorted(person.glob("*.pgm"), key=lambda p: int(p.stem)):
-                grey = to_uint8(read_grey(path))
-                up = np.kron(grey, np.ones((ORL_UPSCALE, ORL_UPSCALE), np.uint8))
-                lm = mesh.detect(up)
-                if lm is not None:
-                    points = _photo_to_lps(lm, up.shape[1], up.shape[0])
-                    photos.append(points / inter_ocular_3d(points))
-            if not photos:
-                raise InputError(f"expected a face in the ORL photos of {person}, found none")
-            shape = procrustes_mean(np.stack(photos), scale=False)
-            shapes.append(shape / inter_ocular_3d(shape))
+    for person in people:
+        if not photos[person]:
+            raise InputError(f"expected a face in the ORL photos of {person}, found none")
+        shape = procrustes_mean(np.stack(photos[person]), scale=False)
+        shapes.append(shape / inter_ocular_3d(shape))
     array = np.stack(shapes)
     array.flags.writeable = False
     return array, tuple(p.name for p in people)

@@ -14,10 +14,14 @@ Backends
     A ``buffalo_l``-style pack (``det_10g.onnx`` SCRFD detector + ``w600k_r50.onnx``
     ArcFace) from a folder the user gives, with ``FaceAnalysis`` semantics: BGR
     input as cv2 reads it, det size 640x640, det threshold 0.5, the highest-scoring
-    face, 5-point ``norm_crop`` alignment, the raw 512-D embedding.
+    face, 5-point ``norm_crop`` alignment, the raw 512-D embedding. The recognizer's
+    input normalisation is set, never guessed: ``input_mean``/``input_std`` when given,
+    else the model zoo's (x - 127.5) / 127.5.
 ``arcface-onnx``
     Any ArcFace-style ONNX with a square (112x112) input from a folder or file the
-    user gives; five keypoints from our RetinaFace, ``norm_crop`` alignment.
+    user gives; five keypoints from our RetinaFace, ``norm_crop`` alignment; the input
+    normalisation from the option, a sidecar JSON, an explicit graph rule or the zoo
+    default, in that order (:mod:`faceaudit.faces.arcface`).
 
 ``mobilefacenet``, ``mobileface``
     ArcFace-family models converted from TensorFlow.js by ``make models`` into the model
@@ -34,12 +38,29 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from faceaudit.core.files import InputError, file_digest
+from faceaudit.faces.alignment import norm_crop
+from faceaudit.faces.arcface import (  # noqa: F401  (read_onnx_model, onnx_signature re-exported)
+    ARCFACE_EXPECTED,
+    ARCFACE_SIGNATURE,
+    ARCFACE_SOURCE,
+    ZOO_ARCFACE_MEAN,
+    ZOO_ARCFACE_STD,
+    ArcFaceRecognizer,
+    Normalisation,
+    arcface_normalisation,
+    check_arcface_signature,
+    checked_normalisation,
+    onnx_signature,
+    read_onnx_model,
+)
 from faceaudit.faces.facemesh import as_rgb_uint8
+from faceaudit.faces.onnx_session import cpu_session_options
 
 BACKENDS = ("dlib", "insightface", "arcface-onnx", "mobilefacenet", "mobileface")
 #: converted once by `make models` into the model cache (faceaudit.faces.tfjs_recognizers)
@@ -52,15 +73,6 @@ BUFFALO_RECOGNITION = "w600k_r50.onnx"
 BUFFALO_SOURCE = ("the insightface model zoo: buffalo_l.zip from "
                   "https://github.com/deepinsight/insightface/releases (v0.7), unzipped; "
                   "pretrained weights are for non-commercial research only")
-ARCFACE_SOURCE = ("any ArcFace ONNX with a 112x112 input, e.g. w600k_r50.onnx from "
-                  "insightface's buffalo_l pack (https://github.com/deepinsight/insightface"
-                  "/releases, v0.7) or an ArcFace exported from the insightface "
-                  "recognition model zoo")
-#: What an ArcFace-style ONNX must look like (insightface's routing rule for recognition).
-ARCFACE_SIGNATURE = ("one float input (N, 3, S, S), S >= 112 and a multiple of 16 (ArcFace "
-                     "w600k_r50: 'input.1' (N, 3, 112, 112)), and one output (N, D), the "
-                     "embedding (w600k_r50: D = 512)")
-ARCFACE_EXPECTED = f"an ArcFace-style ONNX model ({ARCFACE_SIGNATURE})"
 DLIB_MODEL_FILES = ("dlib_face_recognition_resnet_model_v1.dat",
                     "shape_predictor_5_face_landmarks.dat")
 
@@ -85,13 +97,17 @@ class EmbeddingResult:
         return self.vector is not None
 
 
-def _ort_cpu_session_options():
-    import onnxruntime as ort
+def model_file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file, computed once per process for a given file (path, size,
+    modification time, inode): describe() is called per worker and per run, and hashing
+    a 170 MB pack each time would cost seconds."""
+    info = Path(path).stat()
+    return _digest_of(str(Path(path).resolve()), info.st_size, info.st_mtime_ns, info.st_ino)
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # 2 shared cores; parallelism comes from --jobs
-    opts.log_severity_level = 3
-    return opts
+
+@lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return file_digest(path)
 
 
 # --------------------------------------------------------------------------- dlib
@@ -141,7 +157,7 @@ class DlibEmbedder:
 
     def describe(self) -> dict:
         return {"backend": self.name, "dim": self.dim,
-                "model_files": {p.name: p.stat().st_size for p in self.model_files},
+                "model_files": {p.name: model_file_digest(p) for p in self.model_files},
                 "upsample": list(self.upsample), "hog_threshold": self.hog_threshold,
                 "retinaface_fallback": self.retinaface_fallback,
                 "min_det_score": self.min_det_score, "jitters": self.jitters}
@@ -184,18 +200,6 @@ class DlibEmbedder:
 # --------------------------------------------------------------------------- ONNX
 
 
-def _norm_crop(image: np.ndarray, keypoints: np.ndarray, size: int) -> np.ndarray:
-    """insightface's 5-point similarity alignment to the ArcFace template, (size, size, 3)."""
-    import warnings
-
-    from insightface.utils import face_align
-
-    with warnings.catch_warnings():  # skimage's estimate() deprecation, raised per call
-        warnings.simplefilter("ignore", FutureWarning)
-        return face_align.norm_crop(image, landmark=np.asarray(keypoints, dtype=np.float32),
-                                    image_size=int(size))
-
-
 def _load_insightface_model(path: Path, *, expected: str = "an ONNX model"):
     """Route an ONNX file through insightface's model zoo, never downloading.
 
@@ -207,87 +211,9 @@ def _load_insightface_model(path: Path, *, expected: str = "an ONNX model"):
     read_onnx_model(path, expected=expected)
     try:
         return model_zoo.get_model(str(path), providers=["CPUExecutionProvider"],
-                                   sess_options=_ort_cpu_session_options(), download=False)
+                                   sess_options=cpu_session_options(), download=False)
     except Exception as exc:  # ORT InvalidGraph, an op it does not know ...
         raise InputError(f"cannot load {path} as an ONNX model: {exc}; expected {expected}") from exc
-
-
-def read_onnx_model(path: Path, *, expected: str = "an ONNX model"):
-    """The parsed ``onnx.ModelProto`` of ``path`` (weights not loaded), or an InputError
-    saying what the file is instead: missing, not named ``*.onnx``, empty, not protobuf,
-    or protobuf without a graph. ``expected`` describes the model wanted, for the message.
-    """
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"expected {expected} at {path}, found nothing")
-    size = path.stat().st_size
-    if size == 0:
-        raise InputError(f"expected {expected} at {path}, found an empty file (0 bytes)")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-        parse_error = ""
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:  # onnx raises no own type
-        model, parse_error = None, f"{type(exc).__name__}: {exc}"
-    if model is None or not model.graph.node or not _graph_inputs(model):
-        what = (f"bytes that do not parse as ONNX protobuf ({parse_error})" if parse_error
-                else "protobuf without an ONNX graph (no nodes or no inputs)")
-        raise InputError(f"expected {expected} at {path}, found {size} {what}; "
-                         f"first bytes {path.read_bytes()[:16]!r}")
-    if path.suffix.lower() != ".onnx":
-        # insightface routes by file name: a valid model named *.bin is looked up as a
-        # model-zoo name and fails obscurely, so the name is part of the contract
-        raise InputError(f"expected {expected} in a file named *.onnx, found {path.name} (an ONNX "
-                         f"model by its content): rename it to {path.with_suffix('.onnx').name}")
-    return model
-
-
-def _graph_inputs(model) -> list:
-    """The graph's real inputs (older exporters list the weights as inputs too)."""
-    weights = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in weights]
-
-
-def _shape_of(value_info) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in value_info.type.tensor_type.shape.dim]
-
-
-def onnx_signature(model) -> tuple[dict[str, list], dict[str, list]]:
-    """({input name: shape}, {output name: shape}) of a parsed ONNX model; a symbolic
-    dimension is its name (e.g. 'N'), an unknown one '?'."""
-    return ({i.name: _shape_of(i) for i in _graph_inputs(model)},
-            {o.name: _shape_of(o) for o in model.graph.output})
-
-
-def check_arcface_signature(path: Path, model) -> None:
-    """An ArcFace-style recognizer as insightface routes it: one input (N, 3, S, S) with
-    S >= 112 a multiple of 16, one output (N, D) with a fixed D. Else an InputError
-    saying what was expected and what the file holds."""
-    inputs, outputs = onnx_signature(model)
-    ok = len(inputs) == 1 and len(outputs) == 1
-    if ok and _graph_inputs(model)[0].type.tensor_type.elem_type != 1:   # TensorProto.FLOAT
-        inputs = {name: [*shape, "(not float32)"] for name, shape in inputs.items()}
-        ok = False
-    if ok:
-        shape, out = next(iter(inputs.values())), next(iter(outputs.values()))
-        size = shape[2] if len(shape) == 4 else None
-        ok = (len(shape) == 4 and shape[1] == 3 and isinstance(size, int) and size == shape[3]
-              and size >= 112 and size % 16 == 0
-              and len(out) == 2 and isinstance(out[1], int) and out[1] > 0)
-    if not ok:
-        raise InputError(
-            f"{path} is not an ArcFace-style recognition model: expected {ARCFACE_SIGNATURE}; "
-            f"found inputs {_signature_text(inputs)} and outputs {_signature_text(outputs)}; "
-            f"{ARCFACE_SOURCE}")
-
-
-def _signature_text(values: dict[str, list]) -> str:
-    if not values:
-        return "none"
-    return ", ".join(f"{name!r} ({', '.join(str(d) for d in shape)})" for name, shape in values.items())
 
 
 def _bgr_or_rgb(rgb: np.ndarray, rgb_to_model: bool) -> np.ndarray:
@@ -302,13 +228,22 @@ class InsightFaceEmbedder:
     name = "insightface"
 
     def __init__(self, model_dir: str | os.PathLike | None, *, det_size: int = 640,
-                 det_thresh: float = 0.5, rgb_to_model: bool = False) -> None:
+                 det_thresh: float = 0.5, rgb_to_model: bool = False,
+                 input_mean: float | None = None, input_std: float | None = None) -> None:
+        given = checked_normalisation(input_mean, input_std,
+                                      where="the options (--input_mean, --input_std)")
+        self.normalisation = (Normalisation(*given, "option") if given else Normalisation(
+            ZOO_ARCFACE_MEAN, ZOO_ARCFACE_STD,
+            "default: insightface model-zoo ArcFace (x - 127.5) / 127.5"))
         folder = _require_dir(model_dir, backend=self.name,
                               expected=[BUFFALO_DETECTOR, BUFFALO_RECOGNITION],
                               source=BUFFALO_SOURCE)
         self.detector, self.recognizer = _route_pack(folder)
         self.detector.prepare(-1, input_size=(det_size, det_size), det_thresh=det_thresh)
         self.recognizer.prepare(-1)
+        # ArcFaceONNX guessed these from node names; its get_feat reads the attributes
+        self.recognizer.input_mean = self.normalisation.mean
+        self.recognizer.input_std = self.normalisation.std
         if not getattr(self.detector, "use_kps", False):
             raise InputError(f"the detector {self.detector.model_file} gives no keypoints; "
                              "alignment needs a 5-keypoint SCRFD model such as det_10g.onnx")
@@ -321,9 +256,10 @@ class InsightFaceEmbedder:
 
     def describe(self) -> dict:
         return {"backend": self.name, "dim": self.dim, "model_dir": str(self.model_dir),
-                "model_files": {p.name: file_digest(p) for p in self.model_files},
+                "model_files": {p.name: model_file_digest(p) for p in self.model_files},
                 "det_size": self.det_size, "det_thresh": self.det_thresh,
-                "channel_order": "RGB (upstream)" if self.rgb_to_model else "BGR"}
+                "channel_order": "RGB (upstream)" if self.rgb_to_model else "BGR",
+                **self.normalisation.describe()}
 
     def embed(self, image: np.ndarray) -> EmbeddingResult:
         pixels = _bgr_or_rgb(as_rgb_uint8(image), self.rgb_to_model)
@@ -333,7 +269,7 @@ class InsightFaceEmbedder:
                                    f"no face found by SCRFD (score >= {self.det_thresh:g})", "")
         best = int(np.argmax(boxes[:, 4]))  # the highest score, not faces[0] (B7.7)
         # what ArcFaceONNX.get(img, face) does, through the warning-free norm_crop
-        crop = _norm_crop(pixels, keypoints[best], int(self.recognizer.input_size[0]))
+        crop = norm_crop(pixels, keypoints[best], int(self.recognizer.input_size[0]))
         vector = np.asarray(self.recognizer.get_feat(crop), dtype=np.float32).ravel()
         return EmbeddingResult(vector, float(boxes[best, 4]), "", "scrfd")
 
@@ -376,30 +312,32 @@ class ArcFaceOnnxEmbedder:
     name = "arcface-onnx"
 
     def __init__(self, model_path: str | os.PathLike | None, *, min_det_score: float = 0.5,
-                 rgb_to_model: bool = False) -> None:
+                 rgb_to_model: bool = False, input_mean: float | None = None,
+                 input_std: float | None = None) -> None:
         from faceaudit.faces.facedetect import RetinaFaceDetector
 
         path = _find_arcface_file(model_path)
-        check_arcface_signature(path, read_onnx_model(path, expected=ARCFACE_EXPECTED))
-        model = _load_insightface_model(path, expected=ARCFACE_EXPECTED)
-        if getattr(model, "taskname", None) != "recognition":  # insightface routed it elsewhere
-            raise InputError(f"{path} is not an ArcFace-style recognition model: insightface "
-                             f"takes it for a {getattr(model, 'taskname', 'model of no known task')}"
-                             f"; expected {ARCFACE_SIGNATURE}; {ARCFACE_SOURCE}")
-        model.prepare(-1)
-        self.recognizer = model
+        model = read_onnx_model(path, expected=ARCFACE_EXPECTED)   # parsed once, used twice
+        check_arcface_signature(path, model)
+        self.normalisation = arcface_normalisation(path, model, mean=input_mean, std=input_std)
+        try:
+            self.recognizer = ArcFaceRecognizer(path, self.normalisation)
+        except Exception as exc:  # ORT InvalidGraph, an op it does not know ...
+            raise InputError(f"cannot load {path} as an ONNX model: {exc}; "
+                             f"expected {ARCFACE_EXPECTED}") from exc
         self.model_path = path
         self.min_det_score = float(min_det_score)
         self.rgb_to_model = bool(rgb_to_model)
-        self.dim = int(model.output_shape[-1]) if isinstance(model.output_shape[-1], int) else -1
+        self.dim = int(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
         self._detector = RetinaFaceDetector(min_score=self.min_det_score)
 
     def describe(self) -> dict:
         return {"backend": self.name, "dim": self.dim,
-                "model_files": {self.model_path.name: file_digest(self.model_path)},
+                "model_files": {self.model_path.name: model_file_digest(self.model_path)},
                 "input_size": list(self.recognizer.input_size),
                 "keypoints": "retinaface", "min_det_score": self.min_det_score,
-                "channel_order": "RGB (upstream)" if self.rgb_to_model else "BGR"}
+                "channel_order": "RGB (upstream)" if self.rgb_to_model else "BGR",
+                **self.normalisation.describe()}
 
     def embed(self, image: np.ndarray) -> EmbeddingResult:
         rgb = as_rgb_uint8(image)
@@ -408,8 +346,8 @@ class ArcFaceOnnxEmbedder:
             return EmbeddingResult(None, float("nan"), "no face found by RetinaFace "
                                    f"(score >= {self.min_det_score:g})", "")
         face = faces[0]  # highest score first
-        crop = _norm_crop(_bgr_or_rgb(rgb, self.rgb_to_model), face.keypoints,
-                          int(self.recognizer.input_size[0]))
+        crop = norm_crop(_bgr_or_rgb(rgb, self.rgb_to_model), face.keypoints,
+                         int(self.recognizer.input_size[0]))
         vector = np.asarray(self.recognizer.get_feat(crop), dtype=np.float32).ravel()
         return EmbeddingResult(vector, float(face.score), "", "retinaface")
 
@@ -440,15 +378,21 @@ def _find_arcface_file(model_path) -> Path:
 
 
 def make_embedder(backend: str = "dlib", *, model_dir: str | os.PathLike | None = None,
-                  rgb_to_model: bool = False, **options):
+                  rgb_to_model: bool = False, input_mean: float | None = None,
+                  input_std: float | None = None, **options):
     """``dlib`` (default, offline), ``insightface`` (a pack in ``model_dir``) or
-    ``arcface-onnx`` (an ONNX file, or a folder holding one, in ``model_dir``)."""
+    ``arcface-onnx`` (an ONNX file, or a folder holding one, in ``model_dir``), the
+    converted ``mobilefacenet`` / ``mobileface``. ``input_mean`` / ``input_std`` set the
+    input normalisation of ``insightface`` and ``arcface-onnx`` (the converted models
+    carry their own; dlib has none)."""
     if backend == "dlib":
         return DlibEmbedder(**options)
     if backend == "insightface":
-        return InsightFaceEmbedder(model_dir, rgb_to_model=rgb_to_model, **options)
+        return InsightFaceEmbedder(model_dir, rgb_to_model=rgb_to_model, input_mean=input_mean,
+                                   input_std=input_std, **options)
     if backend == "arcface-onnx":
-        return ArcFaceOnnxEmbedder(model_dir, rgb_to_model=rgb_to_model, **options)
+        return ArcFaceOnnxEmbedder(model_dir, rgb_to_model=rgb_to_model, input_mean=input_mean,
+                                   input_std=input_std, **options)
     if backend in TFJS_BACKENDS:  # RGB always; model_dir overrides the model cache folder
         from faceaudit.faces.tfjs_recognizers import make_tfjs_embedder
 

@@ -89,14 +89,11 @@ class RetinaFaceDetector:
     name = "retinaface"
 
     def __init__(self, *, min_score: float = 0.1, nms_threshold: float = 0.4) -> None:
-        import onnxruntime as ort
         from retinaface.weights import WEIGHTS
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        self._session = ort.InferenceSession(WEIGHTS, sess_options=opts,
-                                             providers=["CPUExecutionProvider"])
+        from faceaudit.faces.onnx_session import cpu_session
+
+        self._session = cpu_session(WEIGHTS)
         self.min_score = float(min_score)
         self.nms_threshold = float(nms_threshold)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.core.files import InputError
+from faceaudit.faces.alignment import norm_crop
+from faceaudit.faces.onnx_session import cpu_session
 
 
 @dataclass(frozen=True)
@@ -62,28 +64,6 @@ RECOGNIZERS: dict[str, RecognizerSpec] = {
 }
 
 
-def _session(model: bytes | str | os.PathLike):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # 2 shared cores; parallelism comes from --jobs
-    opts.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def norm_crop(rgb: np.ndarray, keypoints: np.ndarray, size: int) -> np.ndarray:
-    """insightface's 5-point similarity alignment to the ArcFace template, (size, size, 3)."""
-    import warnings
-
-    from insightface.utils import face_align
-
-    with warnings.catch_warnings():  # skimage's estimate() deprecation, raised per call
-        warnings.simplefilter("ignore", FutureWarning)
-        return face_align.norm_crop(rgb, landmark=np.asarray(keypoints, dtype=np.float32),
-                                    image_size=int(size))
-
-
 class TfjsOnnxEmbedder:
     """A converted recognizer: RetinaFace keypoints, ``norm_crop``, RGB, explicit mean/std.
 
@@ -104,7 +84,7 @@ class TfjsOnnxEmbedder:
         self.dim = spec.dim
         self.record = dict(record or {})
         self.model_path = None if isinstance(model, bytes) else Path(model)
-        self._session = _session(model)
+        self._session = cpu_session(model)
         self._input = self._session.get_inputs()[0].name
         shape = list(self._session.get_inputs()[0].shape)
         if shape[1:] != [spec.input_size, spec.input_size, 3]:

@@ -45,11 +45,16 @@ class EmbedConfig:
     model_dir: str | None = None
     rgb_to_model: bool = False
     upstream_black_bug: bool = False
+    #: insightface / arcface-onnx input normalisation; None: faces.arcface's documented order
+    input_mean: float | None = None
+    input_std: float | None = None
 
     def cache_name(self) -> str:
         tags = [self.backend]
         if self.rgb_to_model and self.backend != "dlib":
             tags.append("rgb")
+        if self.input_mean is not None:
+            tags.append(f"mean{self.input_mean:g}std{self.input_std:g}")
         if self.upstream_black_bug:
             tags.append("blackbug")
         return "_".join(tags) + ".npz"
@@ -62,7 +67,9 @@ def _embedder_for(config: EmbedConfig):
     """One embedder per process and config (models load once per --jobs worker)."""
     if config not in _EMBEDDERS:
         _EMBEDDERS[config] = make_embedder(config.backend, model_dir=config.model_dir,
-                                           rgb_to_model=config.rgb_to_model)
+                                           rgb_to_model=config.rgb_to_model,
+                                           input_mean=config.input_mean,
+                                           input_std=config.input_std)
     return _EMBEDDERS[config]
 
 

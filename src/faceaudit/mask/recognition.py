@@ -46,6 +46,7 @@ from faceaudit.core.runner import (
     StageRun,
     fingerprint,
 )
+from faceaudit.faces.arcface import checked_normalisation
 from faceaudit.faces.embedding import BACKENDS, TFJS_BACKENDS
 from faceaudit.mask.embedding_cache import (
     _EMBEDDERS,
@@ -117,6 +118,8 @@ class RecognitionOptions:
     upstream_scenario_bug: bool = False         # upstream: MaskOnlyBlack2Face black on both sides
     rgb_to_insightface: bool = False            # upstream: RGB to insightface (we give BGR)
     n_boot: int = 2000                          # bootstrap resamples (mean rank interval)
+    input_mean: float | None = None             # insightface / arcface-onnx: (x - mean) / std,
+    input_std: float | None = None              # None: faces.arcface's documented order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", ",".join(parse_backends(self.backend)))
@@ -137,6 +140,21 @@ class RecognitionOptions:
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"expected {name} to be True or False, "
                                    f"found {getattr(self, name)!r}")
+        self._check_normalisation()
+
+    def _check_normalisation(self) -> None:
+        try:
+            values = checked_normalisation(self.input_mean, self.input_std,
+                                           where="--input_mean / --input_std")
+        except InputError as exc:
+            raise OptionsError(str(exc)) from None
+        if values is not None and not set(self.backends) & set(MODEL_DIR_BACKENDS):
+            raise OptionsError(f"expected --input_mean / --input_std only with "
+                               f"{' or '.join(MODEL_DIR_BACKENDS)} in --backend, found "
+                               f"{self.backend!r} (the other recognizers carry their own)")
+        if values is not None:
+            object.__setattr__(self, "input_mean", values[0])
+            object.__setattr__(self, "input_std", values[1])
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -154,8 +172,11 @@ class RecognitionOptions:
         return None
 
     def embed_config(self, backend: str) -> EmbedConfig:
+        explicit = backend in MODEL_DIR_BACKENDS
         return EmbedConfig(backend, self.model_dir_for(backend), self.rgb_to_insightface,
-                           self.upstream_black_bug)
+                           self.upstream_black_bug,
+                           input_mean=self.input_mean if explicit else None,
+                           input_std=self.input_std if explicit else None)
 
 
 @dataclass

@@ -57,6 +57,14 @@ def main(argv=None) -> int:
                         help="reproduce upstream's MaskOnlyBlack2Face (black masks on both sides)")
     parser.add_argument("--rgb-to-insightface", dest="rgb_to_insightface", action="store_true",
                         help="pass RGB to the insightface models as upstream did (default: BGR)")
+    parser.add_argument("--input_mean", type=float, default=None,
+                        help="insightface / arcface-onnx: the model is fed (pixel - input_mean) / "
+                             "input_std; give both or neither (default: arcface-onnx reads "
+                             "<model>.json beside the model, else its graph's own normalisation, "
+                             "else 127.5 / 127.5, the insightface model zoo's; insightface: "
+                             "127.5 / 127.5)")
+    parser.add_argument("--input_std", type=float, default=None,
+                        help="see --input_mean")
     parser.add_argument("--n_boot", type=int, default=defaults.n_boot,
                         help="bootstrap resamples for the 95%% interval of the mean rank "
                              "(default: 2000; rank-k intervals are Wilson's)")
@@ -70,7 +78,8 @@ def main(argv=None) -> int:
             scenarios=tuple(args.scenarios) if args.scenarios else None,
             upstream_black_bug=args.upstream_black_bug,
             upstream_scenario_bug=args.upstream_scenario_bug,
-            rgb_to_insightface=args.rgb_to_insightface, n_boot=args.n_boot)
+            rgb_to_insightface=args.rgb_to_insightface, n_boot=args.n_boot,
+            input_mean=args.input_mean, input_std=args.input_std)
         return run_face_recognition(args.masks_dir, args.save_dir, options, run=run,
                                     cross_masks_dir=args.cross_masks_dir)
 
