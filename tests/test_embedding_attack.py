@@ -220,6 +220,22 @@ def test_a_missing_probe_render_fails_its_fold_and_the_others_finish(tmp_path):
     assert not list((tmp_path / "MT").glob("distances_fold1_*"))
 
 
+def test_a_render_that_cannot_be_read_fails_its_fold_not_the_stage(tmp_path):
+    """An OSError that is not the output location's (here a folder where pets/e.png should be:
+    IsADirectoryError; a PermissionError alike) stopped the whole stage with exit 2."""
+    lm, recon = known_fold(tmp_path)
+    write_landmarks(lm, 1, "pet", ["e"])
+    write_landmarks(lm, 1, "ct", ["e"])
+    write_render(recon / "cts" / "e.png", 10)
+    (recon / "pets" / "e.png").mkdir()
+    assert run_stage(lm, tmp_path / "MT", FakeRecognizer(VECTORS), renders_dir=recon) == 1
+    man = {r["id"]: r for r in read_manifest(tmp_path / "MT" / "manifest.csv")}
+    assert man["fold1"]["status"] == "failed" and "IsADirectoryError" in man["fold1"]["reason"]
+    assert man["fold0"]["status"] == "ok"
+    assert not list((tmp_path / "MT").glob("distances_fold1_*"))
+    assert float(topk(tmp_path / "MT" / "topk.csv")[("embedding-dlib_pet", 1)]["mean"]) == 0.5
+
+
 def test_unusable_inputs_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
     lm, recon = known_fold(tmp_path)
     script = load_script("perform_landmark_matching")

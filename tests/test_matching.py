@@ -4,6 +4,8 @@ options, skips."""
 
 import csv
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -53,6 +55,16 @@ def same_faces_fold(root, n=4):
     ids = [f"s{i}" for i in range(n)]
     write_fold(root, 0, "pet", ids, faces)
     write_fold(root, 0, "ct", ids, faces)
+    return faces, ids
+
+
+def same_faces_folds(root, n_folds, n=3):
+    """Folds 0..n_folds-1, each of the same ``n`` faces as PET probes and CT gallery: (faces, ids)."""
+    faces = identities(n)
+    ids = ["a", "b", "c", "d", "e"][:n]
+    for k in range(n_folds):
+        write_fold(root, k, "pet", ids, faces)
+        write_fold(root, k, "ct", ids, faces)
     return faces, ids
 
 
@@ -184,12 +196,8 @@ def test_distractors_enlarge_the_gallery_and_never_match(tmp_path):
 
 
 def test_corrupt_and_missing_landmark_files_are_reported(tmp_path):
-    faces = identities(3)
-    ids = ["a", "b", "c"]
     root = tmp_path / "LM"
-    for k in range(3):
-        write_fold(root, k, "pet", ids, faces)
-        write_fold(root, k, "ct", ids, faces)
+    faces, ids = same_faces_folds(root, 3)
     blob = (root / "fold1" / "landmarks_ct.npz").read_bytes()
     (root / "fold1" / "landmarks_ct.npz").write_bytes(blob[: len(blob) // 2])  # truncated
     (root / "fold2" / "landmarks_pet.npz").unlink()
@@ -247,12 +255,8 @@ def test_unusable_options_exit_2_before_any_work(tmp_path, capsys):
 def test_a_wrong_shaped_landmark_file_fails_its_fold_and_the_others_finish(tmp_path, capsys):
     """Issue 12 point 8: a readable file of the wrong shape used to abort the stage (exit 2,
     no output); now it is a failed fold row with the reason, and the other folds are written."""
-    faces = identities(3)
-    ids = ["a", "b", "c"]
     root = tmp_path / "LM"
-    for k in range(4):
-        write_fold(root, k, "pet", ids, faces)
-        write_fold(root, k, "ct", ids, faces)
+    faces, ids = same_faces_folds(root, 4)
     out = tmp_path / "MT"
     assert match(root, out, aligns=("none", "similarity")) == 0
     assert (out / "distances_fold1_none.npz").is_file()
@@ -345,3 +349,55 @@ def test_a_fold_with_no_probes_is_counted_not_a_crash(tmp_path):
     assert rows[("similarity", 1)]["fold1"] == "nan"
     assert float(rows[("similarity", 1)]["mean"]) == 1.0  # the mean of the folds that had probes
     assert float(rows[("similarity", 1)]["std"]) == 0.0
+
+
+def test_distances_of_folds_and_alignments_no_longer_scored_are_removed(tmp_path):
+    """Fewer folds, or an alignment dropped: the old distances_fold{k}_*.npz went on lying
+    beside the new results (faces' distances of folds that are not in topk.csv)."""
+    root, out = tmp_path / "LM", tmp_path / "MT"
+    same_faces_folds(root, 3)
+    assert match(root, out, aligns=("none", "similarity")) == 0
+    assert len(list(out.glob("distances_fold*_*.npz"))) == 6
+    assert match(root, out, n_folds=2, aligns=("none",)) == 0
+    assert sorted(p.name for p in out.glob("distances_fold*")) == ["distances_fold0_none.npz",
+                                                                   "distances_fold1_none.npz"]
+
+
+def test_when_every_fold_fails_no_distances_or_cmc_of_an_earlier_run_stay(tmp_path):
+    root, out = tmp_path / "LM", tmp_path / "MT"
+    same_faces_folds(root, 2)
+    assert match(root, out, aligns=("none",)) == 0
+    assert (out / "cmc.png").is_file()
+    for k in range(2):
+        blob = (root / f"fold{k}" / "landmarks_ct.npz").read_bytes()
+        (root / f"fold{k}" / "landmarks_ct.npz").write_bytes(blob[: len(blob) // 2])
+    assert match(root, out, aligns=("none",)) == 1
+    assert not (out / "cmc.png").exists() and not list(out.glob("distances_fold*"))
+    assert {r["status"] for r in read_manifest(out / "manifest.csv")} == {"failed"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounting a tiny file system needs root and unshare")
+def test_a_full_output_location_stops_the_stage_with_exit_2(tmp_path):
+    """A real full disk (64 KiB tmpfs) while writing a distance matrix is the location's
+    fault: exit 2 with one line, not a failed fold and the next fold failing the same way."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "LM"
+    same_faces_folds(root, 2)
+    for k in range(2):   # 300 x 300 random distances do not fit in 64 KiB
+        faces = np.random.default_rng(k).uniform(0, 1, (300, N_POINTS, 3))
+        ids = [f"s{i}" for i in range(300)]
+        write_fold(root, k, "pet", ids, faces)
+        write_fold(root, k, "ct", ids, faces)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = load_script("perform_landmark_matching").__file__
+    command = f"{sys.executable} {script} --landmarks_files {root} --save_dir {mnt}/MT --align none --quiet"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt} && exec {command}"],
+                          capture_output=True, text=True, timeout=300)
+    if "mount:" in proc.stderr:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 2, proc.stderr
+    assert "ENOSPC" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,7 +16,10 @@ study of the same patient in the gallery is a correct re-identification.
 The items are the folds: a fold whose landmark files are missing, unreadable or of
 the wrong shape is a failed row with the reason, and the other folds are scored. A
 fold is skipped (its distances reused) when the landmarks it was computed from and
-the options that shape it are unchanged.
+the options that shape it are unchanged. Distance files of folds or attacks this run did
+not score (fewer folds, an alignment dropped, a failed fold) are removed, and so is cmc.png
+when no fold was scored. A full or read-only output location stops the stage (exit 2);
+any other error (an unreadable render too) fails only its fold.
 
 Outputs (``save_dir``): distances_fold{k}_{align}.npz (probe_ids, gallery_ids,
 probe_subjects, gallery_subjects, probe_valid, distances, input_sha1) and per recognizer
@@ -36,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.core import ranking
-from faceaudit.core.contracts import fold_dir, landmarks_file
+from faceaudit.core.contracts import RANKS_FILE, TOPK_FILE, fold_dir, landmarks_file
 from faceaudit.core.files import (
     InputError,
     read_npz,
@@ -56,6 +59,7 @@ from faceaudit.core.runner import (
     StageResult,
     StageRun,
     fingerprint,
+    is_location_error,
 )
 from faceaudit.petct import embedding_attack
 from faceaudit.petct.alignment import ALIGN_MODES, distance_matrix
@@ -70,7 +74,7 @@ from faceaudit.petct.matching_tables import cmc_curves, format_topk_table, plot_
 
 DEFAULT_KS = (1, 3, 5, 10, 15)
 DEFAULT_ALIGNS = ("none", "similarity")
-RANKS_FILE = "ranks.csv"
+CMC_FIGURE = "cmc.png"
 
 
 # --------------------------------------------------------------------------- options
@@ -342,9 +346,9 @@ def _run_fold(stage: StageRun, ctx: _Context, k: int, folder: Path) -> FoldOutco
     item_id = f"fold{k}"
     try:
         outcome, item_fingerprint = score_fold(ctx, k, folder)
-    except OSError:
-        raise                   # the output location (full, read-only): exit 2, not a bad fold
-    except Exception as exc:    # a bad fold never stops the others
+    except Exception as exc:    # a bad fold (an unreadable render too) never stops the others
+        if is_location_error(exc):
+            raise               # the output location (full, read-only): exit 2, not a bad fold
         for path in ctx.save_dir.glob(f"distances_fold{k}_*.npz"):
             path.unlink(missing_ok=True)
         reason = describe_exception(exc)
@@ -380,6 +384,17 @@ def _summary_record(ctx: _Context, outcomes: list[FoldOutcome], rows: list[dict]
             "embedding": embedding_attack.describe(ctx.recognizers, ctx.renders) if ctx.recognizers else None}
 
 
+def remove_stale_distances(save_dir: Path, outcomes: list[FoldOutcome]) -> list[Path]:
+    """Remove every distances_fold{k}_*.npz this run did not score: folds that are gone
+    (fewer folds, a fold folder removed) and attacks no longer asked for (an alignment or
+    recognizer dropped). Returns the removed paths."""
+    keep = {distances_path(save_dir, o.fold, key).name for o in outcomes for key in o.matches}
+    removed = [p for p in save_dir.glob("distances_fold*_*.npz") if p.name not in keep]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]) -> list[dict]:
     """topk.csv, ranks.csv, cmc.png and summary.json of the scored folds; the top-k rows."""
     opts, save_dir = ctx.options, ctx.save_dir
@@ -387,14 +402,16 @@ def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]
     columns = (["attack", "probe", "align", "k", "mean", "std"] + [f"fold{o.fold}" for o in outcomes]
                + ["gallery_size", "chance", "mean_probe_detected", "std_probe_detected", "mean_both_detected",
                   "n_probes", "n_miss_no_landmarks", "probe_detection_rate", "gallery_detection_rate"])
-    write_csv(save_dir / "topk.csv", rows, columns)
+    write_csv(save_dir / TOPK_FILE, rows, columns)
     write_csv(save_dir / RANKS_FILE, [r for o in outcomes for r in o.probe_rows])
     curves, chance = cmc_curves(outcomes)
     if curves:
         gsize = np.mean([o.info["gallery_size"] for o in outcomes])
-        plot_cmc(curves, chance, save_dir / "cmc.png",
+        plot_cmc(curves, chance, save_dir / CMC_FIGURE,
                  title=f"{ctx.probe_variant} probes vs {opts.gallery_variant} gallery, {len(outcomes)} folds, "
                        f"mean gallery {gsize:.0f}")
+    else:                           # no fold scored: an earlier run's curve would describe other folds
+        (save_dir / CMC_FIGURE).unlink(missing_ok=True)
     write_json(save_dir / "summary.json", _summary_record(ctx, outcomes, rows, curves, failed))
     return rows
 
@@ -440,6 +457,7 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path,
         results = [_run_fold(stage, ctx, k, folder) for k, folder in folds]
         outcomes = [r for r in results if isinstance(r, FoldOutcome)]
         failed = [r for r in results if not isinstance(r, FoldOutcome)]
+        remove_stale_distances(stage.save_dir, outcomes)
         rows = write_results(ctx, outcomes, failed)
         return stage.finish(keep_ids=[f"fold{k}" for k, _ in folds],
                             summary=_summary_text(ctx, rows, len(folds), failed),
