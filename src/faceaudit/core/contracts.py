@@ -58,6 +58,11 @@ RUN_FILE = "run.json"
 
 # --- stage 2 -> report
 METRICS_FILE = "metrics.csv"     # per fold x test study: MS-SSIM and PSNR before/after denoising
+DENOISE_SUMMARY_FILE = "summary.csv"   # per fold: mean metrics
+
+# --- stage 3 -> report
+DETECTION_FILE = "detection.csv"       # per variant: share of faces found
+PLACEMENT_FILE = "placement.csv"       # per PET variant: landmark error (MAD)
 
 # --- stage 4 -> report
 TOPK_FILE = "topk.csv"           # one row per attack x k

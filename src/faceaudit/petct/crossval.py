@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from faceaudit.core.contracts import (
+    DENOISE_SUMMARY_FILE,
     DENOISED_DIR,
     MANIFEST_FILE,
     METRICS_FILE,
@@ -379,7 +380,7 @@ def _write_tables(save_dir: Path, splits: Mapping[str, Any], data: RenderSet,
     """metrics.csv, summary.csv, loss_curves.png and qa_montage.png; the summary rows."""
     write_csv(save_dir / METRICS_FILE, metrics, METRIC_COLUMNS)
     summary = summarise_metrics(metrics)
-    write_csv(save_dir / "summary.csv", summary, SUMMARY_COLUMNS)
+    write_csv(save_dir / DENOISE_SUMMARY_FILE, summary, SUMMARY_COLUMNS)
     if histories:
         atomic_write_bytes(save_dir / "loss_curves.png", plot_loss_curves(histories))
     qa = denoising_montage(splits, data, save_dir / DENOISED_DIR)

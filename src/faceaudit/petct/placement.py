@@ -41,9 +41,11 @@ import numpy as np
 
 from faceaudit.core.contracts import (
     DENOISED_DIR,
+    DETECTION_FILE,
     MANIFEST_FILE,
     N_FACE_LANDMARKS,
     N_LANDMARKS,
+    PLACEMENT_FILE,
     denoised_fold_dir,
     fold_dir,
     landmarks_file,
@@ -406,8 +408,8 @@ def write_results(ctx: _Context, folds: list[int], scores: dict[int, FoldScores]
     mads = {v: {k: s.mads[v] for k, s in scores.items() if v in s.mads} for v in VARIANTS[1:]}
     det_rows = detection_table({v: d for v, d in detected.items() if d}, folds)
     place_rows = placement_table({v: m for v, m in mads.items() if m}, folds)
-    write_csv(ctx.save_dir / "detection.csv", det_rows, column_union(det_rows, first=["variant"]))
-    write_csv(ctx.save_dir / "placement.csv", place_rows, column_union(place_rows, first=["variant"]))
+    write_csv(ctx.save_dir / DETECTION_FILE, det_rows, column_union(det_rows, first=["variant"]))
+    write_csv(ctx.save_dir / PLACEMENT_FILE, place_rows, column_union(place_rows, first=["variant"]))
     write_json(ctx.save_dir / "placement.json", place_rows)
     scored = [v for v in VARIANTS if detected[v]]
     summary = _summary_record(ctx, folds, det_rows, place_rows, scored, n_failed)
