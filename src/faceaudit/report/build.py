@@ -29,7 +29,19 @@ import sys
 from pathlib import Path
 
 from faceaudit.core.cli import run_guarded
-from faceaudit.core.contracts import CT_RENDERS, MANIFEST_FILE, PET_RENDERS, SELECTION_FILE, SPLITS_FILE
+from faceaudit.core.contracts import (
+    CT_RENDERS,
+    DENOISE_SUMMARY_FILE,
+    DETECTION_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PET_RENDERS,
+    PLACEMENT_FILE,
+    RUN_FILE,
+    SELECTION_FILE,
+    SPLITS_FILE,
+    TOPK_FILE,
+)
 from faceaudit.core.files import InputError, atomic_write_text
 from faceaudit.core.runner import EXIT_OK, StageResult
 from faceaudit.report.common import Section, Table, csv_table, figures_in, read_csv_rows, read_json
@@ -48,9 +60,9 @@ from faceaudit.report.sections_petct import (
 STAGE_SIGNATURES = {
     "reconstruction": lambda d: (d / CT_RENDERS).is_dir() and (d / PET_RENDERS).is_dir()
     and (d / MANIFEST_FILE).is_file(),
-    "crossval": lambda d: (d / SPLITS_FILE).is_file() and (d / "metrics.csv").is_file(),
-    "placement": lambda d: (d / "detection.csv").is_file(),
-    "matching": lambda d: (d / "topk.csv").is_file(),
+    "crossval": lambda d: (d / SPLITS_FILE).is_file() and (d / METRICS_FILE).is_file(),
+    "placement": lambda d: (d / DETECTION_FILE).is_file(),
+    "matching": lambda d: (d / TOPK_FILE).is_file(),
     "digital_mask": lambda d: (d / SELECTION_FILE).is_file(),
     "recognition": lambda d: (d / "results.csv").is_file(),
 }
@@ -124,7 +136,7 @@ def manifest_facts(folder: Path, stage: str = "") -> list[str]:
 
 
 def run_facts(folder: Path) -> list[str]:
-    record = read_json(folder / "run.json")
+    record = read_json(folder / RUN_FILE)
     if not record:
         return []
     facts = []
@@ -157,16 +169,16 @@ def build_sections(run_dir: Path) -> list[Section]:
             title = STAGE_TITLES[key] + (f" ({rel})" if len(folders) > 1 else "")
             sec = Section(key, title, folder, facts=manifest_facts(folder, key) + run_facts(folder))
             if key == "crossval":
-                summary = folder / "summary.csv"
-                sec.tables.append(csv_table(summary if summary.is_file() else folder / "metrics.csv",
+                summary = folder / DENOISE_SUMMARY_FILE
+                sec.tables.append(csv_table(summary if summary.is_file() else folder / METRICS_FILE,
                                             "MS-SSIM and PSNR of PET against CT, before and after denoising",
                                             note="Per test image: metrics.csv."))
             elif key == "placement":
-                sec.tables.append(csv_table(folder / "detection.csv", "Faces detected (%)"))
-                if (folder / "placement.csv").is_file():
-                    sec.tables.append(csv_table(folder / "placement.csv", "Landmark error"))
+                sec.tables.append(csv_table(folder / DETECTION_FILE, "Faces detected (%)"))
+                if (folder / PLACEMENT_FILE).is_file():
+                    sec.tables.append(csv_table(folder / PLACEMENT_FILE, "Landmark error"))
             elif key == "matching":
-                sec.tables.append(csv_table(folder / "topk.csv", "PET-to-CT identification, top-k"))
+                sec.tables.append(csv_table(folder / TOPK_FILE, "PET-to-CT identification, top-k"))
             elif key == "digital_mask":
                 sec.tables.append(selection_table(folder / SELECTION_FILE))
             if key == "recognition":
@@ -190,7 +202,7 @@ def stage_times(run_dir: Path) -> list[tuple[str, float, float]]:
 
 def versions(run_dir: Path, sections: list[Section]) -> dict[str, str]:
     for sec in sections:
-        record = read_json(sec.folder / "run.json")
+        record = read_json(sec.folder / RUN_FILE)
         if record.get("versions"):
             return dict(record["versions"], python=record.get("python", ""))
     return {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from faceaudit.core.contracts import DETECTION_FILE, PLACEMENT_FILE, RUN_FILE, TOPK_FILE
 from faceaudit.report import paper_numbers as paper
 from faceaudit.report.common import (
     Table,
@@ -26,8 +27,8 @@ HEADLINE_KS = (1, 5)
 
 def placement_table(folder: Path) -> Table:
     """Detection and well-placed rates per image variant, beside the paper's."""
-    det = rows_by(folder / "detection.csv", "variant")
-    place = rows_by(folder / "placement.csv", "variant")
+    det = rows_by(folder / DETECTION_FILE, "variant")
+    place = rows_by(folder / PLACEMENT_FILE, "variant")
     rows = []
     for variant in ("ct", "pet", "pet_wavelet", "pet_unet"):
         d, p = det.get(variant), place.get(variant)
@@ -47,7 +48,7 @@ def placement_table(folder: Path) -> Table:
 def matching_table(folder: Path) -> Table:
     """PET-to-CT top-k: one row per attack (landmark distances per alignment, and each
     recognizer on the renders) when topk.csv has an ``attack`` column, else per alignment."""
-    topk = read_csv_rows(folder / "topk.csv")
+    topk = read_csv_rows(folder / TOPK_FILE)
     if topk and "attack" in topk[0]:
         return _attack_table(topk)
     ks = sorted({int(r["k"]) for r in topk if r.get("k")})
@@ -111,7 +112,7 @@ def simulated_cohorts(run_dir: Path, reconstruction_dirs: list[Path], *,
             stack.extend((p, depth + 1) for p in sorted(folder.iterdir())
                          if p.is_dir() and not p.name.startswith("."))
     for folder in reconstruction_dirs:
-        args = read_json(folder / "run.json").get("args") or {}
+        args = read_json(folder / RUN_FILE).get("args") or {}
         source = Path(str(args.get("petct_path") or "")) if isinstance(args, dict) else None
         if source and str(source) not in ("", ".") and (source / SIMULATED_MARKER).is_file():
             found.append(source)
