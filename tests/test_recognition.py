@@ -667,6 +667,68 @@ def test_two_recognizers_give_a_row_per_recognizer_and_scenario(mask_run, tmp_pa
     assert _rows_by_backend(save) == rows
 
 
+def test_outputs_this_run_did_not_write_are_removed(mask_run, tmp_path):
+    """Two recognizers, then one (flat layout), then two with fewer scenarios: no folder of a
+    recognizer or distances file of a scenario from an earlier run is left; a file the stage
+    did not write stays, with its folder."""
+    from faceaudit.core.runner import RunSettings
+    from faceaudit.mask.recognition import RecognitionOptions
+    from faceaudit.mask.recognition import run_face_recognition as run_fr
+
+    save, fakes, quiet = tmp_path / "FR", _two_fakes(mask_run), RunSettings(progress=False)
+
+    def run(backend, scenarios):
+        run_fr(mask_run, save, RecognitionOptions(backend=backend, n_boot=40, scenarios=scenarios),
+               run=quiet, embedder=fakes)
+        return sorted(str(p.relative_to(save)) for p in save.rglob("*")
+                      if p.suffix in (".npz", ".png", ".csv", ".txt") and p.parent.name != "embeddings")
+
+    three = ("Face2Face", "Overlay2Face", "MaskOnly2Face")
+    run("dlib,mobilefacenet", three)
+    (save / "dlib" / "notes.txt").write_text("the auditor's own file")
+    flat = run("mobilefacenet", ("Face2Face",))
+    assert flat == sorted(["cmc.png", "dlib/notes.txt", "distances/Face2Face.npz", "manifest.csv",
+                           "results.csv", "roc.csv", "roc.png"])
+    assert not (save / "mobilefacenet").exists() and not (save / "dlib" / "distances").exists()
+    run("dlib,mobilefacenet", three)
+    fewer = run("dlib,mobilefacenet", ("Face2Face", "MaskOnly2Face"))
+    assert [f for f in fewer if "distances" in f] == [
+        f"{b}/distances/{s}.npz" for b in ("dlib", "mobilefacenet")
+        for s in ("Face2Face", "MaskOnly2Face")]
+    assert not (save / "distances").exists() and not (save / "roc.csv").exists()
+    assert (save / "dlib" / "notes.txt").is_file()
+    assert {r["backend"] for r in _rows_by_backend(save).values()} == {"dlib", "mobilefacenet"}
+
+
+def test_skipped_rows_are_decided_by_the_stage_fingerprint_not_the_cache(mask_run, tmp_path):
+    """The embedding cache alone does not make a row 'skipped': with the manifest gone the
+    cached embeddings serve rows that are ok (reused, said in the reason); a re-run with
+    the manifest back is skipped; another model description is embedded anew (ok)."""
+    from faceaudit.core.manifest import JOURNAL_NAME
+    from faceaudit.core.runner import RunSettings
+    from faceaudit.mask.recognition import RecognitionOptions
+    from faceaudit.mask.recognition import run_face_recognition as run_fr
+
+    save, quiet = tmp_path / "FR", RunSettings(progress=False)
+    options = RecognitionOptions(backend="mobilefacenet", n_boot=40, scenarios=("Face2Face",))
+    fakes = _two_fakes(mask_run)
+    first = run_fr(mask_run, save, options, run=quiet, embedder=fakes)
+    assert first.counts == {"ok": 16, "failed": 0, "skipped": 0}
+    (save / "manifest.csv").unlink()
+    (save / JOURNAL_NAME).unlink(missing_ok=True)
+    second = run_fr(mask_run, save, options, run=quiet, embedder=fakes)
+    assert second.counts == {"ok": 16, "failed": 0, "skipped": 0}
+    assert all(r["reason"].startswith("embedding reused from the cache")
+               for r in _manifest(save).values())
+    third = run_fr(mask_run, save, options, run=quiet, embedder=fakes)
+    assert third.counts == {"ok": 0, "failed": 0, "skipped": 16}
+    assert all(r["reason"] == "inputs and options unchanged" for r in _manifest(save).values())
+    fakes["mobilefacenet"].describe = lambda: {"backend": "mobilefacenet", "model_files": {
+        "mobilefacenet.onnx": "another digest"}}
+    fourth = run_fr(mask_run, save, options, run=quiet, embedder=fakes)
+    assert fourth.counts == {"ok": 16, "failed": 0, "skipped": 0}
+
+
 def test_a_fake_embedder_does_not_outlive_its_run(mask_run, tmp_path):
     from faceaudit.mask.embedding_cache import _EMBEDDERS
     from faceaudit.mask.recognition import RecognitionOptions

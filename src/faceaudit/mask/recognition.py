@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faceaudit.core.files import InputError, file_digest
+from faceaudit.core.files import InputError
 from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ItemResult
 from faceaudit.core.runner import (
     OptionsError,
@@ -47,7 +47,7 @@ from faceaudit.core.runner import (
     fingerprint,
 )
 from faceaudit.faces.arcface import checked_normalisation
-from faceaudit.faces.embedding import BACKENDS, TFJS_BACKENDS
+from faceaudit.faces.embedding import BACKENDS, TFJS_BACKENDS, model_file_digest
 from faceaudit.mask.embedding_cache import (
     _EMBEDDERS,
     EmbedConfig,
@@ -247,7 +247,7 @@ def model_digests(embedder: Any) -> dict[str, str]:
     paths = [Path(p) for p in getattr(embedder, "model_files", None) or []]
     if getattr(embedder, "model_path", None):
         paths.append(Path(embedder.model_path))
-    return {p.name: file_digest(p) for p in paths if p.is_file()}
+    return {p.name: model_file_digest(p) for p in paths if p.is_file()}
 
 
 @contextmanager
@@ -318,25 +318,32 @@ def run_face_recognition(masks_dir: str | os.PathLike, save_dir: str | os.PathLi
 
 def _record_rows(stage: StageRun, plan: Plan, attack: BackendRun, *, prefix: str = "") -> list[str]:
     """One manifest row per image (and recognizer: ids ``<backend>/...`` when there are
-    several): ok (embedded now), skipped (embedding reused from the cache: same image bytes,
-    same embedder) or failed (unreadable). Returns the row ids."""
+    several): skipped when ``stage.is_fresh`` finds the earlier row made from the same image
+    bytes and embedder description (model digests, normalisation, ...) and the embedding came
+    from the cache; ok when it was embedded now or its cached embedding serves a row with no
+    such earlier row; failed when unreadable. Returns the row ids."""
     model = json.dumps(attack.embed_info["embedder"], sort_keys=True)
+    cache = attack.embed_info.get("cache")
+    outputs = [Path(cache)] if cache else []
     ids = []
     for ref_id, ref in sorted(plan.refs.items()):
-        rec = attack.records[ref_id]
-        status, reason = rec.status, rec.reason
-        if rec.status == STATUS_OK and rec.from_cache:
-            status = STATUS_SKIPPED
-            reason = "; ".join(filter(None, ["embedding reused (same image bytes and model)",
-                                             rec.reason]))
+        rec, item_id = attack.records[ref_id], prefix + ref_id
         values = {"role": ref.role, "variant": ref.variant, "run": ref.run,
                   "item_id": ref.item_id, "path": ref.rel or str(ref.path), "sha256": rec.sha256,
                   "face_found": int(rec.found), "det_score": rec.det_score,
                   "detector": rec.detector, "backend": attack.backend}
-        item_fp = (fingerprint(rec.sha256, model, attack.config.upstream_black_bug)
-                   if status != STATUS_FAILED else None)
-        stage.record(ItemResult(prefix + ref_id, ref.subject, status, reason, values=values), item_fp)
-        ids.append(prefix + ref_id)
+        ids.append(item_id)
+        if rec.status == STATUS_FAILED:
+            stage.record(ItemResult(item_id, ref.subject, STATUS_FAILED, rec.reason, values=values))
+            continue
+        item_fp = fingerprint(rec.sha256, model, attack.config.upstream_black_bug)
+        if rec.from_cache and stage.is_fresh(item_id, item_fp, outputs):
+            status, note = STATUS_SKIPPED, "inputs and options unchanged"
+        else:
+            status = STATUS_OK
+            note = "embedding reused from the cache (same image bytes and model)" if rec.from_cache else ""
+        reason = "; ".join(filter(None, [note, rec.reason]))
+        stage.record(ItemResult(item_id, ref.subject, status, reason, values=values), item_fp)
     return ids
 
 

@@ -12,6 +12,7 @@ from faceaudit.core import ranking
 from faceaudit.core.figures import figure_png, new_axes
 from faceaudit.core.files import atomic_write_bytes, write_csv, write_json, write_npz
 from faceaudit.core.stats import LEVEL
+from faceaudit.faces.embedding import BACKENDS
 from faceaudit.mask.evaluation import ScenarioResult, far_key
 from faceaudit.mask.scenarios import MaskRun
 
@@ -85,11 +86,36 @@ def write_results(save_dir: Path, runs: Sequence[RecognizerRun],
         record.update(backend=runs[0].backend, detection=dict(runs[0].detection or {}))
     record["scenarios"] = scenarios
     write_json(save_dir / "results.json", record)
-    if several:     # a one-backend run's files left here would read as this run's
-        _remove_backend_files(save_dir)
+    remove_stale_outputs(save_dir, runs)
     for run in runs:
         write_backend_files(backend_dir(save_dir, run.backend, several=several), run.results,
                             backend=run.backend)
+
+
+def remove_stale_outputs(save_dir: Path, runs: Sequence[RecognizerRun]) -> None:
+    """Remove what an earlier run into ``save_dir`` wrote and this run does not: the files of
+    a recognizer layout not used now (the one-backend files in save_dir when there are
+    several, ``<recognizer>/`` folders of recognizers not in this run, all of them when
+    there is one) and ``distances/<scenario>.npz`` of scenarios not in this run. Only the
+    stage's own file names inside save_dir go; a folder left holding anything else stays.
+    The embedding caches (``embeddings/``) stay: they are keyed by content and model."""
+    save_dir = Path(save_dir)
+    several = len(runs) > 1
+    now = {run.backend for run in runs} if several else set()
+    if several:     # a one-backend run's files left here would read as this run's
+        _remove_backend_files(save_dir)
+    for name in BACKENDS:
+        folder = save_dir / name
+        if name not in now and folder.is_dir() and not folder.is_symlink():
+            _remove_backend_files(folder)
+            _remove_if_empty(folder)
+    for run in runs:
+        keep = {f"{r.name}.npz" for r in run.results}
+        distances = backend_dir(save_dir, run.backend, several=several) / "distances"
+        if distances.is_dir() and not distances.is_symlink():
+            for path in distances.glob("*.npz"):
+                if path.name not in keep:
+                    path.unlink()
 
 
 def write_backend_files(folder: Path, results: Sequence[ScenarioResult], *,
@@ -111,9 +137,17 @@ def _remove_backend_files(folder: Path) -> None:
     for name in BACKEND_FILES:
         (folder / name).unlink(missing_ok=True)
     distances = folder / "distances"
-    if distances.is_dir():
+    if distances.is_dir() and not distances.is_symlink():
         for path in distances.glob("*.npz"):
             path.unlink()
+        _remove_if_empty(distances)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:     # holds something the stage did not write: left alone
+        pass
 
 
 def roc_rows(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
