@@ -9,12 +9,12 @@ CT_SPACING = (3.0, 3.2, 3.2)            # (z, y, x) mm
 
 
 def _arms_up_ct(head_hu: np.ndarray | None = None, *, arms: bool = True,
-                arm_offset_mm: float = 150.0) -> np.ndarray:
+                arm_offset_mm: float = 150.0, arm_top_mm: float = 290.0, hands: bool = True) -> np.ndarray:
     """Canonical (z, y, x) CT in HU of a patient with the arms raised, on a 3 x 3.2 x 3.2 mm
     grid: torso, neck, a head (the shipped head CT ``head_hu`` (47, 64, 64) at 3 mm slices,
     or an ellipsoid when None) with a dome on top, two upper-arm cylinders beside the head
-    (axes ``arm_offset_mm`` from the midline) and the hands reaching over it (their top
-    120 mm above the head's). Head top: z = 201 mm
+    (axes ``arm_offset_mm`` from the midline, ending at ``arm_top_mm``) and, with ``hands``,
+    the hands reaching over it (their top 120 mm above the head's). Head top: z = 201 mm
     (slice 117 of 160, z0 = -150 mm); hands' top: z = 321 mm (slice 157)."""
     nz, ny, nx = 160, 72, 132
     z = -150.0 + 3.0 * np.arange(nz)[:, None, None]
@@ -46,7 +46,9 @@ def _arms_up_ct(head_hu: np.ndarray | None = None, *, arms: bool = True,
     if arms:
         for side in (-1.0, 1.0):
             arm_x = cx + side * arm_offset_mm
-            inside |= ((x - arm_x) ** 2 + (y - 118.0) ** 2 <= 40.0 ** 2) & (z > -110.0) & (z <= 290.0)
+            inside |= ((x - arm_x) ** 2 + (y - 118.0) ** 2 <= 40.0 ** 2) & (z > -110.0) & (z <= arm_top_mm)
+            if not hands:
+                continue
             # the hand reaches over the head towards the midline, stopping 20 mm short of it
             inside |= ((np.abs(x - cx) >= 20.0) & (np.abs(x - cx) <= 190.0) & (side * (x - cx) > 0)
                        & ((y - 118.0) ** 2 <= 30.0 ** 2) & (z > 275.0) & (z <= 321.0))
@@ -127,3 +129,26 @@ def test_shipped_head_with_raised_arms_renders_the_face_mediapipe_reads(headsq_h
     assert landmarks is not None
     eyes_y = landmarks[[33, 263], 1].mean()
     assert eyes_y < landmarks[1, 1] < landmarks[13, 1] < landmarks[152, 1]   # eyes, nose, mouth, chin
+
+
+def test_arms_beside_the_head_ending_below_its_top_are_left_out():
+    """Review of stage 1: when the tracking reached the body's top slice (the head's) the
+    whole body was returned, so arms split off on the way up but ending below the head's
+    top stayed in the head mask and in the mesh."""
+    from faceaudit.petct.surface import extract_head_surface
+
+    # arms against the sides of the head (3 mm overlap), ending 51 mm below its top, no hands
+    ct = _arms_up_ct(arm_offset_mm=112.0, arm_top_mm=150.0, hands=False)
+    coarse = ct[::2, ::2, ::2] > -300
+    region = find_head(coarse)
+    assert region.mask is not coarse                      # was the body itself, arms and all
+    assert abs(region.top - 117 // 2) <= 1
+    left_out = coarse & ~region.mask
+    assert left_out.sum() == region.left_out_voxels > 0
+    columns = np.nonzero(left_out)[2] * 6.4 - 110.0
+    assert np.all(np.abs(columns - 99.0) >= 20.0 - 6.4)       # only lateral pieces: the arms
+    surface = extract_head_surface(ct, CT_SPACING, modality="ct", origin=ORIGIN)
+    (x_lo, _, _), (x_hi, _, z_hi) = surface.mesh.bounds
+    assert abs(z_hi - HEAD_TOP_MM) <= 6.0
+    # before: x -54 .. 250 mm, the arms' outer sides; the head spans 24 .. 174 mm
+    assert 24.0 - 10.0 < x_lo and x_hi < 174.0 + 10.0

@@ -10,19 +10,22 @@ that continues down into the trunk through the neck:
    head slice of a head-only scan); its centroid gives the body's midline (x, left-right);
 3. going up slice by slice, the tracked region is the set of pieces touching the region
    of the slice below (within one voxel, as 26-connectivity does). Where two or more
-   *substantial* pieces touch it (each at least ``min_share`` of the largest: above the
-   shoulders, neck and two arms), the one nearest the midline is followed (the neck, then
-   the head; smaller pieces, an ear lobe, stay with it) and the others are *left out*;
+   *substantial* pieces touch it (each at least ``min_share`` of the largest and at least
+   ``min_trunk_share`` of the trunk's area: above the shoulders, neck and two arms), the
+   one nearest the midline is followed (the neck, then the head; smaller pieces, an ear
+   lobe, the crumbs of the skull's top on the coarse grid, stay with it) and the others
+   are *left out*;
    above that, the voxels of each slice touching the tracked or left-out regions go to the
    nearer of the two (an arm touching the head is split between them, the hands that
    continue the arms over the head stay left out);
 4. the head's top is the last slice the tracking reaches.
 
-When it reaches the body's top slice (nothing above the head, the usual tidy scan) the
-body is returned as it is (the same array), so renders without raised arms are unchanged
-bit for bit. Otherwise the head region is the body without the left-out pieces and what lies above the
-head's top, as the 3-D component holding the tracked head (plus the body below the widest
-slice): arms and hands beside and above the head are left out. At full resolution the
+When it reaches the body's top slice and left nothing out on the way (nothing above or
+beside the head, the usual tidy scan) the body is returned as it is (the same array), so
+renders without raised arms are unchanged bit for bit. Otherwise the head region is the
+body without the left-out pieces and what lies above the head's top, as the 3-D component
+holding the tracked head (plus the body below the widest slice): arms and hands beside and
+above the head are left out, also when they end below the head's top. At full resolution the
 head box is cut to the points nearer to the head region than to the left-out pieces
 (head_zone), so an arm touching the head between two coarse voxels is cut midway.
 Limit: hands resting on the head (touching it at the coarse grid) are one piece with it
@@ -40,7 +43,7 @@ from faceaudit.core.files import InputError
 
 @dataclass
 class HeadRegion:
-    """mask: (nz, ny, nx) bool, the body itself when nothing is above the head, else the body
+    """mask: (nz, ny, nx) bool, the body itself when nothing was left out, else the body
     without what the head tracking left out; top: index of the head's highest slice;
     left_out: the arms and hands the tracking left out and the body above the head (None
     when nothing is); left_out_voxels: body voxels not in ``mask``."""
@@ -70,17 +73,19 @@ def _nearer_to_head(candidates: np.ndarray, head: np.ndarray, left_out: np.ndarr
     return candidates & (distance_transform_edt(~head) <= distance_transform_edt(~left_out))
 
 
-def _split(to_head: np.ndarray, midline_x: float, min_share: float) -> tuple[np.ndarray, np.ndarray]:
+def _split(to_head: np.ndarray, midline_x: float, min_share: float,
+           min_voxels: float) -> tuple[np.ndarray, np.ndarray]:
     """(head, left out) of one slice's head voxels: unchanged unless they form two or more
-    substantial pieces (each >= ``min_share`` of the largest): then the other substantial
-    pieces than the one nearest the midline are left out (small ones stay with the head)."""
+    substantial pieces (each >= ``min_share`` of the largest and >= ``min_voxels``): then
+    the other substantial pieces than the one nearest the midline are left out (small ones
+    stay with the head)."""
     from scipy.ndimage import label
 
     labels, n = label(to_head, np.ones((3, 3), bool))
     if n < 2:
         return to_head, np.zeros_like(to_head)
     sizes = np.bincount(labels.ravel())[1:]
-    substantial = np.flatnonzero(sizes >= min_share * sizes.max()) + 1
+    substantial = np.flatnonzero(sizes >= max(min_share * sizes.max(), min_voxels)) + 1
     if substantial.size < 2:
         return to_head, np.zeros_like(to_head)
     centres_x = np.array([np.nonzero(labels == i)[1].mean() for i in substantial])
@@ -89,10 +94,13 @@ def _split(to_head: np.ndarray, midline_x: float, min_share: float) -> tuple[np.
     return to_head & ~split_off, split_off
 
 
-def find_head(body: np.ndarray, *, min_share: float = 0.25) -> HeadRegion:
+def find_head(body: np.ndarray, *, min_share: float = 0.25, min_trunk_share: float = 0.05) -> HeadRegion:
     """The head of a body mask (nz, ny, nx) bool, axis 0 superior, axis 2 left-right.
 
-    See the module docstring. Raises InputError for an empty mask.
+    See the module docstring. ``min_trunk_share``: a piece smaller than this share of the
+    trunk's area is never split off (an upper arm is 12 % of a chest, a forearm 13 % of a
+    head slice; the two-voxel crumbs of the skull's top on a 6 mm grid under 1 %).
+    Raises InputError for an empty mask.
     """
     from scipy.ndimage import label
 
@@ -110,17 +118,20 @@ def find_head(body: np.ndarray, *, min_share: float = 0.25) -> HeadRegion:
     head = pieces[widest] == int(np.argmax(counts))
     left_out = np.zeros_like(head)
     midline_x = float(np.nonzero(head)[1].mean())
+    min_voxels = min_trunk_share * np.count_nonzero(head)
     tracked, left_out_of = {widest: head}, {}
     for z in range(widest + 1, top + 1):
         candidates = _pieces_touching(pieces[z], head | left_out)
         to_head = _nearer_to_head(candidates, head, left_out)
-        head, split_off = _split(to_head, midline_x, min_share)
+        head, split_off = _split(to_head, midline_x, min_share, min_voxels)
         if not head.any():
             break
         left_out = (candidates & ~to_head) | split_off
         tracked[z], left_out_of[z] = head, left_out
     head_top = max(tracked)
-    if head_top == top:
+    # arms split off beside the head but ending below its top still have to go: the body is
+    # kept as it is only when the tracking left nothing out on the way up
+    if head_top == top and not any(region.any() for region in left_out_of.values()):
         return HeadRegion(mask=body, top=top)
     return _head_mask(body, tracked, left_out_of, head_top)
 
