@@ -49,3 +49,21 @@ def load_script(name: str):
     spec.loader.exec_module(module)
     sys.modules[name] = module
     return module
+
+
+def head_phantom(modality: str, half_width: float = 9.0):
+    """(z, y, x) = (40, 36, 36) float32 head-on-neck phantom in the canonical LPS frame: head
+    on top (high z), nose anterior (low y). CT in HU (40 inside, -1000 air); PET in SUV (1
+    inside, 0.02 air, +7 in the brain). ``half_width`` (voxels, left-right) makes another
+    patient's head. Shared by the stage-1 tests (reconstruction, TCIA DICOM studies)."""
+    import numpy as np
+
+    z, y, x = np.mgrid[:40, :36, :36].astype(np.float32)
+    head = ((z - 27) / 11.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 18) / half_width) ** 2 <= 1.0
+    nose = ((z - 26) / 3.0) ** 2 + ((y - 8) / 3.0) ** 2 + ((x - 18) / 2.0) ** 2 <= 1.0
+    neck = (((y - 20) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0) & (z < 20)
+    body = head | nose | neck
+    if modality == "ct":
+        return np.where(body, 40.0, -1000.0).astype(np.float32)
+    brain = ((z - 29) / 7.0) ** 2 + ((y - 19) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0
+    return (np.where(body, 1.0, 0.02) + np.where(brain, 7.0, 0.0)).astype(np.float32)

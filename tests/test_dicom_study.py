@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import head_phantom
 from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, RunSettings
 from faceaudit.petct.dicom_study import _scan_value, pick_series, suv_factor
 from faceaudit.petct.reconstruction import ReconstructionOptions, run_reconstruction
@@ -17,18 +18,6 @@ WEIGHT_KG, DOSE_BQ, HALF_LIFE_S = 72.5, 3.4e8, 6586.2          # F-18
 #: injected 09:58:30, series at 11:02:00: 3810 s of decay
 INJECTION, SERIES = "095830.00", "110200"
 SUV_FACTOR = WEIGHT_KG * 1000.0 / (DOSE_BQ * 2.0 ** (-3810.0 / HALF_LIFE_S))
-
-
-def _phantom(modality: str) -> np.ndarray:
-    z, y, x = np.mgrid[:40, :36, :36].astype(np.float32)
-    head = ((z - 27) / 11.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 18) / 9.0) ** 2 <= 1.0
-    nose = ((z - 26) / 3.0) ** 2 + ((y - 8) / 3.0) ** 2 + ((x - 18) / 2.0) ** 2 <= 1.0
-    neck = (((y - 20) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0) & (z < 20)
-    body = head | nose | neck
-    if modality == "ct":
-        return np.where(body, 40.0, -1000.0).astype(np.float32)
-    brain = ((z - 29) / 7.0) ** 2 + ((y - 19) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0
-    return (np.where(body, 1.0, 0.02) + np.where(brain, 7.0, 0.0)).astype(np.float32)
 
 
 def _write_series(folder, array_zyx, tags: dict, *, uid: str, n_slices: int | None = None) -> None:
@@ -56,9 +45,9 @@ PET_TAGS = {"0008|0060": "PT", "0054|1001": "BQML", "0010|1030": str(WEIGHT_KG),
 def _tcia_study(root, *, pet_tags=PET_TAGS, second_pet: bool = False):
     """PETCT_tcia/<study>/ with a CT, a PET in Bq/ml, a SEG, a 2-slice CT localiser."""
     study = root / "PETCT_tcia" / "08-12-2005-NA-PET-CT Ganzkoerper-10445"
-    ct = _phantom("ct")
+    ct = head_phantom("ct")
     _write_series(study / "2.000000-CT IMAGES-31337", ct, {"0008|0060": "CT"}, uid="1.2.3.1")
-    bqml = np.rint(_phantom("pet") / SUV_FACTOR)                # SUV 1 = ~3.4 kBq/ml
+    bqml = np.rint(head_phantom("pet") / SUV_FACTOR)                # SUV 1 = ~3.4 kBq/ml
     _write_series(study / "3.000000-PET corr-98765", bqml, pet_tags, uid="1.2.3.2")
     _write_series(study / "1.000000-Topogram-111", ct, {"0008|0060": "CT",
                                                         "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"},

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from conftest import load_script
+from conftest import head_phantom, load_script
 from faceaudit.core.runner import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -26,20 +26,6 @@ from faceaudit.petct.reconstruction import (
 SPACING_XYZ = (4.0, 4.0, 4.0)
 
 
-def _phantom(modality: str, half_width: float = 9.0) -> np.ndarray:
-    """(z, y, x) head-on-neck phantom, canonical LPS: head on top (high z), nose anterior (low y).
-    ``half_width`` (voxels) makes another patient's head."""
-    z, y, x = np.mgrid[:40, :36, :36].astype(np.float32)
-    head = ((z - 27) / 11.0) ** 2 + ((y - 18) / 10.0) ** 2 + ((x - 18) / half_width) ** 2 <= 1.0
-    nose = ((z - 26) / 3.0) ** 2 + ((y - 8) / 3.0) ** 2 + ((x - 18) / 2.0) ** 2 <= 1.0
-    neck = (((y - 20) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0) & (z < 20)
-    body = head | nose | neck
-    if modality == "ct":
-        return np.where(body, 40.0, -1000.0).astype(np.float32)
-    brain = ((z - 29) / 7.0) ** 2 + ((y - 19) / 6.0) ** 2 + ((x - 18) / 6.0) ** 2 <= 1.0
-    return (np.where(body, 1.0, 0.02) + np.where(brain, 7.0, 0.0)).astype(np.float32)
-
-
 def _write(path, array_zyx):
     path.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array_zyx)
@@ -48,8 +34,8 @@ def _write(path, array_zyx):
 
 
 def _good_study(root, patient, study):
-    _write(root / patient / study / "CTres.nii.gz", _phantom("ct"))
-    _write(root / patient / study / "SUV.nii.gz", _phantom("pet"))
+    _write(root / patient / study / "CTres.nii.gz", head_phantom("ct"))
+    _write(root / patient / study / "SUV.nii.gz", head_phantom("pet"))
 
 
 def _run(root, out, options=None, **settings) -> int:
@@ -63,7 +49,7 @@ def _read_manifest(save_dir):
 
 
 def test_reconstruct_volume_numbers_and_render():
-    result = reconstruct_volume(_phantom("pet"), (4.0, 4.0, 4.0), modality="pet",
+    result = reconstruct_volume(head_phantom("pet"), (4.0, 4.0, 4.0), modality="pet",
                                 options=ReconstructionOptions(head_height_mm=100.0))
     assert result.render.image.shape == (512, 512)
     assert result.numbers["n_vertices"] == len(result.mesh.vertices) > 100
@@ -82,18 +68,18 @@ def cohort_with_broken_studies(tmp_path):
     ct = root / "PETCT_trunc" / "s1" / "CTres.nii.gz"
     ct.write_bytes(ct.read_bytes()[:300])
     # empty (constant) PET
-    _write(root / "PETCT_empty" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    _write(root / "PETCT_empty" / "s1" / "CTres.nii.gz", head_phantom("ct"))
     _write(root / "PETCT_empty" / "s1" / "SUV.nii.gz", np.zeros((40, 36, 36), np.float32))
     # CT without PET
-    _write(root / "PETCT_nopet" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    _write(root / "PETCT_nopet" / "s1" / "CTres.nii.gz", head_phantom("ct"))
     # NaNs in the PET
-    pet = _phantom("pet")
+    pet = head_phantom("pet")
     pet[5, 5, 5] = np.nan
-    _write(root / "PETCT_nan" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    _write(root / "PETCT_nan" / "s1" / "CTres.nii.gz", head_phantom("ct"))
     _write(root / "PETCT_nan" / "s1" / "SUV.nii.gz", pet)
     # a 2-D image as CT
-    _write(root / "PETCT_flat" / "s1" / "CTres.nii.gz", _phantom("ct")[20])
-    _write(root / "PETCT_flat" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    _write(root / "PETCT_flat" / "s1" / "CTres.nii.gz", head_phantom("ct")[20])
+    _write(root / "PETCT_flat" / "s1" / "SUV.nii.gz", head_phantom("pet"))
     return root
 
 
@@ -133,13 +119,13 @@ def test_broken_studies_fail_with_reasons_while_the_others_finish(tmp_path, coho
 
 def test_rerun_produces_the_missing_pet_and_skips_finished_work(tmp_path):
     root, out = tmp_path / "petct", tmp_path / "out"
-    _write(root / "PETCT_a" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    _write(root / "PETCT_a" / "s1" / "CTres.nii.gz", head_phantom("ct"))
     options = ReconstructionOptions(head_height_mm=120.0)
     assert _run(root, out, options) == EXIT_ITEMS_FAILED
     ct_png = out / "cts" / "PETCT_a_s1.png"
     first_mtime = ct_png.stat().st_mtime_ns
     # the PET arrives: a re-run renders it (the upstream resume skipped it forever)
-    _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", head_phantom("pet"))
     assert _run(root, out, options) == EXIT_OK
     row = _read_manifest(out)["PETCT_a_s1"]
     assert row["status"] == "ok" and row["pet_status"] == "ok" and row["ct_status"] == "ok"
@@ -164,8 +150,8 @@ def test_script_exit_codes(tmp_path, cohort_with_broken_studies):
 
 def test_flat_layout_ids_and_subjects(tmp_path):
     root, out = tmp_path / "flat", tmp_path / "out"
-    _write(root / "p1_ct.nii.gz", _phantom("ct"))
-    _write(root / "p1_pet.nii.gz", _phantom("pet"))
+    _write(root / "p1_ct.nii.gz", head_phantom("ct"))
+    _write(root / "p1_pet.nii.gz", head_phantom("pet"))
     options = ReconstructionOptions(head_height_mm=120.0, projection="pinhole")
     assert _run(root, out, options) == EXIT_OK
     row = _read_manifest(out)["p1"]
@@ -208,8 +194,8 @@ def test_qa_montage_shows_missing_and_unreadable_renders_as_black(tmp_path):
 
 def test_missing_side_names_the_file_expected_in_each_layout(tmp_path):
     out = tmp_path / "out"
-    _write(tmp_path / "flat" / "p2_ct.nii.gz", _phantom("ct"))
-    _write(tmp_path / "auto" / "PETCT_b" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    _write(tmp_path / "flat" / "p2_ct.nii.gz", head_phantom("ct"))
+    _write(tmp_path / "auto" / "PETCT_b" / "s1" / "SUV.nii.gz", head_phantom("pet"))
     options = ReconstructionOptions(head_height_mm=120.0)
     for root, sid, expected in ((tmp_path / "flat", "p2", "expected p2_pet.nii.gz"),
                                 (tmp_path / "auto", "PETCT_b_s1", "expected CTres.nii.gz")):
@@ -225,8 +211,11 @@ def test_missing_side_names_the_file_expected_in_each_layout(tmp_path):
                                           ("ct_threshold", "bone"), ("smoothing_iterations", -1),
                                           ("opening_radius_mm", -1.0), ("head_px", 1000)])
 def test_options_that_no_run_could_use_are_refused_on_creation(field, value):
-    with pytest.raises(OptionsError, match=f"expected {field}.*found"):
+    flag = "--" + field.replace("_", "-")                 # named as the script's flag
+    with pytest.raises(OptionsError, match=f"expected {flag} to be .*, found"):
         ReconstructionOptions(**{field: value})
+    with pytest.raises(OptionsError, match="expected core_radius_mm to be a number in \\(0, inf\\)"):
+        ReconstructionOptions(core_radius_mm=0.0)
 
 
 def test_options_normalise_a_numeric_ct_threshold():
@@ -261,6 +250,7 @@ def test_a_ct_replaced_by_another_patients_is_redone_and_the_pet_kept(tmp_path, 
     assert "1 studies: 1 ok, 0 failed, 0 skipped" in result.summary
     assert capsys.readouterr().out == ""                     # the library prints nothing
     first = _read_manifest(out)["PETCT_a_s1"]
+    assert "fingerprint" not in first        # the study-wide column nobody read; ct_/pet_ are used
     old_png = (out / "cts" / "PETCT_a_s1.png").read_bytes()
     before = _mtimes(out, "PETCT_a_s1")
 
@@ -272,7 +262,7 @@ def test_a_ct_replaced_by_another_patients_is_redone_and_the_pet_kept(tmp_path, 
     assert _read_manifest(out)["PETCT_a_s1"]["ct_n_vertices"] == first["ct_n_vertices"]
 
     # another patient's CT under the same name: the CT is redone, the PET is not
-    _write(ct, _phantom("ct", half_width=6.0))
+    _write(ct, head_phantom("ct", half_width=6.0))
     assert _run(root, out, options) == EXIT_OK
     row = _read_manifest(out)["PETCT_a_s1"]
     after = _mtimes(out, "PETCT_a_s1")
@@ -301,9 +291,9 @@ def test_an_option_that_shapes_only_the_pet_redoes_only_the_pet(tmp_path):
 
 def test_two_candidate_files_for_one_side_are_a_failed_row_naming_both(tmp_path):
     root, out = tmp_path / "flat", tmp_path / "out"
-    _write(root / "x_ct.nii.gz", _phantom("ct"))
-    _write(root / "x_ct.nii", _phantom("ct", half_width=6.0))     # which one is the patient's?
-    _write(root / "x_pet.nii.gz", _phantom("pet"))
+    _write(root / "x_ct.nii.gz", head_phantom("ct"))
+    _write(root / "x_ct.nii", head_phantom("ct", half_width=6.0))     # which one is the patient's?
+    _write(root / "x_pet.nii.gz", head_phantom("pet"))
     assert _run(root, out, ReconstructionOptions(head_height_mm=120.0)) == EXIT_ITEMS_FAILED
     row = _read_manifest(out)["x"]
     assert row["status"] == "failed" and row["ct_status"] == "failed" and row["pet_status"] == "ok"
@@ -315,10 +305,10 @@ def test_study_seconds_stay_coherent_with_the_modality_seconds_after_reruns(tmp_
     """Issue 10 point 7: a re-run that skipped both modalities wrote study_seconds 0 beside
     the earlier per-modality seconds."""
     root, out = tmp_path / "petct", tmp_path / "out"
-    _write(root / "PETCT_a" / "s1" / "CTres.nii.gz", _phantom("ct"))
+    _write(root / "PETCT_a" / "s1" / "CTres.nii.gz", head_phantom("ct"))
     options = ReconstructionOptions(head_height_mm=120.0)
     assert _run(root, out, options) == EXIT_ITEMS_FAILED             # no PET yet
-    _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", _phantom("pet"))
+    _write(root / "PETCT_a" / "s1" / "SUV.nii.gz", head_phantom("pet"))
     assert _run(root, out, options) == EXIT_OK                       # CT kept, PET made
     partial = _read_manifest(out)["PETCT_a_s1"]
     assert _run(root, out, options) == EXIT_OK                       # both kept
@@ -353,13 +343,13 @@ def test_flat_layout_dicom_series_folders_render_as_their_nifti_twins(tmp_path):
     from test_volumes import _write_dicom_series
 
     root, out = tmp_path / "flat", tmp_path / "out"
-    ct = sitk.GetImageFromArray(_phantom("ct").astype(np.int16))
+    ct = sitk.GetImageFromArray(head_phantom("ct").astype(np.int16))
     ct.SetSpacing(SPACING_XYZ)
     root.mkdir()
     _write_dicom_series(ct, root / "dcm_ct")
-    _write(root / "dcm_pet.nii.gz", _phantom("pet"))
-    _write(root / "nii_ct.nii.gz", _phantom("ct"))
-    _write(root / "nii_pet.nii.gz", _phantom("pet"))
+    _write(root / "dcm_pet.nii.gz", head_phantom("pet"))
+    _write(root / "nii_ct.nii.gz", head_phantom("ct"))
+    _write(root / "nii_pet.nii.gz", head_phantom("pet"))
     assert _run(root, out, ReconstructionOptions(head_height_mm=120.0)) == EXIT_OK
     rows = _read_manifest(out)
     assert rows["dcm"]["status"] == "ok" and rows["dcm"]["ct_source"].endswith("dcm_ct")
@@ -379,7 +369,7 @@ def test_every_render_gets_a_face_verdict_and_the_summary_counts_faceless_render
     real.mkdir(parents=True)
     head = sitk.ReadImage(str(headsq_ct_path))
     sitk.WriteImage(sitk.Cast(head, sitk.sitkFloat32) - 1024.0, str(real / "CTres.nii.gz"))
-    _write(real / "SUV.nii.gz", _phantom("pet"))
+    _write(real / "SUV.nii.gz", head_phantom("pet"))
     result = run_reconstruction(root, out, ReconstructionOptions(head_height_mm=140.0),
                                 run=RunSettings(progress=False))
     assert result.exit_code == EXIT_OK
@@ -397,3 +387,71 @@ def test_every_render_gets_a_face_verdict_and_the_summary_counts_faceless_render
                                run=RunSettings(progress=False))
     assert _read_manifest(out)["PETCT_real_s1"]["ct_face_qa"] == "face"
     assert "1 CT renders without a face" in again.summary
+
+
+def test_outputs_of_a_study_removed_from_the_input_are_deleted(tmp_path):
+    """Review of stage 1: the manifest dropped a removed study's row but its renders stayed,
+    and later stages take every *.png of cts/ and pets/ (trained on a study no longer there)."""
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    _good_study(root, "PETCT_b", "s1")
+    options = ReconstructionOptions(head_height_mm=120.0)
+    assert _run(root, out, options) == EXIT_OK
+    (out / "cts" / "notes.txt").write_text("not a render")        # not an output name: kept
+    import shutil
+    shutil.rmtree(root / "PETCT_b")
+    result = run_reconstruction(root, out, options, run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_OK and set(_read_manifest(out)) == {"PETCT_a_s1"}
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+                  and p.parent.name in ("cts", "pets", "meshes", "depth"))
+    assert left == ["cts/PETCT_a_s1.png", "cts/notes.txt", "depth/PETCT_a_s1_ct.npz", "depth/PETCT_a_s1_pet.npz",
+                    "meshes/PETCT_a_s1_ct.ply", "meshes/PETCT_a_s1_pet.ply", "pets/PETCT_a_s1.png"]
+    assert "removed 6 render, mesh and depth files" in result.summary
+    assert result.details["n_stale_files_removed"] == 6
+
+
+def test_a_full_disk_stops_the_stage_with_exit_2_instead_of_failing_every_study(tmp_path, monkeypatch, capsys):
+    """Review of stage 1: ENOSPC while writing a render became a failed row per study."""
+    import errno
+
+    from faceaudit.petct import reconstruction
+
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    _good_study(root, "PETCT_b", "s1")
+    attempts = []
+
+    def full_disk(path, image):
+        attempts.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(reconstruction, "write_png", full_disk)
+    with pytest.raises(OSError) as caught:
+        _run(root, out, ReconstructionOptions(head_height_mm=120.0))
+    assert caught.value.errno == errno.ENOSPC
+    assert len(attempts) == 1                              # the stage stopped at the first write
+    assert _read_manifest(out) == {}                       # no study is recorded as failed
+    assert "No space left on device" in json.loads((out / "run.json").read_text(encoding="utf-8"))["error"]
+    assert not any((out / "meshes").iterdir()) and not any((out / "cts").iterdir())
+    module = load_script("perform_morphological_reconstruction")
+    code = module.main(["--petct_path", str(root), "--save_dir", str(out), "--quiet", "--head-height-mm", "120"])
+    assert code == EXIT_USAGE and "No space left on device" in capsys.readouterr().err
+
+
+def test_renders_whose_face_qa_could_not_run_are_framed_and_counted(tmp_path, monkeypatch):
+    """Review of stage 1: an 'unchecked' render got a red frame on the QA sheet but the
+    summary counted only no_face and implausible ones."""
+    from faceaudit.petct import reconstruction
+
+    monkeypatch.setattr(reconstruction, "render_face_qa", lambda image: "unchecked")
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    result = run_reconstruction(root, out, ReconstructionOptions(head_height_mm=120.0),
+                                run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_OK
+    assert _read_manifest(out)["PETCT_a_s1"]["ct_face_qa"] == "unchecked"
+    assert "1 CT renders not checked for a face" in result.summary
+    assert "1 PET renders not checked for a face" in result.summary
+    assert "without a face" not in result.summary
+    sheet = np.asarray(Image.open(out / "qa_montage.png")).astype(int)
+    assert ((sheet[..., 0] > 200) & (sheet[..., 1] < 60) & (sheet[..., 2] < 60)).sum() > 1000

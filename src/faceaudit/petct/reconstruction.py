@@ -18,6 +18,7 @@ earlier attempt failed, or one of its files is gone; otherwise its earlier numbe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceaudit.core.contracts import CT_RENDERS, PET_RENDERS, RENDER_SIZE
+from faceaudit.core.contracts import CT_RENDERS, PET_RENDERS, RENDER_CROP, RENDER_SIZE
 from faceaudit.core.files import (
     InputError,
     atomic_write_bytes,
@@ -35,28 +36,17 @@ from faceaudit.core.files import (
     write_npz,
     write_png,
 )
-from faceaudit.core.manifest import (
-    STATUS_FAILED,
-    STATUS_OK,
-    STATUS_SKIPPED,
-    ItemResult,
-    describe_exception,
-)
-from faceaudit.core.runner import (
-    OptionsError,
-    RunSettings,
-    StageResult,
-    StageRun,
-    fingerprint,
-    map_items,
-)
+from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, ItemResult, describe_exception
+from faceaudit.core.options import expect, expect_choice, expect_number, expect_whole
+from faceaudit.core.runner import RunSettings, StageResult, StageRun, fingerprint, is_location_error, map_items
 from faceaudit.petct.dicom_study import MIN_SERIES_FILES, pet_in_suv
 from faceaudit.petct.render import PROJECTIONS, SHADINGS, render_frontal
-from faceaudit.petct.render_qa import (  # noqa: F401  (qa_labels, LABEL_CHARS: the QA sheet's)
+from faceaudit.petct.render_qa import (
     FACE,
     IMPLAUSIBLE,
     LABEL_CHARS,
     NO_FACE,
+    UNCHECKED,
     mark_no_face,
     qa_labels,
     render_face_qa,
@@ -89,29 +79,25 @@ class ReconstructionOptions:
     opening_radius_mm: float = 6.0              # cut a touching table off the body; 0: upstream (off)
     shading: str = "normals"                    # upstream: grey of |face normal|; or "lambert"
     projection: str = "orthographic"            # or "pinhole"
-    head_px: int = 208                          # head box size in pixels (fits the 208 crop)
+    head_px: int = RENDER_CROP                  # head box size in pixels (fits the centre crop)
     size: int = RENDER_SIZE
 
     def __post_init__(self) -> None:
+        # named by the script's flag where there is one (core_radius_mm and size have none)
         object.__setattr__(self, "ct_threshold", _ct_threshold_value(self.ct_threshold))
-        _check_choice("pet_threshold", self.pet_threshold, PET_THRESHOLDS)
-        _check_choice("shading", self.shading, SHADINGS)
-        _check_choice("projection", self.projection, PROJECTIONS)
-        _check_number("pet_percentile", self.pet_percentile, "a percentile in (0, 100]",
-                      lambda v: 0 < v <= 100)
-        _check_number("pet_body_fraction", self.pet_body_fraction, "a fraction in (0, 1]",
-                      lambda v: 0 < v <= 1)
-        _check_number("head_height_mm", self.head_height_mm, "a height > 0 mm", lambda v: v > 0)
-        _check_number("core_radius_mm", self.core_radius_mm, "a radius > 0 mm", lambda v: v > 0)
-        _check_number("opening_radius_mm", self.opening_radius_mm, "a radius >= 0 mm (0: off)",
-                      lambda v: v >= 0)
-        _check_whole("smoothing_iterations", self.smoothing_iterations, 0)
-        _check_whole("size", self.size, 16)
-        _check_whole("head_px", self.head_px, 8)
-        if self.head_px > self.size:
-            raise OptionsError(f"expected head_px <= size ({self.size}), found {self.head_px}")
-        if not isinstance(self.fill_holes, bool):
-            raise OptionsError(f"expected fill_holes to be True or False, found {self.fill_holes!r}")
+        expect_choice("--pet-threshold", self.pet_threshold, PET_THRESHOLDS)
+        expect_choice("--shading", self.shading, SHADINGS)
+        expect_choice("--projection", self.projection, PROJECTIONS)
+        expect_number("--pet-percentile", self.pet_percentile, low=0, low_open=True, high=100)
+        expect_number("--pet-body-fraction", self.pet_body_fraction, low=0, low_open=True, high=1)
+        expect_number("--head-height-mm", self.head_height_mm, low=0, low_open=True)
+        expect_number("core_radius_mm", self.core_radius_mm, low=0, low_open=True)
+        expect_number("--opening-radius-mm", self.opening_radius_mm, low=0)
+        expect_whole("--smoothing-iterations", self.smoothing_iterations, 0)
+        expect_whole("size", self.size, 16)
+        expect_whole("--head-px", self.head_px, 8)
+        expect(self.head_px <= self.size, "--head-px", f"<= size ({self.size})", self.head_px)
+        expect(isinstance(self.fill_holes, bool), "fill_holes", "True or False", self.fill_holes)
 
     def shaping(self, modality: str) -> dict:
         """The options that shape ``modality``'s outputs (the other modality's threshold
@@ -122,33 +108,15 @@ class ReconstructionOptions:
 
 
 def _ct_threshold_value(value) -> str | float:
+    """'otsu', or the level as a float (the script passes the flag's text, "-300")."""
     if value == "otsu":
         return value
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = float(value)
+        number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
-        raise OptionsError(f"expected ct_threshold 'otsu' or a number of HU, found {value!r}") from None
-    if not math.isfinite(number):
-        raise OptionsError(f"expected ct_threshold 'otsu' or a finite number of HU, found {value!r}")
+        number = math.nan
+    expect(math.isfinite(number), "--ct-threshold", "'otsu' or a finite number of HU", value)
     return number
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise OptionsError(f"expected {name} to be one of {list(choices)}, found {value!r}")
-
-
-def _check_number(name: str, value, expected: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not ok(value):
-        raise OptionsError(f"expected {name} to be {expected}, found {value!r}")
-
-
-def _check_whole(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise OptionsError(f"expected {name} to be a whole number >= {minimum}, found {value!r}")
 
 
 @dataclass
@@ -199,6 +167,25 @@ def output_paths(save_dir: Path, study_id: str, modality: str) -> dict[str, Path
 def _remove_outputs(save_dir: Path, study_id: str, modality: str) -> None:
     for path in output_paths(save_dir, study_id, modality).values():
         path.unlink(missing_ok=True)
+
+
+def remove_stale_outputs(save_dir: Path, study_ids) -> list[Path]:
+    """Delete the renders, meshes and depth maps in ``save_dir`` of studies no longer among
+    ``study_ids`` (later stages take every ``*.png`` of cts/ and pets/, so a removed study's
+    renders would still be trained on). Only files named as this stage names its outputs
+    are touched; returns them."""
+    save_dir = Path(save_dir)
+    kept = {path for study_id in study_ids for m in MODALITIES
+            for path in output_paths(save_dir, study_id, m).values()}
+    patterns = {folder: "*.png" for folder in PNG_FOLDERS.values()}
+    patterns.update({MESH_DIR: "*.ply", DEPTH_DIR: "*.npz"})
+    removed = []
+    for folder, pattern in patterns.items():
+        for path in sorted((save_dir / folder).glob(pattern)):
+            if path.is_file() and not path.name.startswith(".") and path not in kept:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def _source(study: Study, modality: str) -> Path | None:
@@ -258,7 +245,9 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     Returns ``{"id", "subject", <modality>: {"status", "reason", "seconds", "numbers",
     "timings"}}`` for each modality in ``modalities`` (the stage decides which need work).
     Never raises for a bad volume: the error becomes that modality's reason and its output
-    files are removed (an earlier run's render of a since replaced volume included). Both
+    files are removed (an earlier run's render of a since replaced volume included). A full,
+    read-only or over-quota disk (runner.is_location_error) is raised: no study could be
+    written after it, so the stage stops (exit 2) instead of failing every study. Both
     volumes are read in two threads at once (decompression releases the GIL), so the PET
     is decompressed while the CT is processed; the CT is freed before the PET is processed.
     """
@@ -278,8 +267,11 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
                 del volume
                 record["status"], record["reason"] = STATUS_OK, ""
             except Exception as exc:  # one bad volume must not lose the other modality
+                with contextlib.suppress(OSError):      # nothing to remove on a read-only disk
+                    _remove_outputs(save_dir, study.id, modality)
+                if is_location_error(exc):
+                    raise
                 record = {"status": STATUS_FAILED, "reason": describe_exception(exc)}
-                _remove_outputs(save_dir, study.id, modality)
             record["seconds"] = time.perf_counter() - t0
             out[modality] = record
     return out
@@ -296,17 +288,13 @@ def modality_fingerprint(study: Study, modality: str, options: ReconstructionOpt
     return fingerprint(path, {"modality": modality, **options.shaping(modality)})
 
 
-def _is_fresh(previous: dict | None, save_dir: Path, study_id: str, modality: str,
-              item_fingerprint: str | None, run: RunSettings) -> bool:
+def _is_fresh(stage: StageRun, study_id: str, modality: str, item_fingerprint: str | None) -> bool:
     """The modality finished ok earlier from the same volume content and options, and its
-    files are all there."""
-    if run.overwrite or previous is None or item_fingerprint is None:
+    files are all there (its own status and fingerprint columns of the study's row)."""
+    if item_fingerprint is None:
         return False
-    if previous.get(f"{modality}_status") != STATUS_OK:
-        return False
-    if previous.get(f"{modality}_fingerprint") != item_fingerprint:
-        return False
-    return all(p.is_file() for p in output_paths(save_dir, study_id, modality).values())
+    return stage.is_fresh(study_id, item_fingerprint, output_paths(stage.save_dir, study_id, modality).values(),
+                          column=f"{modality}_fingerprint", status_column=f"{modality}_status")
 
 
 def _modality_values(modality: str, record: dict, item_fingerprint: str | None) -> dict:
@@ -337,24 +325,11 @@ def study_row(study: Study, result: dict, previous: dict | None, fps: dict) -> I
             values.update({k: v for k, v in (previous or {}).items() if k.startswith(f"{modality}_")})
         values[f"{modality}_source"] = str(_source(study, modality) or "")
         statuses.append(values[f"{modality}_status"])
-        seconds += _as_float(values.get(f"{modality}_seconds"))
+        seconds += float(values.get(f"{modality}_seconds") or 0.0)     # a kept one: CSV text
     values["study_seconds"] = round(seconds, 3)
     status = STATUS_FAILED if STATUS_FAILED in statuses else STATUS_OK
     return ItemResult(id=study.id, subject=study.subject, status=status,
                       reason="; ".join(reasons), values=values)
-
-
-def _as_float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return 0.0
-
-
-def _study_fingerprint(fps: dict) -> str | None:
-    if any(fps.get(m) is None for m in MODALITIES):
-        return None
-    return fingerprint(*(fps[m] for m in MODALITIES))
 
 
 # --------------------------------------------------------------------------- QA sheet
@@ -365,7 +340,8 @@ def qa_montage(save_dir: str | os.PathLike, ids: list[str], *, max_studies: int 
     """RGB sheet: for each block of ``ncols`` studies, a row of CT renders above their PET
     renders (central ``crop`` pixels of each render, where the head is); black = missing
     or unreadable. ``verdicts``: (id, modality) -> face QA verdict; a render whose verdict
-    is not "face" (render_qa) gets a red frame and its verdict in red."""
+    is not "face" (render_qa: no_face, implausible, unchecked) gets a red frame and its
+    verdict in red; the stage's summary counts the same renders."""
     from faceaudit.core.figures import montage
     from faceaudit.core.images import center_crop, read_grey
 
@@ -405,33 +381,38 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
     """The stage: every study's CT and PET, each redone only when its content fingerprint
     changed. Exit code 0 when every study has CT and PET renders, 1 when one failed.
 
-    Raises InputError when ``petct_path`` holds no study (the script turns it into exit 2).
-    The stage makes no random choice; ``run.seed`` is only recorded.
+    Raises InputError when ``petct_path`` holds no study (the script turns it into exit 2),
+    and the OSError of a full, read-only or over-quota output disk (exit 2, after the rows
+    finished so far are written). The outputs of studies no longer in ``petct_path`` are
+    removed with their rows. The stage makes no random choice; ``run.seed`` is only recorded.
     """
     options = options or ReconstructionOptions()
     run = run or RunSettings()
     studies = discover_studies(petct_path)
+    ids = [s.id for s in studies]
     with StageRun("reconstruction", save_dir, run, options=options) as stage:
         for folder in (*PNG_FOLDERS.values(), MESH_DIR, DEPTH_DIR):
             make_private_dir(stage.save_dir / folder)
         stage.extra["n_studies"] = len(studies)
+        stale = remove_stale_outputs(stage.save_dir, ids)
         work, fps_of = _plan(stage, studies, options)
         worker = functools.partial(_process_task, save_dir=str(stage.save_dir), options=options)
         for (study, todo), result, error in map_items(worker, work, jobs=run.jobs,
                                                        desc="reconstruct", progress=run.progress):
-            fps = fps_of[study.id]
+            if error is not None and is_location_error(error):
+                raise error
             if error is not None:   # outside the per-modality guard (the worker died)
                 for modality in todo:
                     _remove_outputs(stage.save_dir, study.id, modality)
                 stage.record(ItemResult(id=study.id, subject=study.subject, status=STATUS_FAILED,
                                         reason=describe_exception(error)))
                 continue
-            stage.record(study_row(study, result, stage.previous(study.id), fps),
-                         _study_fingerprint(fps))
-        _write_qa_montage(stage, [s.id for s in studies])
-        return stage.finish(keep_ids=[s.id for s in studies],
-                            summary=_summary(stage, [s.id for s in studies]),
-                            details={"n_studies": len(studies), "n_processed": len(work)})
+            stage.record(study_row(study, result, stage.previous(study.id), fps_of[study.id]))
+        _write_qa_montage(stage, ids)
+        result = stage.finish(keep_ids=ids, details={"n_studies": len(studies), "n_processed": len(work),
+                                                     "n_stale_files_removed": len(stale)})
+        result.summary = _summary(stage, result.counts, ids, n_stale=len(stale))
+        return result
 
 
 def _process_task(task, *, save_dir: str, options: ReconstructionOptions) -> dict:
@@ -446,15 +427,14 @@ def _plan(stage: StageRun, studies: list[Study], options: ReconstructionOptions)
     for study in studies:
         fps = {m: modality_fingerprint(study, m, options) for m in MODALITIES}
         fps_of[study.id] = fps
-        previous = stage.previous(study.id)
-        todo = tuple(m for m in MODALITIES
-                     if not _is_fresh(previous, stage.save_dir, study.id, m, fps[m], stage.run))
+        todo = tuple(m for m in MODALITIES if not _is_fresh(stage, study.id, m, fps[m]))
         if todo:
             work.append((study, todo))
             continue
         row = stage.skipped(study.id)
+        row.values.pop("fingerprint", None)        # a study-wide column of earlier versions, unread
         row.values.update({f"{m}_source": str(_source(study, m)) for m in MODALITIES})
-        stage.record(row, _study_fingerprint(fps))
+        stage.record(row)
     return work, fps_of
 
 
@@ -469,19 +449,30 @@ def _write_qa_montage(stage: StageRun, ids: list[str]) -> None:
         write_png(save_dir / QA_MONTAGE, sheet)
 
 
-def _summary(stage: StageRun, ids: list[str]) -> str:
+def _listed(ids: list[str], shown: int = 5) -> str:
+    return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+
+
+def _summary(stage: StageRun, counts: dict[str, int], ids: list[str], *, n_stale: int = 0) -> str:
+    """The lines the script prints. Every render the QA sheet frames in red is counted: those
+    without a face (no_face, implausible) and those whose face QA could not run (unchecked)."""
     rows = [stage.previous(i) for i in sorted(ids)]
-    counts = {s: sum(1 for row in rows if row and row.get("status") == s)
-              for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
     lines = [(f"reconstruction: {len(ids)} studies: {counts['ok']} ok, {counts['failed']} failed, "
               f"{counts['skipped']} skipped (unchanged); renders in {stage.save_dir}")]
+    if n_stale:
+        lines.append(f"  removed {n_stale} render, mesh and depth files of studies no longer in the input")
     for modality in MODALITIES:
-        faceless = [row["id"] for row in rows if row and row.get(f"{modality}_status") == STATUS_OK
-                    and row.get(f"{modality}_face_qa") in (NO_FACE, IMPLAUSIBLE)]
+        def with_verdict(*verdicts):
+            return [row["id"] for row in rows if row and row.get(f"{modality}_status") == STATUS_OK
+                    and row.get(f"{modality}_face_qa") in verdicts]
+
+        faceless, unchecked = with_verdict(NO_FACE, IMPLAUSIBLE), with_verdict(UNCHECKED)
         if faceless:
-            shown = ", ".join(faceless[:5]) + (f" and {len(faceless) - 5} more" if len(faceless) > 5 else "")
-            lines.append(f"  {len(faceless)} {modality.upper()} renders without a face "
-                         f"({modality}_face_qa {NO_FACE} or implausible; see qa_montage.png): {shown}")
+            lines.append(f"  {len(faceless)} {modality.upper()} renders without a face ({modality}_face_qa "
+                         f"{NO_FACE} or {IMPLAUSIBLE}; see {QA_MONTAGE}): {_listed(faceless)}")
+        if unchecked:
+            lines.append(f"  {len(unchecked)} {modality.upper()} renders not checked for a face ({modality}_face_qa "
+                         f"{UNCHECKED}: the face mesh could not run, see the warnings): {_listed(unchecked)}")
     failed = [row for row in rows if row and row.get("status") == STATUS_FAILED]
     for row in failed[:10]:
         lines.append(f"  failed {row['id']}: {row.get('reason', '')}")
