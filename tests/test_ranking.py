@@ -98,10 +98,25 @@ def test_roc_points_known_answer_and_agreement_with_tar_at_far():
 
     far, tar, thresholds = roc_points(np.array([0.1, 0.3]), np.array([0.2, 0.4]))
     assert far.tolist() == [0, 0, 0.5, 0.5, 1] and tar.tolist() == [0, 0.5, 0.5, 1, 1]
-    assert thresholds.tolist() == [-np.inf, 0.1, 0.2, 0.3, 0.4]
+    assert thresholds.tolist() == [0.1, 0.2, 0.3, 0.4, np.inf]   # accept distance < threshold
     rng = np.random.default_rng(2)
     genuine, impostor = rng.normal(0.3, 0.15, 300), rng.normal(0.8, 0.15, 3000)
     far, tar, _ = roc_points(genuine, impostor)
     assert np.all(np.diff(far) >= 0) and np.all(np.diff(tar) >= 0)
     for target in (0.01, 0.001):
         assert tar_at_far(genuine, impostor, target)[0] == pytest.approx(tar[far <= target].max())
+
+
+def test_roc_and_tar_at_far_accept_by_one_rule():
+    """The threshold tar_at_far reports is a ROC row with the same TAR and a FAR within the
+    target: both accept a pair when its distance is strictly below the threshold."""
+    from faceaudit.core.ranking import roc_points, tar_at_far
+
+    impostor = 0.01 * np.arange(1, 201)
+    genuine = np.array([0.005, 0.015, 0.025, 0.03, 0.5, np.inf])
+    tar, threshold = tar_at_far(genuine, impostor, 0.01)
+    assert threshold == pytest.approx(0.03) and tar == pytest.approx(3 / 6)   # 0.03 rejected
+    far, roc_tar, thresholds = roc_points(genuine, impostor)
+    row = int(np.flatnonzero(thresholds == threshold)[0])
+    assert roc_tar[row] == tar and far[row] == pytest.approx(2 / 200)
+    assert far[-1] == 1.0 and roc_tar[-1] == pytest.approx(5 / 6)   # inf: every face accepted

@@ -14,7 +14,6 @@ from PIL import Image
 from conftest import ORL, load_script
 from faceaudit.core import ranking
 from faceaudit.core.files import InputError
-from faceaudit.core.stats import wilson_interval
 from faceaudit.mask.embedding_cache import upstream_black_background
 from faceaudit.mask.evaluation import chance_topk_multi, rank_queries
 from faceaudit.mask.scenarios import read_mask_run, resolve_scenarios
@@ -147,13 +146,6 @@ def test_chance_level_matches_k_over_g_and_a_simulation():
     assert chance_topk_multi(gallery, queries, 3) == pytest.approx(np.mean(hits), abs=0.01)
     assert chance_topk_multi(gallery, ["a"], 3) == pytest.approx(1 - math.comb(8, 3) /
                                                                  math.comb(10, 3))
-
-
-def test_wilson_interval_known_values():
-    lo, hi = wilson_interval(40, 40)
-    assert hi == 1.0 and lo == pytest.approx(0.9124, abs=1e-4)  # 40/40 is not certainty
-    lo, hi = wilson_interval(5, 10)
-    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
 
 
 def test_rank_k_interval_is_wilson_95_in_results_and_table(tmp_path):
@@ -739,6 +731,20 @@ def test_a_fake_embedder_does_not_outlive_its_run(mask_run, tmp_path):
                                                          scenarios=("Face2Face",)),
            embedder=_two_fakes(mask_run))
     assert _EMBEDDERS == before
+
+
+def test_an_embedder_given_to_embed_images_serves_that_call_only(mask_run):
+    from faceaudit.mask.embedding_cache import _EMBEDDERS, EmbedConfig, embed_images
+
+    refs = read_mask_run(mask_run).refs("prep", "query", run="masks")
+    config = EmbedConfig("mobilefacenet", model_dir="/nowhere")
+    fake = _two_fakes(mask_run)["mobilefacenet"]
+    records, info = embed_images(refs, config, cache_dir=None, jobs=2, progress=False,
+                                 embedder=fake)
+    assert info["embedder"]["fake"] and all(r.found for r in records.values())
+    assert config not in _EMBEDDERS     # a later call builds the real one (or fails naming it)
+    with pytest.raises(InputError, match="make models"):
+        embed_images(refs, config, cache_dir=None, progress=False)
 
 
 @pytest.mark.parametrize("value, message", [

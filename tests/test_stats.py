@@ -13,6 +13,8 @@ from faceaudit.core.stats import (
 def test_wilson_interval_is_95_percent_with_known_values():
     lo, hi = wilson_interval(5, 5)
     assert round(lo, 3) == 0.566 and hi == 1.0   # a 97.5 % interval gives 0.499
+    lo, hi = wilson_interval(40, 40)
+    assert hi == 1.0 and lo == pytest.approx(0.9124, abs=1e-4)  # 40/40 is not certainty
     lo, hi = wilson_interval(0, 8)
     assert lo == 0.0 and hi == pytest.approx(0.3244, abs=1e-4)  # 0/8 is not [0, 0]
     lo, hi = wilson_interval(5, 10)

