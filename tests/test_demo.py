@@ -6,15 +6,16 @@ import shutil
 
 import pytest
 
+from conftest import ORL
 from faceaudit.demo import run as demo
-from faceaudit.demo.run import PACKAGE_DATA, run_demo
+from faceaudit.demo.run import run_demo
 
 
 @pytest.mark.slow
 def test_tiny_demo_runs_every_stage_then_skips_on_rerun(tmp_path):
     photos = tmp_path / "photos"
     for identity in ("s1", "s2", "s3", "s4", "s5", "s6"):
-        shutil.copytree(PACKAGE_DATA / "orl_faces" / identity, photos / identity)
+        shutil.copytree(ORL / identity, photos / identity)
     out = tmp_path / "demo"
 
     assert run_demo(out, jobs=1, n_patients=4, n_folds=2, n_epochs=1, photos=photos).exit_code == 0

@@ -30,11 +30,11 @@ from pathlib import Path
 from faceaudit.core.cli import run_guarded
 from faceaudit.core.files import InputError, make_private_dir, read_json_file, write_json
 from faceaudit.core.runner import EXIT_ITEMS_FAILED, EXIT_OK, StageResult
+from faceaudit.faces.orl import orl_root
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
 #: The recognizers attacking the masks: dlib (bundled) and mobilefacenet (`make models`).
 RECOGNIZERS = ("dlib", "mobilefacenet")
 COHORT_STEP = "simulate PET/CT cohort"
@@ -159,7 +159,7 @@ def run_demo(out: str | Path, *, jobs: int = 2, n_patients: int = 20, seed: int 
     worst = EXIT_OK
     for step in demo_steps(out, jobs=jobs, n_patients=n_patients, seed=seed, n_folds=n_folds,
                            n_epochs=n_epochs, overwrite=overwrite,
-                           photos=Path(photos) if photos else PACKAGE_DATA / "orl_faces"):
+                           photos=Path(photos) if photos else orl_root()):
         if step.is_done is not None and step.is_done():
             say(f"== {step.name}: already done, skipped")
             last_run[step.name] = 0.0

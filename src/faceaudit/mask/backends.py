@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -70,21 +69,13 @@ def derive_mean_shape(landmark_sets: list[tuple[np.ndarray, int, int]]) -> np.nd
 def bundled_mean_shape() -> np.ndarray:
     """Mean shape of the 400 ORL photos shipped in ``faceaudit/data/orl_faces`` (3x upscaled
     for MediaPipe). About 3 s; cached per process."""
-    from faceaudit.core.images import read_grey, to_uint8
-    from faceaudit.faces.facemesh import FaceMesh
+    from faceaudit.faces.orl import mesh_landmarks, orl_root
 
-    root = Path(__file__).resolve().parents[1] / "data" / "orl_faces"
-    files = sorted(root.glob("s*/*.pgm"))
+    root = orl_root()
+    files = sorted(root.glob("s*/*.pgm"))       # lexicographic: the order the mean was fixed in
     if not files:
         raise InputError(f"no ORL photos under {root}; the package data is incomplete")
-    sets = []
-    with FaceMesh() as mesh:
-        for path in files:
-            grey = to_uint8(read_grey(path))
-            up = np.kron(grey, np.ones((3, 3), np.uint8))
-            lm = mesh.detect(up)
-            if lm is not None:
-                sets.append((lm, up.shape[1], up.shape[0]))
+    sets = [(lm, w, h) for _, lm, w, h in mesh_landmarks(files) if lm is not None]
     return derive_mean_shape(sets)
 
 
