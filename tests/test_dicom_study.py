@@ -39,7 +39,7 @@ def _write_series(folder, array_zyx, tags: dict, *, uid: str, n_slices: int | No
 
 PET_TAGS = {"0008|0060": "PT", "0054|1001": "BQML", "0010|1030": str(WEIGHT_KG),
             "0018|1074": str(DOSE_BQ), "0018|1075": str(HALF_LIFE_S), "0018|1072": INJECTION,
-            "0008|0031": SERIES, "0008|0008": "ORIGINAL\\PRIMARY"}
+            "0008|0031": SERIES, "0008|0008": "ORIGINAL\\PRIMARY", "0054|1102": "START"}
 
 
 def _tcia_study(root, *, pet_tags=PET_TAGS, second_pet: bool = False):
@@ -121,3 +121,55 @@ def test_radiopharmaceutical_values_are_found_inside_their_sequence(tmp_path):
     assert _scan_value(path, "0018|1074") == "340000000"
     assert _scan_value(path, "0018|1072") == "095830.00"
     assert _scan_value(path, "0018|1075") is None
+
+
+@pytest.mark.parametrize("decay, expected", [("START", SUV_FACTOR), ("ADMIN", WEIGHT_KG * 1000.0 / DOSE_BQ),
+                                             ("NONE", None), (None, None)])
+def test_suv_factor_follows_the_decay_correction_the_header_states(tmp_path, decay, expected):
+    """Review of stage 1: DecayCorrection (0054,1102) was assumed START without being read;
+    values corrected to the injection (ADMIN) were decayed a second time, and a PET with no
+    decay correction was called SUV."""
+    tags = {k: v for k, v in PET_TAGS.items() if k != "0054|1102"}
+    if decay is not None:
+        tags["0054|1102"] = decay
+    _write_series(tmp_path / "pet", head_phantom("pet"), tags, uid="1.2.3.9", n_slices=1)
+    factor, note = suv_factor(tmp_path / "pet")
+    if expected is None:
+        assert factor is None and "decay correction (0054,1102)" in note
+        assert (decay or "not stated") in note
+    else:
+        assert factor == pytest.approx(expected, rel=1e-9) and note == ""
+
+
+def test_values_of_vrs_with_a_4_byte_length_are_read_whole(tmp_path):
+    """Explicit VR little endian: OB, OW, SQ, UN, UT ... carry two reserved bytes and a 4-byte
+    length; the 2-byte length read before gave '' (the reserved zeros) for a UN-encoded dose."""
+    def long_element(group, elem, vr, value: bytes) -> bytes:
+        return struct.pack("<HH", group, elem) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+
+    path = tmp_path / "pet.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + long_element(0x0018, 0x1074, b"UN", b"340000000 ")
+                     + long_element(0x0008, 0x103E, b"UT", b"PET corr " * 10)
+                     + struct.pack("<HH", 0x0054, 0x0016) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF))
+    assert _scan_value(path, "0018|1074") == "340000000"
+    assert _scan_value(path, "0008|103e") == ("PET corr " * 10).strip()
+    assert _scan_value(path, "0054|0016") is None          # a sequence of undefined length: no value
+
+
+def test_a_series_with_an_unreadable_header_fails_its_study_only(tmp_path):
+    """Review of stage 1: one unreadable series header anywhere raised out of the discovery
+    of every study (the whole stage exit 2)."""
+    root = tmp_path / "in"
+    _tcia_study(root)
+    broken = root / "PETCT_broken" / "01-01-2010-NA-PET-CT-1"
+    (broken / "5.000000-broken-1").mkdir(parents=True)
+    for k in range(8):                                     # a DICOM preamble, then garbage
+        (broken / "5.000000-broken-1" / f"1-{k + 1:03d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"x" * 64)
+    result = run_reconstruction(root, tmp_path / "out", ReconstructionOptions(head_height_mm=120.0),
+                                run=RunSettings(progress=False))
+    assert result.exit_code == EXIT_ITEMS_FAILED
+    rows = _rows(tmp_path / "out")
+    assert rows["PETCT_tcia_08-12-2005-NA-PET-CT Ganzkoerper-10445"]["status"] == "ok"
+    row = rows["PETCT_broken_01-01-2010-NA-PET-CT-1"]
+    assert row["status"] == "failed" and row["ct_status"] == "failed" and row["pet_status"] == "failed"
+    assert "cannot read the DICOM header of" in row["reason"] and "5.000000-broken-1" in row["reason"]

@@ -10,19 +10,24 @@ header: the first file of each series gives Modality (0008,0060), ImageType (000
 and the series is counted. CT = the ``CT`` series, PET = the ``PT`` series; SEG, RTSTRUCT,
 SR and other modalities are ignored, so are localisers (ImageType holding LOCALIZER, or
 fewer than ``MIN_SERIES_FILES`` files: a scout or a dose report). Two candidate series of
-one modality are never chosen between: that side fails with a reason naming both.
+one modality are never chosen between: that side fails with a reason naming both. A series
+whose header cannot be read fails both sides of its study (its Modality is unknown).
 
 SUV (body weight): ``SUV = C [Bq/ml] x weight [g] / (injected dose [Bq] x 2^(-dt / T1/2))``
-with dt from RadiopharmaceuticalStartTime (0018,1072) to SeriesTime (0008,0031), or
-AcquisitionTime (0008,0032) when the series has none (the scanner decay-corrects to the
-series start, DecayCorrection START); dose (0018,1074), half-life (0018,1075) from the
-RadiopharmaceuticalInformationSequence (0054,0016), weight (0010,1030) in kg. Applied only
-when Units (0054,1001) is BQML and every value is present and positive; otherwise the PET
-stays as stored and its units are ``relative`` (the renders do not change: the PET skin
+where DecayCorrection (0054,1102) is START (the scanner decay-corrected to the series
+start): dt from RadiopharmaceuticalStartTime (0018,1072) to SeriesTime (0008,0031), or
+AcquisitionTime (0008,0032) when the series has none. Where it is ADMIN (corrected to the
+injection already) there is no decay term: ``SUV = C x weight / dose``. Dose (0018,1074),
+half-life (0018,1075) from the RadiopharmaceuticalInformationSequence (0054,0016), weight
+(0010,1030) in kg. Applied only when Units (0054,1001) is BQML, DecayCorrection START or
+ADMIN and every value needed is present and positive; otherwise (NONE, or no decay
+correction stated: which time the values refer to is unknown) the PET stays as stored and
+its units are ``relative`` with a note saying why (the renders do not change: the PET skin
 level is relative to the body's own uptake; only the SUV numbers would be wrong).
 
 The sequence items are not in SimpleITK's header dictionary, so a value missing there is
-looked up in the file's bytes before the pixel data (explicit or implicit VR, little endian).
+looked up in the file's bytes before the pixel data (explicit VR little endian, where OB,
+OW, SQ, UN, UT ... have two reserved bytes and a 4-byte length, or implicit VR).
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ UNITS_SUV, UNITS_RELATIVE = "suv", "relative"
 _MODALITY, _IMAGE_TYPE, _DESCRIPTION = "0008|0060", "0008|0008", "0008|103e"
 _UNITS, _WEIGHT, _SERIES_TIME, _ACQUISITION_TIME = "0054|1001", "0010|1030", "0008|0031", "0008|0032"
 _INJECTION_TIME, _DOSE, _HALF_LIFE = "0018|1072", "0018|1074", "0018|1075"
+_DECAY_CORRECTION = "0054|1102"
+DECAY_TO_SERIES_START, DECAY_TO_INJECTION = "START", "ADMIN"
+
+#: Explicit VR little endian: these VRs are followed by two reserved bytes and a 4-byte
+#: length (PS3.5 7.1.2); every other VR by a 2-byte length.
+_LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                              b"UR", b"UT", b"UV"})
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def _files(folder: Path) -> list[Path]:
@@ -81,20 +94,28 @@ def _header(path: Path) -> dict[str, str]:
 
 def _scan_value(path: Path, key: str, *, limit: int = 1 << 20) -> str | None:
     """The value of element ``key`` ("gggg|eeee") found anywhere before the pixel data of
-    ``path`` (inside sequences too): explicit VR with a 2-byte length, or implicit VR."""
+    ``path`` (inside sequences too), as text; None when absent or of undefined length.
+    Explicit VR (a 2-byte length, or 2 reserved bytes and a 4-byte one for OB, SQ, UN, UT
+    ...) or implicit VR (a 4-byte length)."""
     group, element = (int(part, 16) for part in key.split("|"))
     with open(path, "rb") as fh:
         data = fh.read(limit)
     end = data.find(struct.pack("<HH", 0x7FE0, 0x0010))
     data = data[: end if end > 0 else len(data)]
     at = data.find(struct.pack("<HH", group, element), 132)
-    if at < 0:
+    if at < 0 or len(data) < at + 8:
         return None
     vr = data[at + 4: at + 6]
-    if vr.isalpha() and vr.isupper():
+    if vr in _LONG_LENGTH_VRS:
+        if len(data) < at + 12:
+            return None
+        length, start = struct.unpack("<I", data[at + 8: at + 12])[0], at + 12
+    elif vr.isalpha() and vr.isupper():
         length, start = struct.unpack("<H", data[at + 6: at + 8])[0], at + 8
     else:
         length, start = struct.unpack("<I", data[at + 4: at + 8])[0], at + 8
+    if length == _UNDEFINED_LENGTH:
+        return None
     return data[start: start + length].decode("ascii", "replace").strip("\x00 ")
 
 
@@ -118,8 +139,19 @@ def read_series(folder: Path) -> Series:
 
 def pick_series(study_dir: Path) -> tuple[dict[str, Path | None], dict[str, str]]:
     """``({"ct": folder | None, "pet": folder | None}, problems)`` for a folder of DICOM
-    series: one volume series per modality, or a problem naming every candidate."""
-    series = [read_series(folder) for folder in series_folders(study_dir)]
+    series: one volume series per modality, or a problem naming every candidate. A series
+    whose header cannot be read fails both sides of this study (it may be either one), not
+    the discovery of every study."""
+    series, unreadable = [], []
+    for folder in series_folders(study_dir):
+        try:
+            series.append(read_series(folder))
+        except (InputError, OSError) as exc:
+            unreadable.append(str(exc))
+    if unreadable:
+        reason = (f"{'; '.join(unreadable)} (its Modality is unknown, so neither CT nor PET can be "
+                  f"chosen; remove or repair the series)")
+        return {"ct": None, "pet": None}, {"ct": reason, "pet": reason}
     chosen: dict[str, Path | None] = {}
     problems: dict[str, str] = {}
     for side, modality in MODALITY_OF_SIDE.items():
@@ -155,23 +187,37 @@ def suv_factor(series_folder: Path) -> tuple[float | None, str]:
     units = (value(_UNITS) or "").upper()
     if units != "BQML":
         return None, f"PET units {units or 'not stated'} (expected BQML)"
-    texts = {"weight": value(_WEIGHT), "dose": value(_DOSE), "half-life": value(_HALF_LIFE),
-             "injection time": value(_INJECTION_TIME),
-             "series time": value(_SERIES_TIME) or value(_ACQUISITION_TIME)}
+    decay = (value(_DECAY_CORRECTION) or "").upper()
+    if decay not in (DECAY_TO_SERIES_START, DECAY_TO_INJECTION):
+        return None, (f"PET decay correction (0054,1102) {decay or 'not stated'} "
+                      f"(expected {DECAY_TO_SERIES_START} or {DECAY_TO_INJECTION})")
+    texts = {"weight": value(_WEIGHT), "dose": value(_DOSE)}
+    if decay == DECAY_TO_SERIES_START:
+        texts.update({"half-life": value(_HALF_LIFE), "injection time": value(_INJECTION_TIME),
+                      "series time": value(_SERIES_TIME) or value(_ACQUISITION_TIME)})
     missing = [name for name, text in texts.items() if not text]
     if missing:
         return None, f"PET header lacks {', '.join(missing)}"
     try:
-        weight_g = float(texts["weight"]) * 1000.0
-        dose, half_life = float(texts["dose"]), float(texts["half-life"])
-        elapsed = _seconds(texts["series time"]) - _seconds(texts["injection time"])
+        weight_g, dose = float(texts["weight"]) * 1000.0, float(texts["dose"])
+        if weight_g <= 0 or dose <= 0:
+            return None, "PET header holds a weight or dose <= 0"
+        if decay == DECAY_TO_INJECTION:
+            return weight_g / dose, ""
+        return weight_g / (dose * _decay_since_injection(texts)), ""
     except ValueError as exc:
         return None, f"PET header value unreadable: {exc}"
+
+
+def _decay_since_injection(texts: dict[str, str]) -> float:
+    """2^(-dt / T1/2), dt from the injection to the series start (ValueError if unreadable)."""
+    half_life = float(texts["half-life"])
+    if half_life <= 0:
+        raise ValueError(f"half-life {texts['half-life']!r} <= 0")
+    elapsed = _seconds(texts["series time"]) - _seconds(texts["injection time"])
     if elapsed < 0:                       # injected before midnight, scanned after
         elapsed += 24 * 3600.0
-    if weight_g <= 0 or dose <= 0 or half_life <= 0:
-        return None, "PET header holds a weight, dose or half-life <= 0"
-    return weight_g / (dose * 2.0 ** (-elapsed / half_life)), ""
+    return 2.0 ** (-elapsed / half_life)
 
 
 def pet_in_suv(volume, path: Path):
