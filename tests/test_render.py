@@ -5,6 +5,7 @@ import pytest
 import SimpleITK as sitk
 import trimesh
 
+from faceaudit.core.contracts import RENDER_CROP
 from faceaudit.core.images import center_crop
 from faceaudit.petct.render import LUMINANCE, render_frontal
 from faceaudit.petct.surface import extract_head_surface
@@ -74,7 +75,7 @@ def test_shipped_real_ct_renders_a_face_mediapipe_reads(headsq_ct):
     default = render_frontal(surface.mesh)                      # head inside the 208 centre crop
     close_up = render_frontal(surface.mesh, head_px=420)        # head filling the 512 image
     with FaceMesh() as mesh:
-        on_crop = mesh.detect(center_crop(default.image, 208))
+        on_crop = mesh.detect(center_crop(default.image, RENDER_CROP))
         on_full = mesh.detect(close_up.image)
     assert on_crop is not None and on_crop.shape == (N_LANDMARKS, 3)
     assert on_full is not None and on_full.shape == (N_LANDMARKS, 3)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from faceaudit.core.contracts import RENDER_CROP
 from faceaudit.petct.render_qa import (
     FACE,
     IMPLAUSIBLE,
@@ -37,7 +38,7 @@ def test_layout_rule_orders_eyes_nose_mouth_chin(headsq_render):
     from faceaudit.core.images import center_crop
     from faceaudit.petct.landmarks import _cached_mesh
 
-    landmarks = _cached_mesh(0.5).detect(center_crop(headsq_render, 208))
+    landmarks = _cached_mesh(0.5).detect(center_crop(headsq_render, RENDER_CROP))
     assert plausible_layout(landmarks)
     flipped = landmarks.copy()
     flipped[:, 1] = 1.0 - flipped[:, 1]

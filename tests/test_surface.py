@@ -5,13 +5,13 @@ import pytest
 from skimage.draw import ellipsoid, ellipsoid_stats
 
 from faceaudit.core.files import InputError
+from faceaudit.petct.body import select_body_component
 from faceaudit.petct.surface import (
     ct_threshold,
     extract_head_surface,
     head_crop_slices,
     mask_to_mesh,
     pet_threshold,
-    select_body_component,
 )
 
 
@@ -225,7 +225,7 @@ def test_head_surface_of_a_body_touching_nothing_is_unchanged():
 
 
 def test_table_hole_filling_is_along_axis_0_and_bounded():
-    from faceaudit.petct.surface import _fill_gaps_axis0
+    from faceaudit.petct.body import _fill_gaps_axis0
 
     column = np.zeros((12, 2, 1), bool)
     column[[1, 5, 11], 0, 0] = True                       # gaps of 3 (2..4) and 5 (6..10) voxels

@@ -174,22 +174,54 @@ def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm:
     steps = _box_steps(spacing, radius_mm)
     if radius_mm <= 0 or not any(steps):
         return component
+    opened = _opened_body(component, steps, choose_core)
+    if opened is None:
+        return component
+    opened, core_back = opened
+    table = _table_in_residue(component, opened, core_back, spacing, table_min_fraction)
+    if table is None:
+        return component
+    # the body's dilation reached into the table under the contact patch, leaving a hole in
+    # the table piece. A table is an extrusion along the body axis (axis 0), so the hole is a
+    # gap between table voxels of one (y, x) column, filled within the table's bounding box.
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(table))
+    table[box] |= _fill_gaps_axis0(table[box], max(0, int(round(table_gap_mm / float(spacing[0])))))
+    kept_labels, n_kept = cc3d.connected_components(component & ~table, connectivity=26,
+                                                    return_N=True)
+    overlap = np.bincount(kept_labels[opened & (kept_labels > 0)], minlength=n_kept + 1)
+    if n_kept == 0 or overlap.max() == 0:
+        return component
+    return kept_labels == int(np.argmax(overlap))
+
+
+def _opened_body(component: np.ndarray, steps, choose_core) -> tuple[np.ndarray, int] | None:
+    """(the opening by reconstruction of the body's eroded core within ``component``, the
+    core's back-most row along axis 1), or None when no core is left to tell body from table."""
+    import cc3d
+
     core_labels, n_cores = cc3d.connected_components(_erode_box(component, steps),
                                                      connectivity=26, return_N=True)
     if n_cores == 0:
-        return component                       # too thin everywhere to tell body from table
+        return None                            # too thin everywhere to tell body from table
     body_label = int(choose_core(core_labels, n_cores))
     if not 1 <= body_label <= n_cores:
-        return component
+        return None
     body_core = core_labels == body_label
     del core_labels
     core_back = int(np.flatnonzero(body_core.any(axis=(0, 2)))[-1])   # back-most row (axis 1)
-    opened = _dilate_box(body_core, steps) & component
-    del body_core
+    return _dilate_box(body_core, steps) & component, core_back
+
+
+def _table_in_residue(component: np.ndarray, opened: np.ndarray, core_back: int, spacing,
+                      table_min_fraction: float) -> np.ndarray | None:
+    """bool mask of the table candidates among the pieces the opening left out (see
+    separate_touching), or None when there is none."""
+    import cc3d
+
     residue_labels, n_residue = cc3d.connected_components(component & ~opened, connectivity=26,
                                                           return_N=True)
     if n_residue == 0:
-        return component
+        return None
     stats = cc3d.statistics(residue_labels)
     counts = np.asarray(stats["voxel_counts"])[: n_residue + 1]
     centroid_row = np.nan_to_num(np.asarray(stats["centroids"])[: n_residue + 1, 1], nan=-1.0)
@@ -206,23 +238,12 @@ def separate_touching(component: np.ndarray, spacing, choose_core, *, radius_mm:
                  if boxes[label][1].stop - 1 > core_back
                  and _extruded_along_axis0(residue_labels[boxes[label]] == label, spacing)}
     if not table_piece.any() and not headrests:
-        return component
+        return None
     table = table_piece[residue_labels]
     for label, piece_box in headrests.items():
         # only the swept shell: an ear or a cheek's residue touching it is not a headrest
         table[piece_box] |= _swept_part(residue_labels[piece_box] == label, spacing)
-    del residue_labels
-    # the body's dilation reached into the table under the contact patch, leaving a hole in
-    # the table piece. A table is an extrusion along the body axis (axis 0), so the hole is a
-    # gap between table voxels of one (y, x) column, filled within the table's bounding box.
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(table))
-    table[box] |= _fill_gaps_axis0(table[box], max(0, int(round(table_gap_mm / float(spacing[0])))))
-    kept_labels, n_kept = cc3d.connected_components(component & ~table, connectivity=26,
-                                                    return_N=True)
-    overlap = np.bincount(kept_labels[opened & (kept_labels > 0)], minlength=n_kept + 1)
-    if n_kept == 0 or overlap.max() == 0:
-        return component
-    return kept_labels == int(np.argmax(overlap))
+    return table
 
 
 def select_body_component(mask: np.ndarray, spacing, *, core_radius_mm: float = 10.0,

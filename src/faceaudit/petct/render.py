@@ -11,8 +11,8 @@ fixed mm-per-pixel for a given head size and has no perspective distortion.
 ``projection="pinhole"`` puts a pinhole ``distance_mm`` in front of the face with the
 fov that fits the same head box.
 
-The default ``head_px=208`` puts the whole head inside the central 208 x 208 pixels, the
-crop the upstream denoiser and landmark steps take from the 512 x 512 renders.
+The default ``head_px=RENDER_CROP`` (208) puts the whole head inside the central crop the
+upstream denoiser and landmark steps take from the ``RENDER_SIZE`` (512) square renders.
 
 Shading ``"normals"`` (upstream): grey = rgb2gray(|n|) = 0.2125 |nx| + 0.7154 |ny| +
 0.0721 |nz| of the hit face's unit normal, y being the viewing axis as upstream.
@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from faceaudit.core.contracts import RENDER_CROP, RENDER_SIZE
 
 #: skimage.color.rgb2gray weights, applied to |normal| as upstream did.
 LUMINANCE = np.array([0.2125, 0.7154, 0.0721])
@@ -54,7 +56,7 @@ def _ray_intersector(mesh):
     return RayMeshIntersector(mesh)
 
 
-def camera_rays(bounds: np.ndarray, *, size: int = 512, head_px: int = 208,
+def camera_rays(bounds: np.ndarray, *, size: int = RENDER_SIZE, head_px: int = RENDER_CROP,
                 projection: str = "orthographic", distance_mm: float = 600.0):
     """Ray origins and unit directions (size*size, 3), row-major, for a frontal view of ``bounds``.
 
@@ -87,7 +89,7 @@ def camera_rays(bounds: np.ndarray, *, size: int = 512, head_px: int = 208,
     return origins, directions, camera
 
 
-def render_frontal(mesh, *, size: int = 512, head_px: int = 208, shading: str = "normals",
+def render_frontal(mesh, *, size: int = RENDER_SIZE, head_px: int = RENDER_CROP, shading: str = "normals",
                    projection: str = "orthographic", distance_mm: float = 600.0) -> Render:
     """Render ``mesh`` (trimesh.Trimesh, LPS mm) from the front. See the module docstring."""
     if shading not in SHADINGS:

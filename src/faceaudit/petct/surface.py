@@ -42,13 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from faceaudit.core.files import InputError
-from faceaudit.petct.body import (  # noqa: F401  (re-exported: the body selection lived here)
-    BodySelection,
-    _fill_gaps_axis0,
-    select_body_component,
-    separate_touching,
-)
-from faceaudit.petct.head import find_head, head_zone
+from faceaudit.petct.body import BodySelection, select_body_component, separate_touching
+from faceaudit.petct.head import HeadRegion, find_head, head_zone
 
 PET_THRESHOLDS = ("adaptive", "percentile")
 
@@ -246,7 +241,6 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     touching the body off it, on the coarse grid and again in the head box (separate_touching);
     a body touching nothing gives exactly the mesh it gives with 0.
     """
-    import cc3d
     from scipy.ndimage import binary_fill_holes
 
     if modality not in ("ct", "pet"):
@@ -262,40 +256,10 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     timings["threshold"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    strides = np.array([max(1, int(round(coarse_mm / s))) for s in spacing])
-    coarse_spacing = tuple(float(s * st) for s, st in zip(spacing, strides))
-    coarse = _above(array[:: strides[0], :: strides[1], :: strides[2]], level, strict)
-    body = select_body_component(coarse, coarse_spacing, core_radius_mm=core_radius_mm,
-                                 grid_mm=min(coarse_spacing), opening_radius_mm=opening_radius_mm)
-    # arms raised with the hands above the head: the crop starts at the head's top, not theirs
-    head_region = find_head(body.mask)
-    coarse_box = head_crop_slices(head_region.mask, coarse_spacing, head_height_mm=head_height_mm)
-    # the same box at full resolution, widened by two coarse voxels on every side
-    shape = np.asarray(array.shape)
-    lo = np.maximum(0, np.array([b.start for b in coarse_box]) * strides - 2 * strides)
-    hi = np.minimum(shape, np.array([b.stop for b in coarse_box]) * strides + 2 * strides)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    grids = [np.arange(b.start, b.stop) // st for b, st in zip(box, strides)]
-    grids = [np.minimum(g, dim - 1) for g, dim in zip(grids, body.mask.shape)]
-    in_box = _above(array[box], level, strict)
-    if head_region.left_out_voxels:
-        # an arm touching the head between two coarse voxels is cut off midway
-        in_box &= head_zone(head_region, body.mask, coarse_spacing)[np.ix_(*grids)]
-    labels, n = cc3d.connected_components(in_box, connectivity=26, return_N=True)
-    del in_box
-    # which full-resolution component is the coarse body's head: the one overlapping it most
-    on_body = head_region.mask[np.ix_(*grids)]
-    overlap = np.bincount(labels[on_body & (labels > 0)], minlength=n + 1)
-    if n == 0 or overlap.max() == 0:
-        raise InputError("the body found on the coarse grid has no voxel at full resolution")
-    head = labels == int(np.argmax(overlap))
-    del labels
-    if opening_radius_mm > 0:
-        def most_on_body(core_labels, n_cores):
-            on = np.bincount(core_labels[on_body & (core_labels > 0)], minlength=n_cores + 1)
-            return int(np.argmax(on)) if on.max() > 0 else 0
-
-        head = separate_touching(head, spacing, most_on_body, radius_mm=opening_radius_mm)
+    coarse = _coarse_head(array, spacing, level, strict, coarse_mm=coarse_mm, core_radius_mm=core_radius_mm,
+                          opening_radius_mm=opening_radius_mm, head_height_mm=head_height_mm)
+    head, box = _full_resolution_head(array, spacing, level, strict, coarse,
+                                      opening_radius_mm=opening_radius_mm)
     timings["components"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -311,6 +275,67 @@ def extract_head_surface(array: np.ndarray, spacing, *, modality: str, origin=(0
     offset = np.asarray(origin, dtype=np.float64) + np.asarray(start[::-1]) * np.asarray(spacing)[::-1]
     mesh = mask_to_mesh(head, spacing, offset_mm=offset, smoothing_iterations=smoothing_iterations)
     timings["surface"] = time.perf_counter() - t0
-    return HeadSurface(mesh=mesh, threshold=level, n_components=body.n_components,
+    return HeadSurface(mesh=mesh, threshold=level, n_components=coarse.body.n_components,
                        body_voxels=body_voxels, crop=crop, timings=timings,
-                       candidates=body.candidates)
+                       candidates=coarse.body.candidates)
+
+
+@dataclass
+class _CoarseHead:
+    """The body and its head on the strided grid, and the head box there."""
+
+    body: BodySelection
+    region: HeadRegion
+    strides: np.ndarray              # (3,) full-resolution voxels per coarse voxel
+    spacing: tuple[float, float, float]
+    box: tuple[slice, slice, slice]  # coarse head box: top of the head down head_height_mm
+
+
+def _coarse_head(array: np.ndarray, spacing, level: float, strict: bool, *, coarse_mm: float,
+                 core_radius_mm: float, opening_radius_mm: float, head_height_mm: float) -> _CoarseHead:
+    """Body (not the table) and head (not the arms) on a strided ``coarse_mm`` view."""
+    strides = np.array([max(1, int(round(coarse_mm / s))) for s in spacing])
+    coarse_spacing = tuple(float(s * st) for s, st in zip(spacing, strides))
+    coarse = _above(array[:: strides[0], :: strides[1], :: strides[2]], level, strict)
+    body = select_body_component(coarse, coarse_spacing, core_radius_mm=core_radius_mm,
+                                 grid_mm=min(coarse_spacing), opening_radius_mm=opening_radius_mm)
+    # arms raised with the hands above the head: the crop starts at the head's top, not theirs
+    region = find_head(body.mask)
+    box = head_crop_slices(region.mask, coarse_spacing, head_height_mm=head_height_mm)
+    return _CoarseHead(body=body, region=region, strides=strides, spacing=coarse_spacing, box=box)
+
+
+def _full_resolution_head(array: np.ndarray, spacing, level: float, strict: bool, coarse: _CoarseHead, *,
+                          opening_radius_mm: float) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """(head mask in the box, the box): the coarse head box at full resolution, widened by two
+    coarse voxels on every side, thresholded and labelled; the component overlapping the
+    coarse head most, a touching table or headrest cut off again at this resolution."""
+    import cc3d
+
+    strides, region = coarse.strides, coarse.region
+    shape = np.asarray(array.shape)
+    lo = np.maximum(0, np.array([b.start for b in coarse.box]) * strides - 2 * strides)
+    hi = np.minimum(shape, np.array([b.stop for b in coarse.box]) * strides + 2 * strides)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    grids = [np.arange(b.start, b.stop) // st for b, st in zip(box, strides)]
+    grids = [np.minimum(g, dim - 1) for g, dim in zip(grids, coarse.body.mask.shape)]
+    in_box = _above(array[box], level, strict)
+    if region.left_out_voxels:
+        # an arm touching the head between two coarse voxels is cut off midway
+        in_box &= head_zone(region, coarse.body.mask, coarse.spacing)[np.ix_(*grids)]
+    labels, n = cc3d.connected_components(in_box, connectivity=26, return_N=True)
+    del in_box
+    # which full-resolution component is the coarse body's head: the one overlapping it most
+    on_body = region.mask[np.ix_(*grids)]
+    overlap = np.bincount(labels[on_body & (labels > 0)], minlength=n + 1)
+    if n == 0 or overlap.max() == 0:
+        raise InputError("the body found on the coarse grid has no voxel at full resolution")
+    head = labels == int(np.argmax(overlap))
+    del labels
+    if opening_radius_mm > 0:
+        def most_on_body(core_labels, n_cores):
+            on = np.bincount(core_labels[on_body & (core_labels > 0)], minlength=n_cores + 1)
+            return int(np.argmax(on)) if on.max() > 0 else 0
+
+        head = separate_touching(head, spacing, most_on_body, radius_mm=opening_radius_mm)
+    return head, box

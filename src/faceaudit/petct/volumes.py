@@ -1,10 +1,10 @@
 """Volume input: NIfTI files through nibabel, DICOM series (and NRRD, MHA) through
 SimpleITK, one canonical orientation, and discovery of PET/CT studies in the AutoPET and flat folder layouts.
 
-Canonical frame. Every volume is reoriented from its direction cosines to LPS
-(``sitk.DICOMOrient(image, "LPS")``): voxel index i grows towards the patient's Left,
-j towards Posterior, k towards Superior. The numpy array is therefore indexed
-``array[k, j, i]``:
+Canonical frame. Every volume is reoriented from its direction cosines to LPS (as
+``sitk.DICOMOrient(image, "LPS")`` would, by a transpose and flips): voxel index i grows
+towards the patient's Left, j towards Posterior, k towards Superior. The numpy array is
+therefore indexed ``array[k, j, i]``:
 
     axis 0 -> superior (head at high index)
     axis 1 -> posterior (face at low index)
@@ -28,7 +28,6 @@ import numpy as np
 
 from faceaudit.core.files import InputError
 
-CANONICAL_ORIENTATION = "LPS"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Accepted names inside an AutoPET study folder, best first (CTres is CT on the PET grid).
 CT_NAMES = ("CTres", "CT")

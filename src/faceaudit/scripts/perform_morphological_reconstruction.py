@@ -16,6 +16,7 @@ import sys
 
 def main(argv=None) -> int:
     from faceaudit.core.cli import add_common_args, run_guarded, run_settings
+    from faceaudit.core.contracts import RENDER_CROP
     from faceaudit.petct.reconstruction import ReconstructionOptions, run_reconstruction
     from faceaudit.petct.render import PROJECTIONS, SHADINGS
     from faceaudit.petct.surface import PET_THRESHOLDS
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shading", choices=SHADINGS, default=defaults.shading)
     parser.add_argument("--projection", choices=PROJECTIONS, default=defaults.projection)
     parser.add_argument("--head-px", type=int, default=defaults.head_px,
-                        help="pixels spanned by the head box (208: the head fits the 208 centre crop)")
+                        help=f"pixels spanned by the head box (default {defaults.head_px}: the head fits "
+                             f"the {RENDER_CROP} centre crop the later stages take)")
     args = parser.parse_args(argv)
 
     def build_and_run(*, run):
