@@ -237,7 +237,7 @@ def test_a_part_of_an_item_keeps_its_own_fingerprint_column(tmp_path):
 @pytest.mark.parametrize("mount, expected", [("ro", r"\[Errno 30 EROFS\]"), ("size=64k", r"\[Errno 28 ENOSPC\]")])
 def test_a_read_only_or_full_location_is_exit_2_with_one_line(tmp_path, mount, expected):
     """A real read-only / full file system (tmpfs in a private mount namespace)."""
-    code = f"""
+    code = """
         import sys
         from faceaudit.core.cli import run_guarded
         from faceaudit.core.manifest import ItemResult
@@ -246,7 +246,7 @@ def test_a_read_only_or_full_location_is_exit_2_with_one_line(tmp_path, mount, e
         def stage():
             with StageRun("t", sys.argv[1] + "/out", RunSettings()) as run:
                 for k in range(2000):          # rows with long reasons fill a 64 KiB disk
-                    run.record(ItemResult(f"item{{k}}", "p", values={{"note": "x" * 200}}), "fp")
+                    run.record(ItemResult(f"item{k}", "p", values={"note": "x" * 200}), "fp")
                 return run.finish()
 
         sys.exit(run_guarded(stage))
