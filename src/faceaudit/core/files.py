@@ -199,3 +199,17 @@ def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
             removed.append(path)
     return removed
 
+
+def append_line_durably(path: str | os.PathLike, line: str) -> None:
+    """Append one text line to a journal (mode 0600) and fsync it before returning, so the
+    line survives a kill or a power cut right after; a failure names the file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:     # os.write names no file: say which one (full disk ...)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faceaudit.core.files import InputError, _json_default, column_union, write_csv
+from faceaudit.core.files import InputError, _json_default, append_line_durably, column_union, write_csv
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -91,16 +91,7 @@ class Manifest:
             self._append_journal(row)
 
     def _append_journal(self, row: Mapping[str, Any]) -> None:
-        line = json.dumps(row, default=_json_default) + "\n"
-        try:
-            fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                os.write(fd, line.encode("utf-8"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:     # os.write names no file: say which one (full disk ...)
-            raise OSError(exc.errno, exc.strerror, str(self.journal_path)) from exc
+        append_line_durably(self.journal_path, json.dumps(row, default=_json_default) + "\n")
 
     def get(self, item_id: str) -> dict[str, Any] | None:
         return self.rows.get(item_id)

@@ -46,6 +46,7 @@ import numpy as np
 from faceaudit.core.contracts import MASK_PREP_SIZE, N_LANDMARKS, SELECTION_FILE
 from faceaudit.core.files import (
     InputError,
+    append_line_durably,
     atomic_write_bytes,
     file_digest,
     make_private_dir,
@@ -328,16 +329,7 @@ def _replay_selection_journal(path: Path) -> dict[str, dict]:
 def _journal_selection(path: Path, row: dict[str, Any]) -> None:
     """Append one decision to the selection journal at once (flushed to disk), so a run
     killed half way through selection keeps every decision it made."""
-    line = json.dumps({k: row.get(k, "") for k in SELECTION_COLUMNS}, default=str) + "\n"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:     # os.write names no file: say which one (full disk ...)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    append_line_durably(path, json.dumps({k: row.get(k, "") for k in SELECTION_COLUMNS}, default=str) + "\n")
 
 
 def write_selection(save_dir: Path, rows: list[dict]) -> None:
