@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceaudit.core.cli import run_guarded
 from faceaudit.core.files import (
     atomic_path,
     atomic_write_text,
@@ -489,7 +490,7 @@ def main(argv=None) -> int:
     parser.add_argument("--second-study-fraction", type=float, default=0.2)
     parser.add_argument("--hard-cases", default=",".join(cases.DEFAULT_HARD_CASES),
                         help=f"comma-separated among {', '.join(cases.HARD_CASES)}, 'all' or "
-                             f"'none' (default: %(default)s, what stage 1 handles today)")
+                             f"'none' (default: %(default)s)")
     parser.add_argument("--hard-case-fraction", type=float, default=0.2,
                         help="share of the studies given each enabled hard case (at least one)")
     parser.add_argument("--quiet", action="store_true")
@@ -502,12 +503,17 @@ def main(argv=None) -> int:
         parser.error(f"expected --n >= 1 and --hard-case-fraction in [0, 1], found {args.n}, "
                      f"{args.hard_case_fraction}")
     started = time.time()
-    plan = generate_cohort(args.out_dir, n=args.n, seed=args.seed,
-                           second_study_fraction=args.second_study_fraction, hard_cases=hard,
-                           hard_case_fraction=args.hard_case_fraction, progress=not args.quiet)
-    print(f"wrote {len(plan)} simulated studies of {args.n} patients to {args.out_dir} "
-          f"in {time.time() - started:.1f} s")
-    return 0
+
+    def generate() -> int:
+        plan = generate_cohort(args.out_dir, n=args.n, seed=args.seed,
+                               second_study_fraction=args.second_study_fraction, hard_cases=hard,
+                               hard_case_fraction=args.hard_case_fraction, progress=not args.quiet)
+        print(f"wrote {len(plan)} simulated studies of {args.n} patients to {args.out_dir} "
+              f"in {time.time() - started:.1f} s")
+        return 0
+
+    # a crash is exit 3 (not 1, "some items failed"), so the demo stops instead of going on
+    return run_guarded(generate)
 
 
 if __name__ == "__main__":
