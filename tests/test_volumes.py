@@ -86,8 +86,21 @@ def test_truncated_gzip_is_an_input_error_naming_the_file(tmp_path):
     sitk.WriteImage(_canonical_image(_asymmetric_volume((30, 30, 30))), str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="CTres.nii.gz"):
+    with pytest.raises(InputError, match="CTres.nii.gz: truncated or corrupt file"):
         load_volume(path)
+
+
+def test_corrupt_gzip_stream_is_an_input_error_naming_the_file(tmp_path):
+    """A flipped byte inside the deflate stream, or a wrong CRC, is refused, never decoded."""
+    path = tmp_path / "CTres.nii.gz"
+    sitk.WriteImage(_canonical_image(_asymmetric_volume((30, 30, 30))), str(path))
+    data = bytearray(path.read_bytes())
+    crc_broken = bytes(data[:-8]) + bytes(b ^ 0xFF for b in data[-8:-4]) + bytes(data[-4:])
+    data[len(data) // 2] ^= 0xFF
+    for broken in (bytes(data), crc_broken):
+        path.write_bytes(broken)
+        with pytest.raises(InputError, match="CTres.nii.gz: truncated or corrupt file"):
+            load_volume(path)
 
 
 def test_two_d_image_is_rejected(tmp_path):

@@ -128,7 +128,14 @@ def _load_nifti_image(path: Path):
         except ImportError:
             igzip = None
         if igzip is not None:
-            data = igzip.decompress(path.read_bytes())
+            raw = path.read_bytes()
+            try:
+                data = igzip.decompress(raw)
+            except EOFError:
+                raise
+            except Exception as exc:    # isal_zlib.error: a corrupt deflate stream or CRC
+                raise EOFError(f"the gzip stream is corrupt: {exc}") from exc
+            del raw
             image_type = nib.Nifti2Image if data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") \
                 else nib.Nifti1Image
             return image_type.from_bytes(data)
@@ -145,6 +152,9 @@ def _read_nifti(path: Path) -> _Raw:
     """
     try:
         image = _load_nifti_image(path)
+    except EOFError as exc:   # igzip: the gzip stream ends early
+        raise InputError(f"cannot read volume {path}: truncated or corrupt file "
+                         f"({type(exc).__name__}: {str(exc).strip()})") from exc
     except Exception as exc:  # nibabel raises ImageFileError, HeaderDataError, OSError ...
         raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {exc}") from exc
     shape = tuple(int(d) for d in image.shape)
