@@ -401,3 +401,101 @@ def test_a_full_output_location_stops_the_stage_with_exit_2(tmp_path):
         pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
     assert proc.returncode == 2, proc.stderr
     assert "ENOSPC" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- pooled intervals, gallery growth
+
+
+def test_wilson_known_answer_for_six_hits_of_twenty_seven():
+    from faceaudit.core.stats import wilson_interval
+
+    assert tuple(round(v, 3) for v in wilson_interval(6, 27)) == (0.106, 0.408)
+
+
+def test_topk_rows_pool_hits_over_folds_with_the_wilson_interval(tmp_path):
+    """Two folds, 3 probes each: fold 0 finds all (identical faces), fold 1 none (its probes'
+    subjects are absent from the gallery): pooled top-1 3/6 with Wilson [0.188, 0.812]."""
+    root = tmp_path / "LM"
+    faces = identities(3)
+    write_fold(root, 0, "pet", ["a", "b", "c"], faces)
+    write_fold(root, 0, "ct", ["a", "b", "c"], faces)
+    write_fold(root, 1, "pet", ["x", "y", "z"], faces)
+    write_fold(root, 1, "ct", ["a", "b", "c"], faces)
+    assert match(root, tmp_path / "MT", aligns=("none",)) == 0
+    row = topk_rows(tmp_path / "MT" / "topk.csv")[("none", 1)]
+    assert (int(row["pooled_hits"]), int(row["pooled_n"])) == (3, 6)
+    assert float(row["pooled_topk"]) == 0.5 and float(row["mean"]) == 0.5
+    assert (round(float(row["ci_lo"]), 3), round(float(row["ci_hi"]), 3)) == (0.188, 0.812)
+
+
+def test_gallery_growth_known_answers_on_a_synthetic_distance_matrix():
+    """Probe 0's true match is always nearest; probe 1's is the farthest of N = 40 items;
+    probe 2 had no features (a miss at every size)."""
+    from faceaudit.petct.matching_tables import probe_hit_rates
+
+    n = 40
+    gallery = np.array([f"g{j}" for j in range(n)])
+    d = np.tile(np.arange(1.0, n + 1), (3, 1))   # g0 nearest ... g39 farthest
+    d[1] = d[1, ::-1]                               # for probe 1, g0 is the farthest
+    subjects, valid = ["g0", "g0", "g0"], np.array([True, True, False])
+    for size in (2, 5, 6, 10, 20, 40, None):
+        rates = probe_hit_rates(d, subjects, gallery, valid, size, ks=(1, 5), n_draws=50,
+                                rng=np.random.default_rng(0))
+        assert rates[0].tolist() == [1.0, 1.0]
+        assert rates[1, 0] == 0.0
+        assert rates[1, 1] == (1.0 if size is not None and size <= 5 else 0.0)
+        assert rates[2].tolist() == [0.0, 0.0]
+    # a true match at rank 3 of 40: in a gallery of G it is top-1 only when neither of the
+    # two nearer items is drawn: (G-1 choose 0 of the 2) = C(37, G-1) / C(39, G-1)
+    d3 = np.arange(1.0, n + 1)[None, :]
+    rates = probe_hit_rates(d3, ["g2"], gallery, np.array([True]), 10, ks=(1,), n_draws=4000,
+                            rng=np.random.default_rng(1))
+    assert rates[0, 0] == pytest.approx((30 * 29) / (39 * 38), abs=0.03)
+
+
+def test_stage_writes_gallery_growth_with_chance_and_a_seed(tmp_path):
+    """25 identical-face subjects per fold: every attack finds all at every size; the sizes
+    kept are those not above the gallery (10, 20) and the full 25; chance is k/G."""
+    root = tmp_path / "LM"
+    faces = identities(25, shape_noise=0.05)
+    ids = [f"s{i}" for i in range(25)]
+    for k in range(2):
+        write_fold(root, k, "pet", ids, faces)
+        write_fold(root, k, "ct", ids, faces)
+    result = run_landmark_matching(root, tmp_path / "MT", MatchingOptions(aligns=("none", "similarity")),
+                                   run=RunSettings(progress=False, seed=7))
+    assert result.exit_code == 0
+    rows = list(csv.DictReader(open(tmp_path / "MT" / "gallery_growth.csv")))
+    assert [(r["align"], r["gallery"]) for r in rows] == [
+        (a, g) for a in ("none", "similarity") for g in ("10", "20", "full")]
+    for r in rows:
+        assert float(r["top1"]) == 1.0 and float(r["top5"]) == 1.0 and int(r["n_probes"]) == 50
+        size = float(r["gallery_size"])
+        assert size == (25.0 if r["gallery"] == "full" else float(r["gallery"]))
+        assert float(r["chance_top1"]) == pytest.approx(1 / size)
+        assert float(r["chance_top5"]) == pytest.approx(5 / size)
+    assert "identification as the gallery grows" in result.summary
+    assert "pooled [95 % CI]" in result.summary and "100.0 [92.9, 100.0] (50/50)" in result.summary
+
+
+def test_gallery_growth_is_reproducible_from_the_seed_and_averages_random_galleries(tmp_path):
+    """Random faces (identification partly right): the same seed gives the same table, and
+    a smaller gallery never identifies worse on average than the full one."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "LM"
+    ids = [f"s{i}" for i in range(45)]
+    truth = 0.5 + 0.1 * rng.normal(size=(45, N_POINTS, 3))
+    write_fold(root, 0, "pet", ids, truth + 1.0 * rng.normal(size=truth.shape))
+    write_fold(root, 0, "ct", ids, truth)
+    tables = []
+    for out, seed in (("A", 3), ("B", 3), ("C", 4)):
+        assert run_landmark_matching(root, tmp_path / out, MatchingOptions(aligns=("none",)),
+                                     run=RunSettings(progress=False, seed=seed)).exit_code == 0
+        tables.append({r["gallery"]: r for r in csv.DictReader(open(tmp_path / out / "gallery_growth.csv"))})
+    assert list(tables[0]) == ["10", "20", "40", "full"]
+    assert tables[0] == tables[1]
+    top1 = [float(tables[0][g]["top1"]) for g in ("10", "20", "40", "full")]
+    assert 0 < top1[-1] < 1 and top1 == sorted(top1, reverse=True) and top1[0] > top1[-1]
+    full = topk_rows(tmp_path / "A" / "topk.csv")[("none", 1)]
+    assert float(tables[0]["full"]["top1"]) == pytest.approx(float(full["mean"]))
+    assert any(tables[0][g]["top1"] != tables[2][g]["top1"] for g in ("10", "20", "40"))

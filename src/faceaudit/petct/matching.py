@@ -23,9 +23,11 @@ any other error (an unreadable render too) fails only its fold.
 
 Outputs (``save_dir``): distances_fold{k}_{align}.npz (probe_ids, gallery_ids,
 probe_subjects, gallery_subjects, probe_valid, distances, input_sha1) and per recognizer
-distances_fold{k}_embedding-<name>_<variant>.npz, topk.csv (one row per attack x k),
-ranks.csv (one row per fold x probe), cmc.png, summary.json, manifest.csv (one row
-per fold), run.json.
+distances_fold{k}_embedding-<name>_<variant>.npz, topk.csv (one row per attack x k: mean ±
+std over folds, and pooled hits / probes with the Wilson 95 % interval), gallery_growth.csv
+(one row per attack x gallery size 10/20/40/full: top-1, top-5 and chance when each probe's
+gallery is cut to that size by random draws, seeded by RunSettings.seed), ranks.csv (one
+row per fold x probe), cmc.png, summary.json, manifest.csv (one row per fold), run.json.
 """
 
 from __future__ import annotations
@@ -70,11 +72,19 @@ from faceaudit.petct.landmarks import (
     read_distractors,
     read_landmark_set,
 )
-from faceaudit.petct.matching_tables import cmc_curves, format_topk_table, plot_cmc, topk_rows
+from faceaudit.petct.matching_tables import (
+    cmc_curves,
+    format_gallery_growth,
+    format_topk_table,
+    gallery_growth_rows,
+    plot_cmc,
+    topk_rows,
+)
 
 DEFAULT_KS = (1, 3, 5, 10, 15)
 DEFAULT_ALIGNS = ("none", "similarity")
 CMC_FIGURE = "cmc.png"
+GALLERY_GROWTH_FILE = "gallery_growth.csv"
 
 
 # --------------------------------------------------------------------------- options
@@ -247,6 +257,7 @@ class _Context:
     progress: bool
     recognizers: dict[str, embedding_attack.Recognizer] = field(default_factory=dict)
     renders: embedding_attack.RenderFolders | None = None
+    seed: int = 0
 
 
 def _fold_distances(ctx: _Context, k: int, probe: LandmarkSet, gallery: LandmarkSet,
@@ -395,15 +406,22 @@ def remove_stale_distances(save_dir: Path, outcomes: list[FoldOutcome]) -> list[
     return removed
 
 
-def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]) -> list[dict]:
-    """topk.csv, ranks.csv, cmc.png and summary.json of the scored folds; the top-k rows."""
+def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]) -> tuple[list[dict], list[dict]]:
+    """topk.csv, gallery_growth.csv, ranks.csv, cmc.png and summary.json of the scored folds;
+    the top-k rows and the gallery-growth rows."""
     opts, save_dir = ctx.options, ctx.save_dir
     rows = topk_rows(outcomes, opts.ks)
     columns = (["attack", "probe", "align", "k", "mean", "std"] + [f"fold{o.fold}" for o in outcomes]
-               + ["gallery_size", "chance", "mean_probe_detected", "std_probe_detected", "mean_both_detected",
+               + ["pooled_hits", "pooled_n", "pooled_topk", "ci_lo", "ci_hi",
+                  "gallery_size", "chance", "mean_probe_detected", "std_probe_detected", "mean_both_detected",
                   "n_probes", "n_miss_no_landmarks", "probe_detection_rate", "gallery_detection_rate"])
     write_csv(save_dir / TOPK_FILE, rows, columns)
     write_csv(save_dir / RANKS_FILE, [r for o in outcomes for r in o.probe_rows])
+    growth = gallery_growth_rows(outcomes, seed=ctx.seed)
+    if growth:
+        write_csv(save_dir / GALLERY_GROWTH_FILE, growth)
+    else:                           # no fold scored: an earlier run's table would describe other folds
+        (save_dir / GALLERY_GROWTH_FILE).unlink(missing_ok=True)
     curves, chance = cmc_curves(outcomes)
     if curves:
         gsize = np.mean([o.info["gallery_size"] for o in outcomes])
@@ -412,12 +430,14 @@ def write_results(ctx: _Context, outcomes: list[FoldOutcome], failed: list[dict]
                        f"mean gallery {gsize:.0f}")
     else:                           # no fold scored: an earlier run's curve would describe other folds
         (save_dir / CMC_FIGURE).unlink(missing_ok=True)
-    write_json(save_dir / "summary.json", _summary_record(ctx, outcomes, rows, curves, failed))
-    return rows
+    write_json(save_dir / "summary.json", {**_summary_record(ctx, outcomes, rows, curves, failed),
+                                           "gallery_growth": growth})
+    return rows, growth
 
 
-def _summary_text(ctx: _Context, rows: list[dict], n_folds: int, failed: list[dict]) -> str:
+def _summary_text(ctx: _Context, rows: list[dict], growth: list[dict], n_folds: int, failed: list[dict]) -> str:
     lines = [format_topk_table(rows, ctx.probe_variant, ctx.options.gallery_variant)] if rows else []
+    lines += [format_gallery_growth(growth)] if growth else []
     lines += embedding_attack.detection_lines(rows)
     lines.append(f"landmark matching: {n_folds - len(failed)} of {n_folds} folds scored; "
                  f"results in {ctx.save_dir}")
@@ -451,15 +471,15 @@ def run_landmark_matching(landmarks_dir: str | Path, save_dir: str | Path,
     with StageRun("landmark_matching", save_dir, run, options=options) as stage:
         recognizers = embedding_attack.open_recognizers(embedders, stage.save_dir, overwrite=run.overwrite)
         ctx = _Context(stage.save_dir, options, options.probe_variant or default_probe_variant(folds),
-                       distractor_sets, run.overwrite, run.progress, recognizers, renders)
+                       distractor_sets, run.overwrite, run.progress, recognizers, renders, run.seed)
         stage.extra.update(probe_variant=ctx.probe_variant, landmarks_dir=str(landmarks_dir),
                            embedders={n: r.description for n, r in recognizers.items()})
         results = [_run_fold(stage, ctx, k, folder) for k, folder in folds]
         outcomes = [r for r in results if isinstance(r, FoldOutcome)]
         failed = [r for r in results if not isinstance(r, FoldOutcome)]
         remove_stale_distances(stage.save_dir, outcomes)
-        rows = write_results(ctx, outcomes, failed)
+        rows, growth = write_results(ctx, outcomes, failed)
         return stage.finish(keep_ids=[f"fold{k}" for k, _ in folds],
-                            summary=_summary_text(ctx, rows, len(folds), failed),
-                            details={"probe_variant": ctx.probe_variant, "topk": rows,
+                            summary=_summary_text(ctx, rows, growth, len(folds), failed),
+                            details={"probe_variant": ctx.probe_variant, "topk": rows, "gallery_growth": growth,
                                      "folds": [o.info for o in outcomes], "failed_folds": failed})
