@@ -316,3 +316,28 @@ def test_a_cohort_outside_the_run_folder_is_found_through_the_reconstruction(fix
     md = write_report(fixture_run)[1].read_text(encoding="utf-8")
     assert f"The PET/CT cohort of this run is SIMULATED ({tmp_path / 'elsewhere'})" in md
     assert "real face shapes" not in md  # its README does not say so
+
+
+def test_matching_shows_the_pooled_wilson_interval_and_the_gallery_growth(tmp_path):
+    run = tmp_path / "run"
+    rows = []
+    for k, hits, lo, hi in ((1, 6, 0.106, 0.408), (5, 20, 0.553, 0.871)):
+        rows.append({"attack": "landmarks-none", "probe": "pet_unet", "align": "none", "k": k, "mean": hits / 27,
+                     "std": 0.05, "pooled_hits": hits, "pooled_n": 27, "pooled_topk": hits / 27, "ci_lo": lo,
+                     "ci_hi": hi, "gallery_size": 25, "chance": k / 25, "probe_detection_rate": 1.0})
+    _write_csv(run / "matching" / "topk.csv", rows)
+    _write_csv(run / "matching" / "gallery_growth.csv",
+               [{"attack": "landmarks-none", "probe": "pet_unet", "align": "none", "gallery": g, "gallery_size": s,
+                 "n_probes": 27, "n_draws": 50, "top1": t1, "chance_top1": 1 / s, "top5": t5, "chance_top5": 5 / s}
+                for g, s, t1, t5 in (("10", 10, 0.5, 0.9), ("20", 20, 0.3, 0.8), ("full", 25, 0.222, 0.741))])
+    md = write_report(run)[1].read_text(encoding="utf-8")
+    assert ("| attack | probe | top-1 % | top-1 % pooled [Wilson 95 % CI] | chance top-1 % | top-5 % "
+            "| top-5 % pooled [Wilson 95 % CI] | chance top-5 % | gallery | probes with features % |") in md
+    assert "| landmarks-none | pet_unet | 22.2 ± 5.0 | 22.2 [10.6, 40.8] | 4.0 | 74.1 ± 5.0 | 74.1 [55.3, 87.1] |" in md
+    assert "How identification falls as the gallery grows" in md
+    assert "| landmarks-none | pet_unet | 10 | 50.0 | 10.0 | 90.0 | 50.0 |" in md
+    assert "| landmarks-none | pet_unet | 25 (full) | 22.2 | 4.0 | 74.1 | 20.0 |" in md
+    assert "is SIMULATED: these numbers" not in md  # no simulated cohort found: not claimed
+    _cohort(run / "cohort", "# SIMULATED PET/CT cohort\n")
+    md = write_report(run)[1].read_text(encoding="utf-8")
+    assert "This run's PET/CT cohort is SIMULATED: these numbers show the method on simulated patients" in md

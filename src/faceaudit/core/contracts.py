@@ -67,6 +67,7 @@ PLACEMENT_FILE = "placement.csv"       # per PET variant: landmark error (MAD)
 # --- stage 4 -> report
 TOPK_FILE = "topk.csv"           # one row per attack x k
 RANKS_FILE = "ranks.csv"         # one row per fold x probe
+GALLERY_GROWTH_FILE = "gallery_growth.csv"   # one row per attack x gallery size (10/20/40/full)
 
 
 def model_info_for(model_file: str | Path) -> Path:

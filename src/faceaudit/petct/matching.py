@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from faceaudit.core import ranking
-from faceaudit.core.contracts import RANKS_FILE, TOPK_FILE, fold_dir, landmarks_file
+from faceaudit.core.contracts import GALLERY_GROWTH_FILE, RANKS_FILE, TOPK_FILE, fold_dir, landmarks_file
 from faceaudit.core.files import (
     InputError,
     read_npz,
@@ -84,7 +84,6 @@ from faceaudit.petct.matching_tables import (
 DEFAULT_KS = (1, 3, 5, 10, 15)
 DEFAULT_ALIGNS = ("none", "similarity")
 CMC_FIGURE = "cmc.png"
-GALLERY_GROWTH_FILE = "gallery_growth.csv"
 
 
 # --------------------------------------------------------------------------- options

@@ -52,6 +52,7 @@ from faceaudit.report.sections_mask import (
     selection_table,
 )
 from faceaudit.report.sections_petct import (
+    gallery_growth_table,
     matching_table,
     placement_table,
     simulated_notice,
@@ -152,6 +153,8 @@ def headline_tables(stages: dict[str, list[Path]]) -> list[Table]:
     attack or scenario (one column group per recognizer)."""
     tables = [placement_table(folder) for folder in stages.get("placement", [])]
     tables += [matching_table(folder) for folder in stages.get("matching", [])]
+    tables += [t for folder in stages.get("matching", [])
+               for t in [gallery_growth_table(folder, stages.get("reconstruction", []))] if t]
     for folder in stages.get("recognition", []):
         tables += recognition_tables(folder)
     return tables

@@ -6,7 +6,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from faceaudit.core.contracts import DETECTION_FILE, PLACEMENT_FILE, RUN_FILE, TOPK_FILE
+from faceaudit.core.contracts import (
+    DETECTION_FILE,
+    GALLERY_GROWTH_FILE,
+    PLACEMENT_FILE,
+    RUN_FILE,
+    TOPK_FILE,
+)
 from faceaudit.report import paper_numbers as paper
 from faceaudit.report.common import (
     Table,
@@ -67,8 +73,16 @@ def matching_table(folder: Path) -> Table:
                  + ", not our data; its aligned row used per-pair ICP.")
 
 
+def _pooled(row: dict[str, str]) -> str:
+    """Pooled top-k with its Wilson 95 % interval, e.g. "22.2 [10.6, 40.8]"."""
+    if not row.get("pooled_n") or row.get("pooled_topk") in (None, "", "nan"):
+        return ""
+    return f"{pct(row.get('pooled_topk'))} [{pct(row.get('ci_lo'))}, {pct(row.get('ci_hi'))}]"
+
+
 def _attack_table(topk: list[dict[str, str]]) -> Table:
     ks = [k for k in HEADLINE_KS if any(r.get("k") and int(r["k"]) == k for r in topk)]
+    pooled = "ci_lo" in topk[0]     # topk.csv of an older run has no pooled interval
     rows = []
     for key in dict.fromkeys(r.get("align", "") for r in topk):
         by_k = {int(r["k"]): r for r in topk if r.get("align") == key and r.get("k")}
@@ -78,24 +92,48 @@ def _attack_table(topk: list[dict[str, str]]) -> Table:
         cells = []
         for k in ks:
             r = by_k.get(k, {})
-            cells += [pct(r.get("mean"), r.get("std")), pct(r.get("chance"))]
+            cells += [pct(r.get("mean"), r.get("std"))] + ([_pooled(r)] if pooled else []) + [pct(r.get("chance"))]
         rows.append([first.get("attack", ""), first.get("probe", "")] + cells
                     + [fmt(first.get("gallery_size")), pct(first.get("probe_detection_rate"))])
     for align, values in paper.PET_TOPK.items():
         cells = []
         for k in ks:
-            cells += [paper_cell(values.get(k)), "~0.9" if k == 1 else ""]
+            cells += [paper_cell(values.get(k))] + ([""] if pooled else []) + ["~0.9" if k == 1 else ""]
         rows.append([f"landmarks-{align} (paper)", "pet"] + cells + [paper.PET_GALLERY_SIZE, ""])
     columns = ["attack", "probe"]
     for k in ks:
-        columns += [f"top-{k} %", f"chance top-{k} %"]
+        columns += [f"top-{k} %"] + ([f"top-{k} % pooled [Wilson 95 % CI]"] if pooled else []) + [f"chance top-{k} %"]
     return Table("PET-to-CT identification by attack (landmark distances per alignment; face "
                  "recognizers on the renders), top-k %, mean ± std over folds",
                  columns + ["gallery", "probes with features %"], rows,
                  note="Every attack faces the same probes and gallery per fold. A probe without "
                  "landmarks (for a recognizer: without a face) counts as a miss; 'probes with "
-                 "features' is the share that had them. Every k and fold: topk.csv. Paper: "
+                 "features' is the share that had them. Pooled: hits over all probes of all folds, "
+                 "with its Wilson 95 % interval. Every k and fold: topk.csv. Paper: "
                  + paper.PET_SOURCE + ", not our data; its aligned row used per-pair ICP.")
+
+
+def gallery_growth_table(folder: Path, reconstruction_dirs: list[Path]) -> Table | None:
+    """How identification falls as the gallery grows (gallery_growth.csv): top-1 and top-5
+    with chance per attack and gallery size; None when the stage wrote no such table."""
+    path = folder / GALLERY_GROWTH_FILE
+    growth = read_csv_rows(path) if path.is_file() else []   # an older run wrote none
+    if not growth:
+        return None
+    rows = [[r.get("attack", ""), r.get("probe", ""),
+             fmt(r.get("gallery_size")) + (" (full)" if r.get("gallery") == "full" else ""),
+             pct(r.get("top1")), pct(r.get("chance_top1")), pct(r.get("top5")), pct(r.get("chance_top5"))]
+            for r in growth]
+    simulated = simulated_cohorts(folder.parent, reconstruction_dirs)
+    cohort = ("This run's PET/CT cohort is SIMULATED: these numbers show the method on simulated "
+              "patients, not a clinical re-identification risk. " if simulated else "")
+    return Table("How identification falls as the gallery grows: top-k % over all probes of all folds, "
+                 "beside chance",
+                 ["attack", "probe", "gallery", "top-1 %", "chance top-1 %", "top-5 %", "chance top-5 %"], rows,
+                 note=cohort + "Each probe's gallery is its true match(es) plus randomly drawn other CTs "
+                 "(distractors included) up to the size shown, averaged over random draws (seeded); "
+                 "'full' is every gallery item. Chance is k / gallery. The paper's galleries: "
+                 + paper.PET_GALLERY_SIZE + ". Per size: gallery_growth.csv.")
 
 
 def simulated_cohorts(run_dir: Path, reconstruction_dirs: list[Path], *,
