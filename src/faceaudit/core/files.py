@@ -200,6 +200,24 @@ def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def read_journal(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a journal written by ``append_line_durably``, in order; a torn last
+    line (its writer was killed mid-write) is skipped and JSON nulls read as empty cells."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    return rows
+
+
 def append_line_durably(path: str | os.PathLike, line: str) -> None:
     """Append one text line to a journal (mode 0600) and fsync it before returning, so the
     line survives a kill or a power cut right after; a failure names the file."""

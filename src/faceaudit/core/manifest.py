@@ -11,12 +11,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faceaudit.core.files import InputError, _json_default, append_line_durably, column_union, write_csv
+from faceaudit.core.files import (
+    InputError,
+    _json_default,
+    append_line_durably,
+    column_union,
+    read_journal,
+    write_csv,
+)
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -71,27 +77,15 @@ class Manifest:
             self.rows[row["id"]] = row
 
     def _replay_journal(self) -> list[dict[str, Any]]:
-        if self.journal_path is None or not self.journal_path.is_file():
+        if self.journal_path is None:
             return []
-        rows = []
-        with open(self.journal_path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except ValueError:      # the last line of a run killed while writing it
-                    continue
-                if isinstance(row, dict) and "id" in row:
-                    rows.append({k: ("" if v is None else v) for k, v in row.items()})
-        return rows
+        return [row for row in read_journal(self.journal_path) if "id" in row]
 
     def add(self, result: ItemResult) -> None:
         row = result.row()
         self.rows[result.id] = row
         if self.journal_path is not None:
-            self._append_journal(row)
-
-    def _append_journal(self, row: Mapping[str, Any]) -> None:
-        append_line_durably(self.journal_path, json.dumps(row, default=_json_default) + "\n")
+            append_line_durably(self.journal_path, json.dumps(row, default=_json_default) + "\n")
 
     def get(self, item_id: str) -> dict[str, Any] | None:
         return self.rows.get(item_id)

@@ -50,6 +50,7 @@ from faceaudit.core.files import (
     atomic_write_bytes,
     file_digest,
     make_private_dir,
+    read_journal,
     read_npz,
     write_csv,
     write_json,
@@ -312,18 +313,7 @@ def _read_selection(save_dir: Path) -> dict[str, dict]:
 
 
 def _replay_selection_journal(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    rows = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except ValueError:      # the last line of a run killed while writing it
-                continue
-            if isinstance(row, dict) and isinstance(row.get("source"), str):
-                rows[row["source"]] = {k: ("" if v is None else v) for k, v in row.items()}
-    return rows
+    return {row["source"]: row for row in read_journal(path) if isinstance(row.get("source"), str)}
 
 
 def _journal_selection(path: Path, row: dict[str, Any]) -> None:
