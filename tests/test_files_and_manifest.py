@@ -100,3 +100,14 @@ def test_map_items_records_errors_and_goes_on(jobs):
     assert out[4] == (0.25, None)
     assert isinstance(out[0][1], ZeroDivisionError)
     assert len(out) == 4
+
+
+def test_file_digest_once_follows_a_rewritten_file(tmp_path):
+    from faceaudit.core.files import file_digest, file_digest_once
+
+    path = tmp_path / "render.png"
+    path.write_bytes(b"patient 1")
+    first = file_digest_once(path)
+    assert first == file_digest(path) == file_digest_once(path)
+    path.write_bytes(b"patient 22")          # another size: another version of the file
+    assert file_digest_once(path) == file_digest(path) != first

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -96,6 +97,19 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_digest_once(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """``file_digest``, computed once per file version in a process (keyed by path, size and
+    modification time): a stage that meets the same file again (a gallery CT in every fold,
+    a photo for every recognizer) does not read it again."""
+    stat = os.stat(path)
+    return _digest_of_version(os.fspath(path), stat.st_mtime_ns, stat.st_size, algorithm)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest_of_version(path: str, mtime_ns: int, size: int, algorithm: str) -> str:
+    return file_digest(path, algorithm)
 
 
 def read_json_file(path: str | os.PathLike) -> dict[str, Any]:

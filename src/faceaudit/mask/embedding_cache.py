@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from faceaudit.core.files import InputError, file_digest, read_npz, write_npz
+from faceaudit.core.files import InputError, file_digest_once, read_npz, write_npz
 from faceaudit.core.images import read_rgb
 from faceaudit.core.manifest import STATUS_FAILED, STATUS_OK, describe_exception
 from faceaudit.core.runner import map_items
@@ -218,7 +218,7 @@ def _group_by_content(refs: Iterable[ImageRef]
         try:
             if not ref.path.is_file():
                 raise InputError(f"expected an image file at {ref.path}, found nothing")
-            digest = file_digest(ref.path)
+            digest = file_digest_once(ref.path)   # once per photo, not once per recognizer
         except (OSError, InputError) as exc:
             failed[ref.id] = EmbeddingRecord(STATUS_FAILED, describe_exception(exc))
             continue

@@ -21,7 +21,6 @@ so a re-run embeds only renders it has not seen.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from faceaudit.core.contracts import (
     RENDER_CROP,
     denoised_fold_dir,
 )
-from faceaudit.core.files import InputError, file_digest, read_npz, write_npz
+from faceaudit.core.files import InputError, file_digest_once, read_npz, write_npz
 from faceaudit.core.images import center_crop, read_grey
 from faceaudit.core.runner import OptionsError
 from faceaudit.faces.embedding import EmbeddingResult, cosine_distances
@@ -127,13 +126,6 @@ def render_for_recognizer(path: Path) -> np.ndarray:
 # --------------------------------------------------------------------------- recognizers
 
 
-@functools.lru_cache(maxsize=None)
-def _render_digest(path: str, mtime_ns: int, size: int) -> str:
-    """SHA-256 of a render, once per file version: every fold and every recognizer embeds the
-    same gallery CTs, and hashing them again for each would be the stage's main I/O."""
-    return file_digest(path)
-
-
 class Recognizer:
     """One recognizer and its cache of render embeddings (key: SHA-256 of the file)."""
 
@@ -154,10 +146,10 @@ class Recognizer:
     def embed(self, path: Path) -> tuple[EmbeddingResult, str]:
         """(result, file SHA-256) of one render; a missing or unreadable file is an InputError."""
         try:
-            stat = path.stat()
+            # every fold and every recognizer embeds the same gallery CTs: hash each once
+            digest = file_digest_once(path)
         except FileNotFoundError:
             raise InputError(f"expected a render at {path}, found nothing") from None
-        digest = _render_digest(str(path), stat.st_mtime_ns, stat.st_size)
         hit = self.cache.get(digest) if self.cache is not None else None
         if hit is not None:
             self.n_from_cache += 1
