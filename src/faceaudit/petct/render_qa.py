@@ -20,6 +20,7 @@ import logging
 import numpy as np
 
 from faceaudit.core.contracts import RENDER_CROP
+from faceaudit.core.images import to_uint8
 from faceaudit.petct.landmarks import Framing, eye_centres, place_landmarks
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def mark_no_face(image: np.ndarray, verdict: str) -> np.ndarray:
 
     image = np.asarray(image)
     if image.dtype != np.uint8:                       # grey float [0, 1], as read_grey gives
-        image = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+        image = to_uint8(image)
     sheet = Image.fromarray(image).convert("RGB")
     draw = ImageDraw.Draw(sheet)
     width = max(2, sheet.width // 32)
