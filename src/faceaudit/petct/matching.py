@@ -55,6 +55,7 @@ from faceaudit.core.manifest import (
     ItemResult,
     describe_exception,
 )
+from faceaudit.core.options import expect_whole
 from faceaudit.core.runner import (
     OptionsError,
     RunSettings,
@@ -109,9 +110,8 @@ class MatchingOptions:
             raise OptionsError(f"expected --align to be a comma-separated list of {list(ALIGN_MODES)}, "
                                f"found {list(self.aligns)}")
         object.__setattr__(self, "aligns", aligns)
-        if self.n_folds is not None and (isinstance(self.n_folds, bool) or not isinstance(self.n_folds, int)
-                                         or self.n_folds < 1):
-            raise OptionsError(f"expected --n_folds to be a whole number >= 1, found {self.n_folds!r}")
+        if self.n_folds is not None:
+            expect_whole("--n_folds", self.n_folds, 1)
         ks = tuple(self.ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise OptionsError(f"expected ranks k to be whole numbers >= 1, found {list(self.ks)}")
