@@ -103,6 +103,50 @@ def test_corrupt_gzip_stream_is_an_input_error_naming_the_file(tmp_path):
             load_volume(path)
 
 
+def test_a_complete_gzip_of_a_cut_nifti_is_an_input_error_saying_how_short(tmp_path):
+    """The gzip stream is whole (CRC fine) but the NIfTI inside it stops mid-voxels."""
+    path = tmp_path / "SUV.nii.gz"
+    sitk.WriteImage(_canonical_image(_asymmetric_volume((30, 30, 30))), str(path))
+    nifti = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(nifti[:-100]))
+    with pytest.raises(InputError, match=rf"SUV.nii.gz: truncated or corrupt file \(expected {len(nifti)} "
+                                         rf"bytes of header and voxels, found {len(nifti) - 100}\)"):
+        load_volume(path)
+
+
+def test_a_multi_member_gzip_reads_whole(tmp_path):
+    """bgzip and concatenated files hold several gzip members; every one of them is voxels."""
+    array = _asymmetric_volume((30, 30, 30))
+    single = tmp_path / "one.nii.gz"
+    sitk.WriteImage(_canonical_image(array), str(single))
+    nifti = gzip.decompress(single.read_bytes())
+    multi = tmp_path / "multi.nii.gz"
+    multi.write_bytes(b"".join(gzip.compress(nifti[i: i + 10_000]) for i in range(0, len(nifti), 10_000)))
+    np.testing.assert_array_equal(load_volume(multi).array, load_volume(single).array)
+
+
+def test_big_endian_nifti_reads_to_the_same_values(tmp_path):
+    import nibabel as nib
+
+    array = _asymmetric_volume((9, 8, 7)).astype(np.float32)       # (k, j, i)
+    little = nib.Nifti1Image(np.ascontiguousarray(array.T), np.diag([-2.0, -1.5, 3.0, 1.0]))
+    big_header = little.header.copy().as_byteswapped(">")
+    big = nib.Nifti1Image(np.ascontiguousarray(array.T).astype(">f4"), None, header=big_header)
+    nib.save(little, tmp_path / "little.nii.gz")
+    nib.save(big, tmp_path / "big.nii.gz")
+    assert nib.load(tmp_path / "big.nii.gz").header.endianness == ">"
+    np.testing.assert_array_equal(load_volume(tmp_path / "big.nii.gz").array,
+                                  load_volume(tmp_path / "little.nii.gz").array)
+
+
+def test_a_loaded_volume_is_read_only(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(_canonical_image(_asymmetric_volume()), str(path))
+    volume = load_volume(path)
+    with pytest.raises(ValueError):
+        volume.array[0, 0, 0] = 1.0
+
+
 def test_two_d_image_is_rejected(tmp_path):
     path = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((16, 16), np.float32)), str(path))
@@ -310,14 +354,14 @@ def _owner(array: np.ndarray):
     """The object at the end of ``array``'s chain of bases (the memory's owner)."""
     while isinstance(array, np.ndarray) and array.base is not None:
         array = array.base
-    return array
+    return array.obj if isinstance(array, memoryview) else array
 
 
 @pytest.mark.parametrize("name", ["fast.nii.gz", "scaled.nii.gz", "plain.nii", "image.mha"])
 def test_loaded_voxels_outlive_simpleitk_and_are_read_only(tmp_path, name):
     """Every decoder (nibabel for NIfTI, SimpleITK for other formats): the array must not
     view a SimpleITK buffer, which is freed with its image (a view once read freed memory),
-    and must be read-only. nibabel decodes into a bytearray Python owns."""
+    and must be read-only. A NIfTI is inflated into a bytearray Python owns."""
     import gc
 
     array = np.random.default_rng(5).normal(size=(6, 7, 8)).astype(np.float32)

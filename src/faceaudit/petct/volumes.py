@@ -19,6 +19,7 @@ so the same physical head gives the same render however it was stored.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -115,69 +116,126 @@ def _nifti_geometry(header) -> tuple[tuple, tuple, np.ndarray]:
     return spacing, tuple(float(v) for v in lps[:, 3]), linear / norms
 
 
-def _load_nifti_image(path: Path):
-    """A nibabel image whose voxels are in memory. A ``.nii.gz`` is inflated by ISA-L's igzip
-    (about 2x Python's zlib on AutoPET volumes: 0.67 against 1.16 s for a 208 MB CT; it checks
-    the CRC and raises EOFError on a truncated file, like gzip) and parsed from those bytes;
-    without ``isal`` nibabel reads the file itself."""
+def _open_nifti(path: Path):
+    """A binary stream of the NIfTI bytes: a ``.nii.gz`` inflated on the fly by ISA-L's igzip
+    (Python's gzip without ``isal``), a ``.nii`` as it is.
+
+    Measured on a 208 MB AutoPET CT (benchmarks/bench_reconstruction.py prints the table):
+    Python's zlib 1.5 s, SimpleITK 1.45 s, zlib-ng 1.0 s, igzip 0.86 s, libdeflate 0.85 s.
+    libdeflate is not used: its gzip call trusts the size in the last four bytes, so a
+    multi-member file (bgzip, concatenated members) comes back as its last member's length
+    and zero padding after the stream as an empty buffer, without an error. igzip reads every
+    member, checks each CRC and raises EOFError on a truncated stream, like Python's gzip.
+    """
+    if not path.name.lower().endswith(".gz"):
+        return open(path, "rb")
+    try:
+        from isal import igzip as gzip_module
+    except ImportError:
+        import gzip as gzip_module
+    return gzip_module.open(path, "rb")
+
+
+_READ_BLOCK = 8 << 20
+
+
+def _read_exactly(stream, size: int, *, into) -> None:
+    """Fill ``into`` (a writable buffer of ``size`` bytes) from ``stream``; _Short (with the
+    count read) when the stream ends first."""
+    view, filled = memoryview(into), 0
+    while filled < size:
+        # in blocks: a gzip reader asked for 200 MB at once inflates them into a temporary first
+        got = stream.readinto(view[filled: filled + _READ_BLOCK])
+        if not got:
+            break
+        filled += got
+    if filled < size:
+        raise _Short(filled)
+
+
+class _Short(Exception):
+    """The stream ended ``found`` bytes into a read."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(found)
+        self.found = found
+
+
+def _nifti_header_and_voxels(path: Path):
+    """(nibabel header, voxels as stored: file type and byte order, header shape, unscaled).
+
+    The file is streamed once: the header is parsed from its first bytes, then the voxels
+    are inflated straight into one buffer of their size, so neither the compressed file nor a
+    second copy of the voxels is ever held. The rest of the stream is read to its end, where
+    gzip checks the CRC and the length."""
     import nibabel as nib
 
-    if path.name.lower().endswith(".gz"):
+    with _open_nifti(path) as stream:
+        first = bytes(stream.read(540))
+        sizeof_hdr = int.from_bytes(first[:4], "little")
+        if sizeof_hdr not in (348, 540):
+            sizeof_hdr = int.from_bytes(first[:4], "big")
+        header_class = nib.Nifti2Header if sizeof_hdr == 540 else nib.Nifti1Header
+        if sizeof_hdr not in (348, 540) or len(first) < sizeof_hdr:
+            raise InputError(f"cannot read volume {path}: expected a NIfTI-1 or NIfTI-2 header "
+                             f"(sizeof_hdr 348 or 540), found {len(first)} bytes starting {first[:4]!r}")
+        offset = int(header_class(first[:sizeof_hdr]).get_data_offset())
+        prefix = first + bytes(stream.read(max(0, offset - len(first))))
+        header = header_class.from_fileobj(io.BytesIO(prefix))
+        shape, dtype = header.get_data_shape(), header.get_data_dtype()
+        size = int(np.prod(shape)) * dtype.itemsize
+        voxels = bytearray(size)
+        head = prefix[offset:offset + size]                  # a short file's voxels started early
+        voxels[:len(head)] = head
         try:
-            from isal import igzip
-        except ImportError:
-            igzip = None
-        if igzip is not None:
-            raw = path.read_bytes()
-            try:
-                data = igzip.decompress(raw)
-            except EOFError:
-                raise
-            except Exception as exc:    # isal_zlib.error: a corrupt deflate stream or CRC
-                raise EOFError(f"the gzip stream is corrupt: {exc}") from exc
-            del raw
-            image_type = nib.Nifti2Image if data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") \
-                else nib.Nifti1Image
-            return image_type.from_bytes(data)
-    return nib.load(str(path), mmap=False)
+            _read_exactly(stream, size - len(head), into=memoryview(voxels)[len(head):])
+        except _Short as short:
+            found = len(prefix) + short.found
+            raise InputError(f"cannot read volume {path}: truncated or corrupt file (expected "
+                             f"{offset + size} bytes of header and voxels, found {found})") from None
+        while stream.read(1 << 20):                           # to the end: gzip's CRC and length check
+            pass
+    array = np.frombuffer(voxels, dtype=dtype).reshape(shape, order="F")
+    return header, array
 
 
 def _read_nifti(path: Path) -> _Raw:
-    """NIfTI-1/2 (.nii, .nii.gz) through nibabel: voxels as stored (NaN kept), scl_slope and
+    """NIfTI-1/2 (.nii, .nii.gz) parsed by nibabel: voxels as stored (NaN kept), scl_slope and
     scl_inter applied in float32, a truncated or corrupt file an InputError.
 
     SimpleITK's NIfTI reader zero-fills a truncated .nii.gz and turns NaN into 0 without a
-    word, so it is not used for NIfTI. nibabel decodes into one buffer of the file's type;
-    scaling makes one float32 copy of it, never a float64 one.
+    word, so it is not used for NIfTI. The voxels are inflated into one buffer of their own
+    size; scaling makes one float32 copy of it, never a float64 one.
     """
     try:
-        image = _load_nifti_image(path)
-    except EOFError as exc:   # igzip: the gzip stream ends early
+        header, voxels = _nifti_header_and_voxels(path)
+    except InputError:
+        raise
+    except EOFError as exc:   # the gzip stream ends early
         raise InputError(f"cannot read volume {path}: truncated or corrupt file "
                          f"({type(exc).__name__}: {str(exc).strip()})") from exc
-    except Exception as exc:  # nibabel raises ImageFileError, HeaderDataError, OSError ...
-        raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {exc}") from exc
-    shape = tuple(int(d) for d in image.shape)
+    except Exception as exc:  # isal's corrupt stream or CRC, nibabel's HeaderDataError, OSError ...
+        detail = f"{type(exc).__name__}: {str(exc).strip()}"
+        if type(exc).__name__ in ("IsalError", "error", "BadGzipFile", "zlib.error"):
+            raise InputError(f"cannot read volume {path}: truncated or corrupt file ({detail})") from exc
+        raise InputError(f"cannot read volume {path}: {detail}") from exc
+    shape = tuple(int(d) for d in header.get_data_shape())
     if len(shape) < 3 or any(d > 1 for d in shape[3:]):
         raise InputError(f"expected a 3-D volume in {path}, found a {len(shape)}-D image of size "
                          f"{list(shape)}")
-    proxy = image.dataobj
-    try:
-        voxels = np.asarray(proxy.get_unscaled())
-    except (OSError, EOFError, ValueError) as exc:
-        raise InputError(f"cannot read volume {path}: truncated or corrupt file "
-                         f"({type(exc).__name__}: {str(exc).strip()})") from exc
     voxels = voxels.reshape(shape[:3], order="A")
     if voxels.dtype.kind not in "iuf":
         raise InputError(f"{path}: NIfTI voxel type {voxels.dtype} is not a scalar type this reader handles")
-    slope, inter = float(proxy.slope), float(proxy.inter)
+    slope, inter = header.get_slope_inter()
+    slope = 1.0 if slope is None else float(slope)
+    inter = 0.0 if inter is None else float(inter)
     if (slope, inter) != (1.0, 0.0):
         scaled = voxels.astype(np.float32)
         del voxels
         scaled *= np.float32(slope)
         scaled += np.float32(inter)
         voxels = scaled
-    spacing, origin, direction = _nifti_geometry(image.header)
+    spacing, origin, direction = _nifti_geometry(header)
     # nibabel's (i, j, k) array transposed is SimpleITK's (k, j, i) order, as a view
     return _Raw(array=voxels.T, spacing_xyz=spacing, origin=origin, direction=direction)
 
