@@ -145,6 +145,30 @@ def test_skip_needs_ok_row_same_fingerprint_and_outputs(tmp_path):
         assert not stage.is_fresh("a", "fp-a", [out])
 
 
+def test_a_fingerprint_function_is_called_only_when_the_item_could_be_fresh(tmp_path):
+    """Hashing a 200 MB volume for an item that has no earlier ok row is wasted work."""
+    out = tmp_path / "a.png"
+    out.write_bytes(b"png")
+    with StageRun("t", tmp_path, RunSettings()) as stage:
+        stage.record(ItemResult("a", "p"), "fp-a")
+        stage.record(ItemResult("b", "p", status="failed", reason="x"), "fp-b")
+        stage.finish()
+    calls = []
+
+    def hashed(value):
+        return lambda: calls.append(value) or value
+
+    with StageRun("t", tmp_path, RunSettings()) as stage:
+        assert not stage.is_fresh("new", hashed("fp"))                     # no earlier row
+        assert not stage.is_fresh("b", hashed("fp-b"))                     # failed earlier
+        assert not stage.is_fresh("a", hashed("fp-a"), [tmp_path / "gone.png"])   # an output is gone
+        assert calls == []
+        assert stage.is_fresh("a", hashed("fp-a"), [out])
+        assert not stage.is_fresh("a", hashed("changed"), [out])
+        assert not stage.is_fresh("a", hashed(None), [out])                # nothing to hash now
+        assert calls == ["fp-a", "changed", None]
+
+
 def test_fingerprint_follows_content_not_names(tmp_path):
     a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
     a.write_bytes(b"patient 1")

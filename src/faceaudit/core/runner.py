@@ -32,7 +32,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -240,19 +239,26 @@ class StageRun:
     def previous(self, item_id: str) -> dict[str, Any] | None:
         return self.manifest.get(item_id) if self.manifest is not None else None
 
-    def is_fresh(self, item_id: str, item_fingerprint: str, outputs: Iterable[Path] = (), *,
-                 column: str = "fingerprint", status_column: str = "status") -> bool:
+    def is_fresh(self, item_id: str, item_fingerprint: str | Callable[[], str | None],
+                 outputs: Iterable[Path] = (), *, column: str = "fingerprint",
+                 status_column: str = "status") -> bool:
         """True when the item finished ok earlier from the same inputs and options and all its
         outputs are still there; never with --overwrite. ``column`` and ``status_column`` name
-        where a row keeps the fingerprint and status of one part of an item (a study's CT)."""
+        where a row keeps the fingerprint and status of one part of an item (a study's CT).
+
+        ``item_fingerprint`` may be a function that computes it: it is called only when the
+        earlier row and the outputs could make the item fresh, so a first run hashes no
+        input here (a stage can hash it where it reads it anyway)."""
         if self.run.overwrite:
             return False
         row = self.previous(item_id)
-        if not row or row.get(status_column) not in (STATUS_OK, STATUS_SKIPPED):
+        if not row or row.get(status_column) not in (STATUS_OK, STATUS_SKIPPED) or not row.get(column):
             return False
-        if row.get(column) != item_fingerprint:
+        if not all(Path(p).is_file() for p in outputs):
             return False
-        return all(Path(p).is_file() for p in outputs)
+        if callable(item_fingerprint):
+            item_fingerprint = item_fingerprint()
+        return item_fingerprint is not None and row.get(column) == item_fingerprint
 
     def record(self, result: ItemResult, item_fingerprint: str | None = None) -> None:
         """Journal one finished row (with the fingerprint that produced it, when ok)."""
@@ -294,6 +300,8 @@ class StageRun:
 
 
 def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
+    from importlib import metadata  # 0.03 s of imports, needed only at the end of a run
+
     versions = {}
     for name in names:
         try:
@@ -344,7 +352,7 @@ def map_items(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int = 1,
     stops a run; a worker process that dies yields :class:`WorkerDied` for the item it was
     running only. ``fn`` and the items must be picklable when ``jobs > 1``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # tqdm.auto costs 0.1 s of imports looking for a notebook
 
     items = list(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress or not items,
