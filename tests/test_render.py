@@ -7,6 +7,7 @@ import trimesh
 
 from faceaudit.core.contracts import RENDER_CROP
 from faceaudit.core.images import center_crop
+from faceaudit.petct.mesh import SurfaceMesh
 from faceaudit.petct.render import LUMINANCE, render_frontal
 from faceaudit.petct.surface import extract_head_surface
 from faceaudit.petct.volumes import load_volume
@@ -135,3 +136,20 @@ def test_rounding_noise_in_direction_cosines_keeps_the_copy_free_path(tmp_path, 
     noisy, clean = load_volume(tmp_path / "noisy.nii.gz"), load_volume(headsq_ct_path)
     np.testing.assert_array_equal(noisy.array, clean.array)
     assert noisy.spacing == clean.spacing
+
+
+def test_renders_through_embree_directly_equal_those_through_trimesh():
+    """first_hits conditions the scene as trimesh's Embree wrapper does: same hits, same pixels."""
+    from trimesh.ray.ray_pyembree import RayMeshIntersector
+
+    from faceaudit.petct.render import camera_rays, first_hits
+
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=80.0)
+    sphere.apply_translation([-30.0, 250.0, 1200.0])
+    mesh = SurfaceMesh(vertices=sphere.vertices, faces=sphere.faces)
+    for projection in ("orthographic", "pinhole"):
+        origins, directions, _ = camera_rays(mesh.bounds, projection=projection)
+        ours = first_hits(mesh, origins, directions)
+        np.testing.assert_array_equal(ours, RayMeshIntersector(sphere).intersects_first(origins, directions))
+        assert (ours >= 0).mean() > 0.05
+    np.testing.assert_array_equal(render_frontal(mesh).image, render_frontal(sphere).image)

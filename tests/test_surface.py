@@ -6,6 +6,7 @@ from skimage.draw import ellipsoid, ellipsoid_stats
 
 from faceaudit.core.files import InputError
 from faceaudit.petct.body import select_body_component
+from faceaudit.petct.mesh import SurfaceMesh
 from faceaudit.petct.surface import (
     ct_threshold,
     extract_head_surface,
@@ -22,7 +23,7 @@ def test_ellipsoid_mesh_area_matches_the_analytic_area(semi_axes, spacing):
     mask = ellipsoid(a, b, c, spacing=spacing)
     _volume, area = ellipsoid_stats(a, b, c)
     mesh = mask_to_mesh(mask, spacing)        # 5 Laplacian iterations, volume kept
-    assert mesh.is_watertight
+    assert mesh.to_trimesh().is_watertight
     assert mesh.volume > 0                    # normals point outwards
     assert abs(mesh.area / area - 1.0) < 0.01
     # upstream-style smoothing (no volume constraint) shrinks a little but stays within 2 %
@@ -322,3 +323,23 @@ def test_scanner_padding_outside_the_reconstruction_circle_does_not_move_the_ski
 def test_otsu_falls_back_to_the_whole_sample_when_everything_is_below_the_scanner_range():
     values = np.where(np.arange(1000) % 2 == 0, -3000.0, -2000.0)
     assert -3000.0 < ct_threshold(values, method="otsu") < -2000.0
+
+
+def test_surface_mesh_numbers_match_trimesh_and_its_ply_reads_back():
+    """SurfaceMesh's bounds, normals, area and volume are trimesh's, and trimesh reads its PLY."""
+    import io
+
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=40.0)
+    sphere.apply_translation([-120.0, 300.0, 900.0])           # far from the origin, as in LPS
+    mesh = SurfaceMesh(vertices=sphere.vertices, faces=sphere.faces)
+    np.testing.assert_array_equal(mesh.bounds, sphere.bounds)
+    np.testing.assert_allclose(mesh.face_normals, sphere.face_normals, atol=1e-12)
+    assert mesh.area == pytest.approx(sphere.area, rel=1e-12)
+    assert mesh.volume == pytest.approx(sphere.volume, rel=1e-9) and mesh.volume > 0
+    back = trimesh.load(io.BytesIO(mesh.ply_bytes()), file_type="ply", process=False)
+    np.testing.assert_allclose(back.vertices, sphere.vertices, atol=1e-4)        # float32 on disk
+    np.testing.assert_array_equal(back.faces, sphere.faces)
+    flat = SurfaceMesh(vertices=[[0, 0, 0], [1, 0, 0], [2, 0, 0]], faces=[[0, 1, 2]])
+    np.testing.assert_array_equal(flat.face_normals, [[0.0, 0.0, 0.0]])      # degenerate: no normal

@@ -44,6 +44,7 @@ import numpy as np
 from faceaudit.core.files import InputError
 from faceaudit.petct.body import BodySelection, select_body_component, separate_touching
 from faceaudit.petct.head import HeadRegion, find_head, head_zone
+from faceaudit.petct.mesh import SurfaceMesh
 
 PET_THRESHOLDS = ("adaptive", "percentile")
 
@@ -133,7 +134,7 @@ def head_crop_slices(body: np.ndarray, spacing, *, head_height_mm: float = 240.0
 def mask_to_mesh(mask: np.ndarray, spacing, *, offset_mm=(0.0, 0.0, 0.0), level: float = 0.5,
                  smoothing_iterations: int = 5, smoothing_lambda: float = 0.5,
                  volume_constraint: bool = True):
-    """Marching cubes (Lewiner, ``level``, voxel spacing) + Laplacian smoothing -> trimesh.Trimesh.
+    """Marching cubes (Lewiner, ``level``, voxel spacing) + Laplacian smoothing -> SurfaceMesh.
 
     mask: (nz, ny, nx) in the canonical frame; spacing (sz, sy, sx) mm; offset_mm = LPS
     (x, y, z) of voxel [0, 0, 0]. The mask is padded by one empty voxel so the surface
@@ -145,7 +146,6 @@ def mask_to_mesh(mask: np.ndarray, spacing, *, offset_mm=(0.0, 0.0, 0.0), level:
     step to keep the enclosed volume, which removes the Laplacian shrinkage: the area of a
     voxelised ellipsoid is then within 0.2 % of the analytic one (-0.4 .. -1.6 % without).
     """
-    import trimesh
     from skimage.measure import marching_cubes
 
     padded = np.pad(np.asarray(mask, dtype=np.float32), 1)
@@ -156,12 +156,10 @@ def mask_to_mesh(mask: np.ndarray, spacing, *, offset_mm=(0.0, 0.0, 0.0), level:
     # array axes (z, y, x) -> world (x, y, z); undo the padding voxel
     verts = verts[:, ::-1] - np.asarray(spacing, dtype=np.float64)[::-1] + np.asarray(offset_mm)
     # Lewiner's winding in (z, y, x) becomes outward once the axes are swapped to (x, y, z)
-    mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=False)
     if smoothing_iterations > 0:
-        mesh.vertices = laplacian_smooth(verts, faces, lamb=smoothing_lambda,
-                                         iterations=smoothing_iterations,
-                                         keep_volume=volume_constraint)
-    return mesh
+        verts = laplacian_smooth(verts, faces, lamb=smoothing_lambda, iterations=smoothing_iterations,
+                                 keep_volume=volume_constraint)
+    return SurfaceMesh(vertices=verts, faces=faces)
 
 
 def _signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
@@ -206,7 +204,7 @@ def laplacian_smooth(vertices: np.ndarray, faces: np.ndarray, *, lamb: float = 0
 class HeadSurface:
     """What ``extract_head_surface`` found: mesh (LPS mm) and the numbers behind it."""
 
-    mesh: object
+    mesh: SurfaceMesh
     threshold: float
     n_components: int          # components considered (the largest k)
     body_voxels: int
