@@ -136,6 +136,34 @@ def test_rerun_produces_the_missing_pet_and_skips_finished_work(tmp_path):
     assert ct_png.stat().st_mtime_ns != first_mtime
 
 
+def test_a_first_run_hashes_each_volume_once_in_the_worker_and_a_rerun_once_to_skip(tmp_path, monkeypatch):
+    """The planner hashes a volume only when an earlier ok row could make it fresh; on a
+    first run the worker hashes it while reading it, and the row keeps that fingerprint."""
+    from faceaudit.petct import reconstruction
+
+    root, out = tmp_path / "petct", tmp_path / "out"
+    _good_study(root, "PETCT_a", "s1")
+    options = ReconstructionOptions(head_height_mm=120.0)
+    hashed = []
+    real = reconstruction.modality_fingerprint
+
+    def counting(study, modality, options):
+        hashed.append(modality)
+        return real(study, modality, options)
+
+    monkeypatch.setattr(reconstruction, "modality_fingerprint", counting)
+    assert _run(root, out, options) == EXIT_OK
+    assert sorted(hashed) == ["ct", "pet"]
+    row = _read_manifest(out)["PETCT_a_s1"]
+    study = reconstruction.discover_studies(root)[0]
+    for modality in ("ct", "pet"):
+        assert row[f"{modality}_fingerprint"] == real(study, modality, options)
+    hashed.clear()
+    assert _run(root, out, options) == EXIT_OK
+    assert sorted(hashed) == ["ct", "pet"]
+    assert _read_manifest(out)["PETCT_a_s1"]["status"] == "skipped"
+
+
 def test_script_exit_codes(tmp_path, cohort_with_broken_studies):
     module = load_script("perform_morphological_reconstruction")
     out = tmp_path / "out"
@@ -429,7 +457,8 @@ def test_a_full_disk_stops_the_stage_with_exit_2_instead_of_failing_every_study(
     with pytest.raises(OSError) as caught:
         _run(root, out, ReconstructionOptions(head_height_mm=120.0))
     assert caught.value.errno == errno.ENOSPC
-    assert len(attempts) == 1                              # the stage stopped at the first write
+    # the stage stopped in the first study (its CT and PET are written from two threads)
+    assert 1 <= len(attempts) <= 2 and {os.path.basename(a) for a in attempts} == {"PETCT_a_s1.png"}
     assert _read_manifest(out) == {}                       # no study is recorded as failed
     assert "No space left on device" in json.loads((out / "run.json").read_text(encoding="utf-8"))["error"]
     assert not any((out / "meshes").iterdir()) and not any((out / "cts").iterdir())

@@ -47,6 +47,7 @@ from faceaudit.petct.render_qa import (
     LABEL_CHARS,
     NO_FACE,
     UNCHECKED,
+    load_face_mesh,
     mark_no_face,
     qa_labels,
     render_face_qa,
@@ -121,7 +122,7 @@ def _ct_threshold_value(value) -> str | float:
 
 @dataclass
 class ModalityResult:
-    """One volume's reconstruction: mesh (trimesh, LPS mm), render, numbers, seconds per phase."""
+    """One volume's reconstruction: mesh (SurfaceMesh, LPS mm), render, numbers, seconds per phase."""
 
     mesh: object
     render: object
@@ -216,6 +217,27 @@ def _load(study: Study, modality: str):
     return volume, time.perf_counter() - t0, units
 
 
+def _import_processing_modules() -> None:
+    """Import what the surface, render and write steps use, in this one thread.
+
+    Why one thread: the CT and PET are processed in two threads, and two threads importing
+    one package for the first time at once (scipy from ndimage and from skimage) can be
+    handed each other's partially initialised modules (trimesh is not among them: stage 1
+    never imports it, see petct.mesh). Importing here while the volumes are
+    inflated (igzip releases the GIL) also takes the imports off the critical path.
+    """
+    import cc3d  # noqa: F401
+    import embreex.mesh_construction  # noqa: F401
+    import embreex.rtcore_scene  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+    import scipy.sparse  # noqa: F401
+    import skimage.filters  # noqa: F401
+    import skimage.measure  # noqa: F401
+    from PIL import Image, PngImagePlugin  # noqa: F401
+    from skimage.filters import threshold_otsu  # noqa: F401  (lazy-loaded attributes)
+    from skimage.measure import marching_cubes  # noqa: F401
+
+
 def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str, modality: str,
                            options: ReconstructionOptions, units: dict) -> dict:
     result = reconstruct_volume(volume.array, volume.spacing, modality=modality,
@@ -227,7 +249,7 @@ def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str,
     t0 = time.perf_counter()
     paths = output_paths(save_dir, study_id, modality)
     write_png(paths["png"], result.render.image)
-    atomic_write_bytes(paths["ply"], result.mesh.export(file_type="ply"))
+    atomic_write_bytes(paths["ply"], result.mesh.ply_bytes())
     camera = result.render.camera
     write_npz(paths["depth"], depth_mm=result.render.depth,
               mm_per_px=np.float64(camera["mm_per_px_at_face"]),
@@ -238,41 +260,63 @@ def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str,
     return {"numbers": numbers, "timings": timings}
 
 
+def _process_modality(study: Study, modality: str, save_dir: Path, options: ReconstructionOptions,
+                      imported) -> dict:
+    """Load, reconstruct, check and write one modality; a bad volume becomes the record's
+    reason (its output files removed), a full or read-only disk is raised."""
+    t0 = time.perf_counter()
+    try:
+        volume, t_load, units = _load(study, modality)
+        imported.result()           # the processing modules (an ImportError is this volume's failure)
+        record = _reconstruct_and_write(volume, t_load, save_dir, study.id, modality, options, units)
+        del volume
+        record["status"], record["reason"] = STATUS_OK, ""
+    except Exception as exc:  # one bad volume must not lose the other modality
+        with contextlib.suppress(OSError):      # nothing to remove on a read-only disk
+            _remove_outputs(save_dir, study.id, modality)
+        if is_location_error(exc):
+            raise
+        record = {"status": STATUS_FAILED, "reason": describe_exception(exc)}
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
 def process_study(study: Study, *, save_dir: str | os.PathLike, options: ReconstructionOptions,
-                  modalities=MODALITIES) -> dict:
+                  modalities=MODALITIES, fingerprints: dict | None = None) -> dict:
     """Reconstruct the listed modalities of one study, each on its own.
 
     Returns ``{"id", "subject", <modality>: {"status", "reason", "seconds", "numbers",
-    "timings"}}`` for each modality in ``modalities`` (the stage decides which need work).
+    "timings", "fingerprint"}}`` for each modality in ``modalities`` (the stage decides
+    which need work). ``fingerprints``: the modalities' fingerprints where the caller
+    already computed them; the others are computed here, while the volumes are read.
     Never raises for a bad volume: the error becomes that modality's reason and its output
     files are removed (an earlier run's render of a since replaced volume included). A full,
     read-only or over-quota disk (runner.is_location_error) is raised: no study could be
-    written after it, so the stage stops (exit 2) instead of failing every study. Both
-    volumes are read in two threads at once (decompression releases the GIL), so the PET
-    is decompressed while the CT is processed; the CT is freed before the PET is processed.
+    written after it, so the stage stops (exit 2) instead of failing every study.
+
+    The CT and PET each run in their own thread from reading to writing: inflating a
+    volume releases the GIL, and so do most of the array work, the mesh smoothing and
+    the ray casting, so on two cores the two modalities overlap. The processing modules
+    and the face-QA model are loaded in a third thread meanwhile; the fingerprints are
+    hashed in the background (hashlib releases the GIL too).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     save_dir = Path(save_dir)
     out: dict = {"id": study.id, "subject": study.subject}
     todo = [m for m in MODALITIES if m in modalities]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        loads = {m: pool.submit(_load, study, m) for m in todo}
+    known = dict(fingerprints or {})
+    with ThreadPoolExecutor(max_workers=2 * len(todo) + 1) as pool:
+        imported = pool.submit(_import_processing_modules)
+        records = {m: pool.submit(_process_modality, study, m, save_dir, options, imported) for m in todo}
+        hashed = {m: pool.submit(modality_fingerprint, study, m, options) for m in todo if m not in known}
+        # after the imports, in the same thread (MediaPipe pulls in scipy too); a failure
+        # here shows again, as "unchecked", when a render is checked
+        pool.submit(lambda: (imported.exception(), load_face_mesh()))
         for modality in todo:
-            t0 = time.perf_counter()
-            try:
-                volume, t_load, units = loads.pop(modality).result()
-                record = _reconstruct_and_write(volume, t_load, save_dir, study.id, modality, options,
-                                                units)
-                del volume
-                record["status"], record["reason"] = STATUS_OK, ""
-            except Exception as exc:  # one bad volume must not lose the other modality
-                with contextlib.suppress(OSError):      # nothing to remove on a read-only disk
-                    _remove_outputs(save_dir, study.id, modality)
-                if is_location_error(exc):
-                    raise
-                record = {"status": STATUS_FAILED, "reason": describe_exception(exc)}
-            record["seconds"] = time.perf_counter() - t0
+            record = records[modality].result()
+            if record["status"] == STATUS_OK:
+                record["fingerprint"] = known.get(modality) or hashed[modality].result()
             out[modality] = record
     return out
 
@@ -288,28 +332,33 @@ def modality_fingerprint(study: Study, modality: str, options: ReconstructionOpt
     return fingerprint(path, {"modality": modality, **options.shaping(modality)})
 
 
-def _is_fresh(stage: StageRun, study_id: str, modality: str, item_fingerprint: str | None) -> bool:
+def _is_fresh(stage: StageRun, study: Study, modality: str, options: ReconstructionOptions,
+              hashed: dict) -> bool:
     """The modality finished ok earlier from the same volume content and options, and its
-    files are all there (its own status and fingerprint columns of the study's row)."""
-    if item_fingerprint is None:
-        return False
-    return stage.is_fresh(study_id, item_fingerprint, output_paths(stage.save_dir, study_id, modality).values(),
+    files are all there (its own status and fingerprint columns of the study's row). The
+    volume is hashed only when the earlier row could make it fresh; what was hashed is
+    kept in ``hashed`` (modality -> fingerprint) for the worker."""
+    def fingerprint_now():
+        hashed[modality] = modality_fingerprint(study, modality, options)
+        return hashed[modality]
+
+    return stage.is_fresh(study.id, fingerprint_now, output_paths(stage.save_dir, study.id, modality).values(),
                           column=f"{modality}_fingerprint", status_column=f"{modality}_status")
 
 
-def _modality_values(modality: str, record: dict, item_fingerprint: str | None) -> dict:
+def _modality_values(modality: str, record: dict) -> dict:
     values = {f"{modality}_status": record["status"],
               f"{modality}_seconds": round(record["seconds"], 3)}
     for key, value in record.get("numbers", {}).items():
         values[f"{modality}_{key}"] = value
     for key, value in record.get("timings", {}).items():
         values[f"{modality}_t_{key}"] = round(value, 4)
-    if record["status"] == STATUS_OK and item_fingerprint is not None:
-        values[f"{modality}_fingerprint"] = item_fingerprint
+    if record["status"] == STATUS_OK and record.get("fingerprint") is not None:
+        values[f"{modality}_fingerprint"] = record["fingerprint"]
     return values
 
 
-def study_row(study: Study, result: dict, previous: dict | None, fps: dict) -> ItemResult:
+def study_row(study: Study, result: dict, previous: dict | None) -> ItemResult:
     """The manifest row of a study: the redone modalities' new numbers, the earlier numbers of
     the modalities left as they were. ``study_seconds`` is the sum of the modalities' seconds,
     so it stays coherent with them when one modality is kept from an earlier run."""
@@ -318,7 +367,7 @@ def study_row(study: Study, result: dict, previous: dict | None, fps: dict) -> I
     for modality in MODALITIES:
         if modality in result:
             record = result[modality]
-            values.update(_modality_values(modality, record, fps.get(modality)))
+            values.update(_modality_values(modality, record))
             if record["status"] == STATUS_FAILED:
                 reasons.append(f"{modality}: {record['reason']}")
         else:           # fresh: this modality's columns of the earlier row
@@ -395,9 +444,9 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
             make_private_dir(stage.save_dir / folder)
         stage.extra["n_studies"] = len(studies)
         stale = remove_stale_outputs(stage.save_dir, ids)
-        work, fps_of = _plan(stage, studies, options)
+        work = _plan(stage, studies, options)
         worker = functools.partial(_process_task, save_dir=str(stage.save_dir), options=options)
-        for (study, todo), result, error in map_items(worker, work, jobs=run.jobs,
+        for (study, todo, _hashed), result, error in map_items(worker, work, jobs=run.jobs,
                                                        desc="reconstruct", progress=run.progress):
             if error is not None and is_location_error(error):
                 raise error
@@ -407,7 +456,7 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
                 stage.record(ItemResult(id=study.id, subject=study.subject, status=STATUS_FAILED,
                                         reason=describe_exception(error)))
                 continue
-            stage.record(study_row(study, result, stage.previous(study.id), fps_of[study.id]))
+            stage.record(study_row(study, result, stage.previous(study.id)))
         _write_qa_montage(stage, ids)
         result = stage.finish(keep_ids=ids, details={"n_studies": len(studies), "n_processed": len(work),
                                                      "n_stale_files_removed": len(stale)})
@@ -416,26 +465,27 @@ def run_reconstruction(petct_path: str | os.PathLike, save_dir: str | os.PathLik
 
 
 def _process_task(task, *, save_dir: str, options: ReconstructionOptions) -> dict:
-    study, todo = task
-    return process_study(study, save_dir=save_dir, options=options, modalities=todo)
+    study, todo, hashed = task
+    return process_study(study, save_dir=save_dir, options=options, modalities=todo, fingerprints=hashed)
 
 
 def _plan(stage: StageRun, studies: list[Study], options: ReconstructionOptions):
-    """Record the studies whose CT and PET are both fresh as skipped; return the others with
-    the modalities to redo, and every study's per-modality fingerprints."""
-    work, fps_of = [], {}
+    """Record the studies whose CT and PET are both fresh as skipped; return the others as
+    (study, the modalities to redo, the fingerprints hashed here). A volume is hashed here
+    only when an earlier row could make it fresh; on a first run the workers hash it while
+    they read it, so the pool starts at once instead of after every volume was read once."""
+    work = []
     for study in studies:
-        fps = {m: modality_fingerprint(study, m, options) for m in MODALITIES}
-        fps_of[study.id] = fps
-        todo = tuple(m for m in MODALITIES if not _is_fresh(stage, study.id, m, fps[m]))
+        hashed: dict = {}
+        todo = tuple(m for m in MODALITIES if not _is_fresh(stage, study, m, options, hashed))
         if todo:
-            work.append((study, todo))
+            work.append((study, todo, {m: hashed[m] for m in todo if hashed.get(m)}))
             continue
         row = stage.skipped(study.id)
         row.values.pop("fingerprint", None)        # a study-wide column of earlier versions, unread
         row.values.update({f"{m}_source": str(_source(study, m)) for m in MODALITIES})
         stage.record(row)
-    return work, fps_of
+    return work
 
 
 def _write_qa_montage(stage: StageRun, ids: list[str]) -> None:
