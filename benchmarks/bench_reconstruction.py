@@ -1,35 +1,44 @@
-"""Per-study time and peak memory of the reconstruction on an AutoPET-sized PET/CT pair,
-faceaudit's path beside an in-file re-implementation of the upstream algorithm path.
+"""Stage 1 on an AutoPET-sized PET/CT study, whole process: faceaudit against the upstream
+code and against the decode floor, the NIfTI gzip decoders, and --jobs scaling on a cohort.
 
 Study: 400 x 400 x 326 float32 CT (HU) and SUV on 2.04 x 2.04 x 3 mm voxels stored "LAS"
 like AutoPET (body with lungs and spine, neck, head with skull, brain, nose, chin, eye
 sockets, a table 12 mm behind the back; CT noise 15 HU; SUV tissue 1, lungs 0.4, brain 8,
-6 mm blur, signal-dependent noise), the phantom of ../shared/reference/upstream_baseline.md.
-It is generated once into bench_output/ (gitignored) and reused.
+6 mm blur, signal-dependent noise, and the low positive background an iterative PET
+reconstruction leaves in the air of its field of view), the phantom of
+../shared/reference/upstream_baseline.md. Its gzip files are about 168 and 125 MB, as
+AutoPET's are. It is generated once into bench_output/ (gitignored) and reused.
 
-Upstream path (as reference/upstream_pipelines.md A1.1 describes it): nibabel's load
-(emulated: nibabel is not installed; Python's gzip module, as nibabel uses, then float64
-as ``get_fdata`` returns);
-Otsu over the whole volume (CT) or the 95th percentile (PET); cc3d labelling of the whole
-volume; ``np.unique`` to pick the 2nd most frequent label; float mask; top quarter of the
-slices; marching cubes on that 400 x 400 x 82 block; Laplacian smoothing x5; 90-degree
-pinhole at the fixed voxel positions. Open3D is not installed, so BOTH paths cast their
-rays with the same Embree intersector (trimesh + embreex); the upstream ray-cast time
-here is therefore not Open3D's (0.07-0.13 s in the baseline, small either way).
+Every path runs as its own process on the same files, alternating, ``--repeats`` times;
+wall time and peak RSS (``os.wait4``) are of the whole process, start-up and imports
+included:
 
-faceaudit is timed through ``reconstruction.process_study`` (the stage's per-study function,
-writing png/ply/npz to bench_output/): it reads the PET in a second thread while the CT is
-processed, so its study wall time is below the sum of its phases; both are printed.
+- faceaudit: ``perform_morphological_reconstruction.py --jobs 1`` into a fresh folder;
+- upstream, real: with ``--upstream DIR`` (a checkout of SebastianPartarrieu/
+  pet-deanonymization), its ``scripts/perform_morphological_reconstruction.py`` unmodified,
+  run by ``--upstream-python`` (an environment with nibabel, Open3D, cc3d, scikit-image,
+  opencv) with ``DIR/src`` on PYTHONPATH;
+- upstream, emulated (without ``--upstream``, and labelled so): this file's re-implementation
+  of the upstream algorithm (nibabel-style gzip and float64 read, Otsu / 95th percentile over
+  the whole volume, cc3d, np.unique, top quarter, marching cubes, Laplacian x 5, 90-degree
+  pinhole), with Embree in place of Open3D's ray caster;
+- the decode floor: SimpleITK reading both .nii.gz files into arrays, what any tool pays.
 
-Each path runs CT then PET in its own fresh process (spawn), so its peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own. Printed: per-phase seconds,
-the per-study ratio upstream / faceaudit, peak RSS. Usage:
-    python benchmarks/bench_reconstruction.py [--repeats 1] [--work-dir bench_output/reconstruction]
+Then each installed gzip decoder inflates the CT in this process (median of the repeats),
+and the stage runs on a generated cohort of ``--cohort`` studies with ``--jobs 1`` and
+``--jobs N`` (N = the cores, at most ``--max-jobs``); the speed-up is printed against N.
+
+Usage:
+    python benchmarks/bench_reconstruction.py [--repeats 5] [--upstream DIR
+        --upstream-python PY] [--cohort 8] [--work-dir bench_output/reconstruction]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +48,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE_ZYX = (326, 400, 400)
 SPACING_XYZ = (2.04, 2.04, 3.0)
+#: bump when the phantom changes, so stale files are not reused
+PHANTOM_VERSION = 2
+STUDY_DATE = "01-01-2000-NA-PET-CT"
 
 
 # --------------------------------------------------------------------------- phantom
@@ -47,17 +59,16 @@ def _ellipse(xx, yy, cx, cy, ax, ay):
     return ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1.0
 
 
-def build_phantom(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical (z superior, y posterior, x left) CT (HU) and SUV, float32, SHAPE_ZYX."""
-    from scipy.ndimage import gaussian_filter
-
+def phantom_tissue() -> tuple[np.ndarray, np.ndarray]:
+    """Canonical (z superior, y posterior, x left) noise-free CT (HU, float32) and tissue
+    labels (uint8: 0 air, 1 soft, 2 lung, 3 bone, 4 brain), SHAPE_ZYX."""
     nz, ny, nx = SHAPE_ZYX
     sx, sy, sz = SPACING_XYZ
     xs = (np.arange(nx) - nx / 2) * sx
     ys = (np.arange(ny) - ny / 2) * sy
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     ct = np.full(SHAPE_ZYX, -1000.0, dtype=np.float32)
-    tissue = np.zeros(SHAPE_ZYX, dtype=np.uint8)  # 1 soft, 2 lung, 3 bone, 4 brain
+    tissue = np.zeros(SHAPE_ZYX, dtype=np.uint8)
     back_y = 110.0
     for k in range(nz):
         z = k * sz
@@ -98,17 +109,31 @@ def build_phantom(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         hu[table] = 200.0
         ct[k] = hu
         tissue[k] = label
+    return ct, tissue
+
+
+def noisy_study(ct: np.ndarray, tissue: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(CT with 15 HU noise, SUV) for one seed, float32, SHAPE_ZYX. The SUV outside the body
+    is the low positive background of an iterative reconstruction (gamma, mean 0.02) within
+    the 700 mm field of view, 0 beyond it."""
+    from scipy.ndimage import gaussian_filter
+
     rng = np.random.default_rng(seed)
-    ct += rng.normal(0, 15, SHAPE_ZYX).astype(np.float32)
+    noisy_ct = ct + rng.normal(0, 15, SHAPE_ZYX).astype(np.float32)
     suv = np.choose(tissue, [0.0, 1.0, 0.4, 0.8, 8.0]).astype(np.float32)
-    suv = gaussian_filter(suv, [6.0 / s for s in (sz, sy, sx)])
-    suv += (rng.standard_normal(SHAPE_ZYX, dtype=np.float32) * 0.15 * np.sqrt(np.clip(suv, 0, None)))
-    return ct, np.clip(suv, 0, None).astype(np.float32)
+    suv = gaussian_filter(suv, [6.0 / s for s in (SPACING_XYZ[2], SPACING_XYZ[1], SPACING_XYZ[0])])
+    suv += rng.standard_normal(SHAPE_ZYX, dtype=np.float32) * 0.15 * np.sqrt(np.clip(suv, 0, None))
+    ny, nx = SHAPE_ZYX[1:]
+    yy, xx = np.meshgrid((np.arange(ny) - ny / 2) * SPACING_XYZ[1], (np.arange(nx) - nx / 2) * SPACING_XYZ[0],
+                         indexing="ij")
+    in_view = (xx ** 2 + yy ** 2 <= 350.0 ** 2)[None]
+    suv += np.where(in_view, rng.gamma(1.0, 0.02, SHAPE_ZYX).astype(np.float32), np.float32(0))
+    return noisy_ct, np.clip(suv, 0, None).astype(np.float32)
 
 
 def write_las_nifti(path: Path, array_zyx: np.ndarray) -> None:
     """Store like AutoPET: j grows anterior (direction diag(1, -1, 1) in LPS). Atomic, so an
-    interrupted generation never leaves a truncated file that ``ensure_study`` would reuse."""
+    interrupted generation never leaves a truncated file that a later run would reuse."""
     import SimpleITK as sitk
 
     from faceaudit.core.files import atomic_path
@@ -117,75 +142,32 @@ def write_las_nifti(path: Path, array_zyx: np.ndarray) -> None:
     image.SetSpacing(SPACING_XYZ)
     image.SetDirection((1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     image.SetOrigin((-408.0, 408.0, 0.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".nii.gz") as tmp:
         sitk.WriteImage(image, str(tmp), True, 1)
 
 
-def ensure_study(work_dir: Path) -> tuple[Path, Path]:
-    ct_path, pet_path = work_dir / "CTres.nii.gz", work_dir / "SUV.nii.gz"
-    if not (ct_path.is_file() and pet_path.is_file()):
-        work_dir.mkdir(parents=True, exist_ok=True)
+def ensure_cohort(root: Path, n: int, *, first_seed: int = 0) -> list[Path]:
+    """``root/PETCT_<k>/<date>/{CTres,SUV}.nii.gz`` for n seeds (AutoPET layout, which the
+    upstream script walks too); existing complete studies are reused. Returns study folders."""
+    folders = [root / f"PETCT_{k:02d}" / STUDY_DATE for k in range(n)]
+    missing = [f for f in folders if not ((f / "CTres.nii.gz").is_file() and (f / "SUV.nii.gz").is_file())]
+    if missing:
         start = time.perf_counter()
-        ct, suv = build_phantom()
-        write_las_nifti(ct_path, ct)
-        write_las_nifti(pet_path, suv)
-        print(f"generated the AutoPET-sized phantom in {time.perf_counter() - start:.1f} s "
-              f"({ct_path.stat().st_size / 2**20:.0f} + {pet_path.stat().st_size / 2**20:.0f} MiB gz)")
-    return ct_path, pet_path
+        ct, tissue = phantom_tissue()
+        for folder in missing:
+            seed = first_seed + folders.index(folder)
+            noisy_ct, suv = noisy_study(ct, tissue, seed)
+            write_las_nifti(folder / "CTres.nii.gz", noisy_ct)
+            write_las_nifti(folder / "SUV.nii.gz", suv)
+        print(f"generated {len(missing)} AutoPET-sized phantom studies in {root} in "
+              f"{time.perf_counter() - start:.0f} s")
+    return folders
 
 
-# --------------------------------------------------------------------------- the two paths
+# --------------------------------------------------------------------------- emulated upstream
 
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _warm_imports() -> None:
-    """Import the heavy modules both paths use before any timer starts (fair to both)."""
-    import cc3d  # noqa: F401
-    import SimpleITK  # noqa: F401
-    import trimesh.ray.ray_pyembree  # noqa: F401
-    import trimesh.smoothing  # noqa: F401
-    from PIL import Image  # noqa: F401
-    from scipy import ndimage  # noqa: F401
-    from skimage import filters, measure  # noqa: F401
-
-
-def run_faceaudit(ct_path: str, pet_path: str, out_dir: str) -> dict:
-    """The stage's own per-study function (process_study), outputs to a scratch folder."""
-    _warm_imports()
-    import shutil
-
-    from faceaudit.petct.reconstruction import ReconstructionOptions, process_study
-    from faceaudit.petct.render_qa import _face_mesh
-
-    # the face-QA model loads once per worker process (about 0.6 s), not once per study:
-    # in a cohort it is paid once, so it is loaded before the per-study timer starts
-    _face_mesh()
-    from faceaudit.petct.volumes import Study
-
-    scratch = Path(out_dir) / "faceaudit_out"
-    shutil.rmtree(scratch, ignore_errors=True)
-    study = Study(id="bench", subject="bench", ct=Path(ct_path), pet=Path(pet_path), layout="flat")
-    start = time.perf_counter()
-    result = process_study(study, save_dir=scratch, options=ReconstructionOptions())
-    wall = time.perf_counter() - start
-    phases = {}
-    for modality in ("ct", "pet"):
-        record = result[modality]
-        if record["status"] != "ok":
-            raise RuntimeError(f"faceaudit {modality} failed: {record['reason']}")
-        t = record["timings"]
-        phases[modality] = {"load": t["load"], "threshold": t["threshold"],
-                            "components": t["components"],
-                            "surface": t["crop_fill"] + t["surface"], "render": t["render"],
-                            "write": t["write"], "n_vertices": record["numbers"]["n_vertices"]}
-    return {"phases": phases, "peak_rss_mib": _peak_rss_mib(), "study_wall_s": wall}
-
-
-def _upstream_rays(nx: int, ny: int, h: int, spacing_xyz, size: int = 512):
+def _upstream_rays(h: int, spacing_xyz, size: int = 512):
     """Open3D create_rays_pinhole(fov 90, center, eye, up=[0,1,0], 512, 512) as upstream set it."""
     vx, vy, vz = spacing_xyz
     centre = np.array([200 * vx, 0.0, h * vz])
@@ -203,7 +185,9 @@ def _upstream_rays(nx: int, ny: int, h: int, spacing_xyz, size: int = 512):
     return np.tile(eye, (directions.shape[0], 1)), directions
 
 
-def run_upstream(ct_path: str, pet_path: str, out_dir: str) -> dict:
+def emulated_upstream(ct_path: str, pet_path: str, out_dir: str) -> None:
+    """The upstream per-study algorithm (reference/upstream_pipelines.md A1.1), Open3D's ray
+    caster replaced by Embree (Open3D 0.07-0.13 s in the baseline, small either way)."""
     import gzip
 
     import cc3d
@@ -215,12 +199,8 @@ def run_upstream(ct_path: str, pet_path: str, out_dir: str) -> dict:
     from trimesh.ray.ray_pyembree import RayMeshIntersector
     from trimesh.smoothing import filter_laplacian
 
-    _warm_imports()
-    phases: dict = {}
     for modality, path in (("ct", ct_path), ("pet", pet_path)):
-        t = {}
-        start = time.perf_counter()
-        # nibabel (not installed) load + get_fdata(): Python's gzip, file order, float64
+        # nibabel's load + get_fdata(): Python's gzip, file order, float64
         info = sitk.ImageFileReader()
         info.SetFileName(path)
         info.ReadImageInformation()
@@ -231,102 +211,209 @@ def run_upstream(ct_path: str, pet_path: str, out_dir: str) -> dict:
         data = np.frombuffer(raw, "<f4", int(np.prod(info.GetSize())), vox_offset)
         data = data.reshape(info.GetSize()[::-1]).transpose(2, 1, 0).astype(np.float64)  # (x, y, z)
         del raw
-        t["load"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if modality == "ct":
-            binary = data >= threshold_otsu(data)
-        else:
-            binary = data > np.percentile(data, 95)
-        t["threshold"] = time.perf_counter() - start
-        start = time.perf_counter()
+        binary = data >= threshold_otsu(data) if modality == "ct" else data > np.percentile(data, 95)
         labels = cc3d.connected_components(binary)
-        lab = labels.copy()                   # generate_morpho
-        values, counts = np.unique(lab, return_counts=True)
-        largest = values[np.argsort(counts)[-2]]
-        morpho = (lab == largest).astype(float)
-        del binary, labels, lab
-        t["components"] = time.perf_counter() - start
-        start = time.perf_counter()
+        values, counts = np.unique(labels, return_counts=True)
+        morpho = (labels == values[np.argsort(counts)[-2]]).astype(float)
+        del binary, labels
         nz = morpho.shape[2]
-        sub = morpho[:, :, -nz // 4:]
-        verts, faces, _n, _v = marching_cubes(sub, 0.5, spacing=spacing)
+        verts, faces, _n, _v = marching_cubes(morpho[:, :, -nz // 4:], 0.5, spacing=spacing)
         mesh = trimesh.Trimesh(verts, faces, process=False)
-        _ = mesh.vertex_normals
         filter_laplacian(mesh, lamb=0.5, iterations=5, volume_constraint=False)
-        _ = mesh.vertex_normals
-        t["surface"] = time.perf_counter() - start
-        start = time.perf_counter()
-        origins, directions = _upstream_rays(data.shape[0], data.shape[1], nz // 8, spacing)
+        origins, directions = _upstream_rays(nz // 8, spacing)
         tri = RayMeshIntersector(mesh).intersects_first(origins, directions)
         proj = np.zeros((origins.shape[0], 3))
         proj[tri >= 0] = np.abs(mesh.face_normals[tri[tri >= 0]])
         grey = (proj @ np.array([0.2125, 0.7154, 0.0721]) * 255).astype(np.uint8).reshape(512, 512)
-        t["render"] = time.perf_counter() - start
-        start = time.perf_counter()
         Image.fromarray(grey).save(Path(out_dir) / f"upstream_{modality}.png", dpi=(300, 300))
-        t["write"] = time.perf_counter() - start
-        t["n_vertices"] = len(mesh.vertices)
-        phases[modality] = t
-        del data, morpho, sub
-    return {"phases": phases, "peak_rss_mib": _peak_rss_mib()}
+        del data, morpho
 
 
-def _in_fresh_process(fn, *args) -> dict:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+# --------------------------------------------------------------------------- whole-process runs
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+FLOOR_CODE = ("import sys, SimpleITK as sitk\n"
+              "images = [sitk.ReadImage(path) for path in sys.argv[1:]]\n"
+              "arrays = [sitk.GetArrayViewFromImage(image) for image in images]\n")
 
 
-PHASES = ("load", "threshold", "components", "surface", "render", "write")
+def timed_process(argv: list[str], *, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one whole process; raises when it fails."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    stderr = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited with {proc.returncode}:\n"
+                           f"{stderr.decode(errors='replace')[-2000:]}")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def _stage_argv(cohort: Path, out: Path, jobs: int) -> list[str]:
+    return [sys.executable, str(ROOT / "perform_morphological_reconstruction.py"), "--petct_path", str(cohort),
+            "--save_dir", str(out), "--jobs", str(jobs), "--quiet"]
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def whole_process_paths(cohort: Path, study: Path, work: Path, args) -> dict[str, list[tuple[float, float]]]:
+    ct, pet = str(study / "CTres.nii.gz"), str(study / "SUV.nii.gz")
+    paths = {"floor": lambda: [sys.executable, "-c", FLOOR_CODE, ct, pet],
+             "faceaudit": lambda: _stage_argv(cohort, _fresh(work / "faceaudit_out"), 1)}
+    env = None
+    if args.upstream:
+        upstream = Path(args.upstream)
+        script = upstream / "scripts" / "perform_morphological_reconstruction.py"
+        if not script.is_file():
+            raise SystemExit(f"expected the upstream script at {script}, found nothing")
+        env = {**os.environ, "PYTHONPATH": str(upstream / "src")}
+
+        def upstream_argv():
+            out = _fresh(work / "upstream_out")
+            (out / "cts").mkdir()
+            (out / "pets").mkdir()
+            # the script joins save_dir and "cts/" without a separator
+            return [args.upstream_python, str(script), "--petct_path", str(cohort), "--save_dir", f"{out}/"]
+        paths["upstream"] = upstream_argv
+    else:
+        paths["upstream"] = lambda: [sys.executable, __file__, "--emulated-upstream", ct, pet,
+                                     str(_fresh(work / "upstream_out"))]
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name, argv in paths.items():
+            runs[name].append(timed_process(argv(), env=env if name == "upstream" else None))
+    return runs
+
+
+# --------------------------------------------------------------------------- decoders
+
+def decoder_table(path: Path, repeats: int) -> list[tuple[str, float, str]]:
+    """(decoder, median seconds to inflate ``path`` in this process, note) for each one installed."""
+    import zlib
+
+    raw = path.read_bytes()
+    decoders: list[tuple[str, object, str]] = [("zlib (Python's gzip, nibabel's default)",
+                                               lambda: zlib.decompress(raw, 31), "")]
+    try:
+        from isal import igzip
+        decoders.append(("isal igzip (faceaudit)", lambda: igzip.decompress(raw),
+                         "every member, CRC checked, EOFError when truncated"))
+    except ImportError:
+        pass
+    try:
+        from zlib_ng import zlib_ng
+        decoders.append(("zlib-ng", lambda: zlib_ng.decompress(raw, 31), "first member only"))
+    except ImportError:
+        pass
+    try:
+        import deflate
+        decoders.append(("libdeflate (deflate)", lambda: deflate.gzip_decompress(raw),
+                         "trusts the trailer's size: drops members"))
+    except ImportError:
+        pass
+    try:
+        import SimpleITK as sitk
+        decoders.append(("SimpleITK ReadImage", lambda: sitk.ReadImage(str(path)),
+                         "zero-fills a truncated file"))
+    except ImportError:
+        pass
+    table = []
+    for name, decode, note in decoders:
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decode()
+            seconds.append(time.perf_counter() - start)
+        table.append((name, float(np.median(seconds)), note))
+    return table
+
+
+# --------------------------------------------------------------------------- report
+
+def _summary(values: list[float]) -> str:
+    return f"{np.median(values):6.2f} s [{min(values):.2f}-{max(values):.2f}]"
+
+
+def _stage_phases(out: Path) -> str:
+    import csv
+
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        row = next(csv.DictReader(fh))
+    parts = []
+    for modality in ("ct", "pet"):
+        keys = [k for k in row if k.startswith(f"{modality}_t_")]
+        parts.append(f"{modality.upper()} " + ", ".join(f"{k.split('_t_')[1]} {float(row[k]):.2f}" for k in keys))
+    return "; ".join(parts)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=str(ROOT / "bench_output" / "reconstruction"))
-    parser.add_argument("--repeats", type=int, default=1, help="runs per path; the median is printed")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating whole-process runs per path")
+    parser.add_argument("--upstream", help="a checkout of SebastianPartarrieu/pet-deanonymization")
+    parser.add_argument("--upstream-python", default=sys.executable,
+                        help="the Python of the upstream's own environment (nibabel, open3d, cc3d, "
+                             "scikit-image, opencv)")
+    parser.add_argument("--cohort", type=int, default=8, help="studies of the --jobs scaling run (0: skip)")
+    parser.add_argument("--max-jobs", type=int, default=8)
+    parser.add_argument("--emulated-upstream", nargs=3, metavar=("CT", "PET", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    work = Path(args.work_dir)
-    ct_path, pet_path = ensure_study(work)
-    results = {"upstream": [], "faceaudit": []}
-    for _ in range(args.repeats):
-        for name, fn in (("upstream", run_upstream), ("faceaudit", run_faceaudit)):
-            start = time.perf_counter()
-            record = _in_fresh_process(fn, str(ct_path), str(pet_path), str(work))
-            record["process_s"] = time.perf_counter() - start
-            results[name].append(record)
+    if args.emulated_upstream:
+        emulated_upstream(*args.emulated_upstream)
+        return 0
+    work = Path(args.work_dir) / f"v{PHANTOM_VERSION}"
+    single = work / "one_study"
+    study = ensure_cohort(single, 1)[0]
+    sizes = [(study / name).stat().st_size / 2**20 for name in ("CTres.nii.gz", "SUV.nii.gz")]
+    runs = whole_process_paths(single, study, work, args)
+    label = (f"upstream (real: {args.upstream}, run by {args.upstream_python})" if args.upstream
+             else "upstream (EMULATED in this file: no --upstream checkout given; Embree for Open3D)")
+    print(f"\nOne AutoPET-sized study {SHAPE_ZYX[::-1]}, CT + PET ({sizes[0]:.0f} + {sizes[1]:.0f} MiB gz), "
+          f"whole process, {args.repeats} alternating runs each: median [range]")
+    names = {"floor": "decode floor (SimpleITK reads both files)", "faceaudit": "faceaudit stage 1 (--jobs 1)",
+             "upstream": label}
+    for name in ("upstream", "faceaudit", "floor"):
+        walls = [w for w, _ in runs[name]]
+        print(f"  {_summary(walls)}   peak RSS {max(r for _, r in runs[name]):6.0f} MiB   {names[name]}")
+    ours = float(np.median([w for w, _ in runs["faceaudit"]]))
+    upstream = float(np.median([w for w, _ in runs["upstream"]]))
+    floor = float(np.median([w for w, _ in runs["floor"]]))
+    print(f"  upstream / faceaudit = {upstream / ours:.2f}   (goal >= 4)"
+          f"{'   [upstream emulated]' if not args.upstream else ''}")
+    print(f"  faceaudit / floor    = {ours / floor:.2f}   (goal <= 1.5)")
+    print(f"  faceaudit phases of the last run (s; CT and PET overlap in two threads): "
+          f"{_stage_phases(work / 'faceaudit_out')}")
 
-    def median(name, modality, phase):
-        return float(np.median([r["phases"][modality][phase] for r in results[name]]))
+    print(f"\nInflating the CT ({sizes[0]:.0f} MiB gz) in this process, median of {args.repeats}:")
+    for name, seconds, note in decoder_table(study / "CTres.nii.gz", args.repeats):
+        print(f"  {seconds:6.2f} s  {name}{'  (' + note + ')' if note else ''}")
 
-    print(f"\nAutoPET-sized study {SHAPE_ZYX[::-1]} x 2 (CT + PET), median of {args.repeats} run(s), seconds")
-    print(f"{'phase':<12}{'upstream CT':>12}{'ours CT':>10}{'upstream PET':>14}{'ours PET':>10}")
-    totals = {(n, m): 0.0 for n in results for m in ("ct", "pet")}
-    for phase in PHASES:
-        row = [median(n, m, phase) for m in ("ct", "pet") for n in ("upstream", "faceaudit")]
-        for (n, m), v in zip([(n, m) for m in ("ct", "pet") for n in ("upstream", "faceaudit")], row):
-            totals[(n, m)] += v
-        print(f"{phase:<12}{row[0]:>12.3f}{row[1]:>10.3f}{row[2]:>14.3f}{row[3]:>10.3f}")
-    print(f"{'total':<12}{totals[('upstream', 'ct')]:>12.3f}{totals[('faceaudit', 'ct')]:>10.3f}"
-          f"{totals[('upstream', 'pet')]:>14.3f}{totals[('faceaudit', 'pet')]:>10.3f}")
-    up = totals[("upstream", "ct")] + totals[("upstream", "pet")]
-    ours = totals[("faceaudit", "ct")] + totals[("faceaudit", "pet")]
-    for name in results:
-        vertices = {m: results[name][0]["phases"][m]["n_vertices"] for m in ("ct", "pet")}
-        rss = max(r["peak_rss_mib"] for r in results[name])
-        proc = float(np.median([r["process_s"] for r in results[name]]))
-        print(f"{name:<10} peak RSS {rss:7.0f} MiB   process wall {proc:6.2f} s   "
-              f"mesh vertices CT {vertices['ct']}, PET {vertices['pet']}")
-    wall = float(np.median([r["study_wall_s"] for r in results["faceaudit"]]))
-    print(f"per-study time, sum of phases: upstream {up:.2f} s, faceaudit {ours:.2f} s "
-          f"-> {up / ours:.1f}x faster")
-    print(f"per-study wall time: upstream {up:.2f} s (sequential), faceaudit {wall:.2f} s "
-          f"(PET read in a 2nd thread while the CT is processed) -> {up / wall:.1f}x faster")
-    print("(both paths cast rays with Embree; Open3D, the upstream ray caster, is not installed)")
-    print("(faceaudit's wall time includes its face check of both renders; the check's model is loaded "
-          "once per process before timing, as a cohort pays it once)")
+    if args.cohort > 0:
+        jobs = max(2, min(args.max_jobs, os.cpu_count() or 1))
+        cohort_root = work / f"cohort_{args.cohort}"
+        ensure_cohort(cohort_root, args.cohort, first_seed=1)
+        runs = [("--jobs 1 on 1 core", 1, [0]), ("--jobs 1", 1, None), (f"--jobs {jobs}", jobs, None)]
+        walls = {}
+        for name, j, cores in runs:
+            argv = _stage_argv(cohort_root, _fresh(work / f"cohort_out_{len(walls)}"), j)
+            if cores is not None:        # one job on one core: what N jobs on N cores multiply
+                argv = ["taskset", "-c", ",".join(map(str, cores))] + argv
+            walls[name] = timed_process(argv)
+        print(f"\n--jobs scaling, {args.cohort} studies, {os.cpu_count()} cores, whole process "
+              f"(peak RSS: the largest process):")
+        for name, (wall, rss) in walls.items():
+            print(f"  {name:<20}{wall:6.1f} s ({wall / args.cohort:.2f} s per study)   peak RSS {rss:5.0f} MiB")
+        one_core = walls["--jobs 1 on 1 core"][0]
+        speedup = one_core / walls[f"--jobs {jobs}"][0]
+        print(f"  --jobs {jobs} on {jobs} cores against one job on one core: {speedup:.2f}x, "
+              f"{jobs / speedup:.2f}x from {jobs}-fold (goal within 1.3x)")
+        print(f"  (one job alone already uses the other cores: the CT and PET of a study overlap in "
+              f"threads, {one_core / walls['--jobs 1'][0]:.2f}x)")
     return 0
 
 
