@@ -17,6 +17,13 @@ import numpy as np
 DEGENERATE_AREA = 1e-13
 
 
+def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Volume (mm^3) enclosed by triangles ``faces`` (F, 3) of ``vertices`` (V, 3), by the
+    divergence theorem: positive when the faces are wound with normals pointing out."""
+    v0, v1, v2 = (vertices[faces[:, k]] for k in range(3))
+    return float(np.einsum("ij,ij->i", v0, np.cross(v1, v2)).sum() / 6.0)
+
+
 @dataclass(frozen=True, eq=False)
 class SurfaceMesh:
     """A triangle surface in LPS mm.
@@ -66,8 +73,7 @@ class SurfaceMesh:
     @property
     def volume(self) -> float:
         """Enclosed volume (mm^3) by the divergence theorem; positive when normals point out."""
-        v0, v1, v2 = (self.vertices[self.faces[:, k]] for k in range(3))
-        return float(np.einsum("ij,ij->i", v0, np.cross(v1, v2)).sum() / 6.0)
+        return signed_volume(self.vertices, self.faces)
 
     def to_trimesh(self):
         """The same surface as a ``trimesh.Trimesh`` (imports trimesh)."""

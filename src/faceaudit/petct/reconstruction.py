@@ -310,8 +310,8 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
         imported = pool.submit(_import_processing_modules)
         records = {m: pool.submit(_process_modality, study, m, save_dir, options, imported) for m in todo}
         hashed = {m: pool.submit(modality_fingerprint, study, m, options) for m in todo if m not in known}
-        # after the imports, in the same thread (MediaPipe pulls in scipy too); a failure
-        # here shows again, as "unchecked", when a render is checked
+        # after the imports, so that two threads never import for the first time at once; a
+        # failure here shows again, as "unchecked", when a render is checked
         pool.submit(lambda: (imported.exception(), load_face_mesh()))
         for modality in todo:
             record = records[modality].result()

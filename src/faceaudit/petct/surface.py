@@ -44,7 +44,7 @@ import numpy as np
 from faceaudit.core.files import InputError
 from faceaudit.petct.body import BodySelection, select_body_component, separate_touching
 from faceaudit.petct.head import HeadRegion, find_head, head_zone
-from faceaudit.petct.mesh import SurfaceMesh
+from faceaudit.petct.mesh import SurfaceMesh, signed_volume
 
 PET_THRESHOLDS = ("adaptive", "percentile")
 
@@ -162,11 +162,6 @@ def mask_to_mesh(mask: np.ndarray, spacing, *, offset_mm=(0.0, 0.0, 0.0), level:
     return SurfaceMesh(vertices=verts, faces=faces)
 
 
-def _signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
-    v0, v1, v2 = (vertices[faces[:, k]] for k in range(3))
-    return float(np.einsum("ij,ij->i", v0, np.cross(v1, v2)).sum() / 6.0)
-
-
 def laplacian_smooth(vertices: np.ndarray, faces: np.ndarray, *, lamb: float = 0.5,
                      iterations: int = 5, keep_volume: bool = True) -> np.ndarray:
     """Umbrella-operator Laplacian smoothing: v <- v + lamb (mean(neighbours) - v), ``iterations``
@@ -188,12 +183,12 @@ def laplacian_smooth(vertices: np.ndarray, faces: np.ndarray, *, lamb: float = 0
     degree = np.asarray(adjacency.sum(axis=1)).ravel()
     degree[degree == 0] = 1.0
     averaging = sparse.diags(1.0 / degree) @ adjacency
-    volume0 = _signed_volume(vertices, faces) if keep_volume else 0.0
+    volume0 = signed_volume(vertices, faces) if keep_volume else 0.0
     out = vertices.copy()
     for _ in range(iterations):
         out += lamb * (averaging @ out - out)
         if keep_volume and volume0 != 0.0:
-            volume = _signed_volume(out, faces)
+            volume = signed_volume(out, faces)
             if volume * volume0 > 0:
                 centre = out.mean(axis=0)
                 out = centre + (out - centre) * (volume0 / volume) ** (1.0 / 3.0)

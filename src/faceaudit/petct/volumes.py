@@ -139,26 +139,29 @@ def _open_nifti(path: Path):
 _READ_BLOCK = 8 << 20
 
 
-def _read_exactly(stream, size: int, *, into) -> None:
-    """Fill ``into`` (a writable buffer of ``size`` bytes) from ``stream``; _Short (with the
-    count read) when the stream ends first."""
-    view, filled = memoryview(into), 0
-    while filled < size:
+def _fill(stream, buffer) -> int:
+    """Read ``stream`` into ``buffer`` until it is full or the stream ends; the bytes read."""
+    view, filled = memoryview(buffer), 0
+    while filled < len(view):
         # in blocks: a gzip reader asked for 200 MB at once inflates them into a temporary first
         got = stream.readinto(view[filled: filled + _READ_BLOCK])
         if not got:
             break
         filled += got
-    if filled < size:
-        raise _Short(filled)
+    return filled
 
 
-class _Short(Exception):
-    """The stream ended ``found`` bytes into a read."""
+def _corrupt_stream_errors() -> tuple[type[BaseException], ...]:
+    """What the gzip readers raise for a truncated or corrupt stream (a bad CRC included)."""
+    import gzip
+    import zlib
 
-    def __init__(self, found: int) -> None:
-        super().__init__(found)
-        self.found = found
+    errors: tuple[type[BaseException], ...] = (EOFError, zlib.error, gzip.BadGzipFile)
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return errors
+    return (*errors, isal_zlib.error)
 
 
 def _nifti_header_and_voxels(path: Path):
@@ -171,7 +174,7 @@ def _nifti_header_and_voxels(path: Path):
     import nibabel as nib
 
     with _open_nifti(path) as stream:
-        first = bytes(stream.read(540))
+        first = stream.read(540)
         sizeof_hdr = int.from_bytes(first[:4], "little")
         if sizeof_hdr not in (348, 540):
             sizeof_hdr = int.from_bytes(first[:4], "big")
@@ -180,19 +183,17 @@ def _nifti_header_and_voxels(path: Path):
             raise InputError(f"cannot read volume {path}: expected a NIfTI-1 or NIfTI-2 header "
                              f"(sizeof_hdr 348 or 540), found {len(first)} bytes starting {first[:4]!r}")
         offset = int(header_class(first[:sizeof_hdr]).get_data_offset())
-        prefix = first + bytes(stream.read(max(0, offset - len(first))))
+        prefix = first + stream.read(max(0, offset - len(first)))
         header = header_class.from_fileobj(io.BytesIO(prefix))
         shape, dtype = header.get_data_shape(), header.get_data_dtype()
         size = int(np.prod(shape)) * dtype.itemsize
         voxels = bytearray(size)
         head = prefix[offset:offset + size]                  # a short file's voxels started early
         voxels[:len(head)] = head
-        try:
-            _read_exactly(stream, size - len(head), into=memoryview(voxels)[len(head):])
-        except _Short as short:
-            found = len(prefix) + short.found
+        found = len(prefix) + _fill(stream, memoryview(voxels)[len(head):])
+        if found < offset + size:
             raise InputError(f"cannot read volume {path}: truncated or corrupt file (expected "
-                             f"{offset + size} bytes of header and voxels, found {found})") from None
+                             f"{offset + size} bytes of header and voxels, found {found})")
         while stream.read(1 << 20):                           # to the end: gzip's CRC and length check
             pass
     array = np.frombuffer(voxels, dtype=dtype).reshape(shape, order="F")
@@ -211,14 +212,11 @@ def _read_nifti(path: Path) -> _Raw:
         header, voxels = _nifti_header_and_voxels(path)
     except InputError:
         raise
-    except EOFError as exc:   # the gzip stream ends early
+    except _corrupt_stream_errors() as exc:
         raise InputError(f"cannot read volume {path}: truncated or corrupt file "
                          f"({type(exc).__name__}: {str(exc).strip()})") from exc
-    except Exception as exc:  # isal's corrupt stream or CRC, nibabel's HeaderDataError, OSError ...
-        detail = f"{type(exc).__name__}: {str(exc).strip()}"
-        if type(exc).__name__ in ("IsalError", "error", "BadGzipFile", "zlib.error"):
-            raise InputError(f"cannot read volume {path}: truncated or corrupt file ({detail})") from exc
-        raise InputError(f"cannot read volume {path}: {detail}") from exc
+    except Exception as exc:  # nibabel's HeaderDataError, OSError ...
+        raise InputError(f"cannot read volume {path}: {type(exc).__name__}: {str(exc).strip()}") from exc
     shape = tuple(int(d) for d in header.get_data_shape())
     if len(shape) < 3 or any(d > 1 for d in shape[3:]):
         raise InputError(f"expected a 3-D volume in {path}, found a {len(shape)}-D image of size "
