@@ -70,3 +70,44 @@ def test_the_montage_frames_renders_without_a_face_in_red(tmp_path):
     np.testing.assert_allclose(sheet[174 + 120, 80], 128, atol=2)     # the render still shows
     unmarked = qa_montage(tmp_path, ["a", "b"]).astype(int)
     assert not ((unmarked[..., 0] > 200) & (unmarked[..., 1] < 60)).any()
+
+
+@pytest.fixture
+def fresh_checker(monkeypatch):
+    """This process's checker state, reset before and after (stage-1 tests start one too)."""
+    from faceaudit.petct import render_qa
+
+    monkeypatch.setattr(render_qa, "_checker", None)
+    monkeypatch.setattr(render_qa, "_checker_failed", False)
+    yield render_qa
+    if render_qa._checker is not None:
+        render_qa._checker.close()
+
+
+def test_the_checker_process_gives_the_verdicts_checked_here(headsq_render, fresh_checker):
+    yy, xx = np.mgrid[:512, :512]
+    blob = (((yy - 256) / 100.0) ** 2 + ((xx - 256) / 80.0) ** 2 <= 1.0) * np.uint8(180)
+    images = [headsq_render, np.ascontiguousarray(headsq_render[::-1]), blob, np.zeros((512, 512), np.uint8)]
+    here = [render_face_qa(image) for image in images]
+    fresh_checker.start_checker()
+    checker = fresh_checker._checker
+    assert [checker.verdict(image) for image in images] == here        # asked directly
+    assert [render_face_qa(image) for image in images] == here          # and through the default path
+    assert here[0] == FACE
+
+
+def test_a_killed_checker_process_leaves_the_checks_to_this_process(headsq_render, fresh_checker, caplog):
+    """kill -9 of the checker: the next check warns, runs here with the same verdict, and no
+    new checker is started for later studies."""
+    import signal
+
+    fresh_checker.start_checker()
+    checker = fresh_checker._checker
+    assert checker.verdict(headsq_render) == FACE
+    checker._proc.send_signal(signal.SIGKILL)
+    checker._proc.wait(timeout=10)
+    with caplog.at_level("WARNING"):
+        assert render_face_qa(headsq_render) == FACE
+    assert "the face-check process failed" in caplog.text
+    fresh_checker.start_checker()
+    assert fresh_checker._checker is None and fresh_checker._checker_failed

@@ -47,10 +47,10 @@ from faceaudit.petct.render_qa import (
     LABEL_CHARS,
     NO_FACE,
     UNCHECKED,
-    load_face_mesh,
     mark_no_face,
     qa_labels,
     render_face_qa,
+    start_checker,
 )
 from faceaudit.petct.surface import PET_THRESHOLDS, extract_head_surface
 from faceaudit.petct.volumes import Study, discover_studies, load_volume
@@ -297,8 +297,9 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     The CT and PET each run in their own thread from reading to writing: inflating a
     volume releases the GIL, and so do most of the array work, the mesh smoothing and
     the ray casting, so on two cores the two modalities overlap. The processing modules
-    and the face-QA model are loaded in a third thread meanwhile; the fingerprints are
-    hashed in the background (hashlib releases the GIL too).
+    are imported in a third thread meanwhile, the face-QA model in a checker process
+    (render_qa.start_checker), and the fingerprints are hashed in the background (hashlib
+    releases the GIL too).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -306,13 +307,11 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     out: dict = {"id": study.id, "subject": study.subject}
     todo = [m for m in MODALITIES if m in modalities]
     known = dict(fingerprints or {})
+    start_checker()           # MediaPipe is imported in the checker process, on another core
     with ThreadPoolExecutor(max_workers=2 * len(todo) + 1) as pool:
         imported = pool.submit(_import_processing_modules)
         records = {m: pool.submit(_process_modality, study, m, save_dir, options, imported) for m in todo}
         hashed = {m: pool.submit(modality_fingerprint, study, m, options) for m in todo if m not in known}
-        # after the imports, so that two threads never import for the first time at once; a
-        # failure here shows again, as "unchecked", when a render is checked
-        pool.submit(lambda: (imported.exception(), load_face_mesh()))
         for modality in todo:
             record = records[modality].result()
             if record["status"] == STATUS_OK:

@@ -10,15 +10,19 @@ layout of the face found: eye centres above the nose tip above the mouth above t
 Verdicts: ``face`` (found, plausible), ``no_face`` (nothing found), ``implausible`` (found,
 but the layout is not a face seen upright from the front), ``unchecked`` (the face mesh
 could not run; logged). The face mesh is loaded once per process (landmarks' cache), so a
-worker pays the model's start-up once (about 0.8 s, most of it importing MediaPipe), then
-~0.02 s per render. Stage 1 loads it in the background while the volumes are read
-(``load_face_mesh``), and checks its CT and PET renders from two threads: one lock keeps
-the MediaPipe graph, which is not thread-safe, to one image at a time.
+process pays the model's start-up once (0.8-1.0 s, nearly all of it importing MediaPipe,
+which holds the GIL), then ~0.02 s per render. Stage 1 starts a checker process instead
+(``start_checker``): MediaPipe is imported there, on another core, while the volumes are
+read and meshed, and the renders are checked there by this same function. Without a
+checker (or when it cannot run) the check runs in this process, behind one lock: the
+MediaPipe graph is not thread-safe and stage 1 checks its CT and PET from two threads.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -50,22 +54,116 @@ def _face_mesh():
     return _cached_mesh(0.5)
 
 
-def load_face_mesh() -> None:
-    """Load the process's face mesh now (once; later calls return at once), so that the
-    first render's check does not wait for it."""
+class FaceChecker:
+    """``render_face_qa`` in a child process that has imported MediaPipe on its own.
+
+    Protocol on the child's stdin and stdout: height and width (two little-endian uint32),
+    then the uint8 grey pixels; the answer is the verdict on one line. The child ends when
+    its stdin closes, so it never outlives this process, however this one ends.
+    """
+
+    def __init__(self) -> None:
+        import os
+        from pathlib import Path
+
+        # the child imports this very faceaudit, however this process found it
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from faceaudit.petct.render_qa import serve_checks; serve_checks()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def verdict(self, image: np.ndarray) -> str:
+        """The verdict of ``image`` (H, W) uint8; OSError or EOFError when the child is gone."""
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        request = np.array(image.shape[:2], "<u4").tobytes() + image.tobytes()
+        with self._lock:
+            self._proc.stdin.write(request)
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        if not line:
+            raise EOFError(f"the face-check process ended (exit code {self._proc.poll()})")
+        return line.decode("ascii").strip()
+
+    def close(self) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+_checker: FaceChecker | None = None
+_checker_failed = False
+_CHECKER_LOCK = threading.Lock()
+
+
+def start_checker() -> None:
+    """Start this process's checker (once; later calls return at once; never again after
+    one failed: the checks then run in this process)."""
+    global _checker
+    with _CHECKER_LOCK:
+        if _checker is None and not _checker_failed:
+            import atexit
+
+            _checker = FaceChecker()
+            atexit.register(_checker.close)
+
+
+def serve_checks(stdin=None, stdout=None) -> None:
+    """The checker's loop (see FaceChecker): load the face mesh, then answer until stdin ends."""
+    import os
+
+    stdin = stdin or sys.stdin.buffer
+    if stdout is None:
+        # the answers keep the real stdout; anything a library prints goes to stderr instead
+        stdout = os.fdopen(os.dup(1), "wb")
+        os.dup2(2, 1)
     with _FACE_MESH_LOCK:
-        _face_mesh()
+        try:
+            _face_mesh()
+        except Exception:       # each check then says "unchecked" and logs why
+            pass
+    while True:
+        size = stdin.read(8)
+        if len(size) < 8:
+            return
+        height, width = (int(v) for v in np.frombuffer(size, "<u4"))
+        pixels = stdin.read(height * width)
+        if len(pixels) < height * width:
+            return
+        image = np.frombuffer(pixels, np.uint8).reshape(height, width)
+        stdout.write(render_face_qa(image, in_process=True).encode("ascii") + b"\n")
+        stdout.flush()
 
 
 def render_face_qa(image: np.ndarray, *, crop: int = RENDER_CROP, framing: Framing = Framing(),
-                   mesh=None) -> str:
+                   mesh=None, in_process: bool = False) -> str:
     """The QA verdict of a render (H, W) uint8 grey: see the module docstring.
 
-    mesh: anything with ``detect(image)``; default the process's cached MediaPipe face mesh.
+    mesh: anything with ``detect(image)``; default the process's cached MediaPipe face mesh,
+    or the checker process when one was started (``start_checker``) and the crop and
+    framing are the defaults it uses. A checker that has ended is not asked again: the
+    check then runs here.
     """
     from faceaudit.core.images import center_crop
 
+    global _checker, _checker_failed
     image = np.asarray(image)
+    checker = _checker
+    if checker is not None and mesh is None and not in_process and crop == RENDER_CROP \
+            and framing == Framing() and image.dtype == np.uint8 and image.ndim == 2:
+        try:
+            return checker.verdict(image)
+        except (OSError, EOFError, ValueError) as exc:
+            log.warning("the face-check process failed (%s: %s); checking here", type(exc).__name__, exc)
+            with _CHECKER_LOCK:
+                _checker_failed = True
+                if _checker is checker:
+                    _checker = None
     if min(image.shape[:2]) > crop:
         image = center_crop(image, crop)
     try:
