@@ -22,6 +22,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -261,12 +262,16 @@ def _reconstruct_and_write(volume, t_load: float, save_dir: Path, study_id: str,
 
 
 def _process_modality(study: Study, modality: str, save_dir: Path, options: ReconstructionOptions,
-                      imported) -> dict:
+                      imported, loaded) -> dict:
     """Load, reconstruct, check and write one modality; a bad volume becomes the record's
-    reason (its output files removed), a full or read-only disk is raised."""
+    reason (its output files removed), a full or read-only disk is raised. ``loaded`` (an
+    Event) is set once the volume is read or failed to read."""
     t0 = time.perf_counter()
     try:
-        volume, t_load, units = _load(study, modality)
+        try:
+            volume, t_load, units = _load(study, modality)
+        finally:
+            loaded.set()
         imported.result()           # the processing modules (an ImportError is this volume's failure)
         record = _reconstruct_and_write(volume, t_load, save_dir, study.id, modality, options, units)
         del volume
@@ -298,8 +303,8 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     volume releases the GIL, and so do most of the array work, the mesh smoothing and
     the ray casting, so on two cores the two modalities overlap. The processing modules
     are imported in a third thread meanwhile, the face-QA model in a checker process
-    (render_qa.start_checker), and the fingerprints are hashed in the background (hashlib
-    releases the GIL too).
+    (render_qa.start_checker), and each fingerprint is hashed once its volume is read
+    (hashlib releases the GIL too).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -310,8 +315,13 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     start_checker()           # MediaPipe is imported in the checker process, on another core
     with ThreadPoolExecutor(max_workers=2 * len(todo) + 1) as pool:
         imported = pool.submit(_import_processing_modules)
-        records = {m: pool.submit(_process_modality, study, m, save_dir, options, imported) for m in todo}
-        hashed = {m: pool.submit(modality_fingerprint, study, m, options) for m in todo if m not in known}
+        loaded = {m: threading.Event() for m in todo}
+        records = {m: pool.submit(_process_modality, study, m, save_dir, options, imported, loaded[m])
+                   for m in todo}
+        # hashed once the volume is read: the file is in the page cache then, and the
+        # inflating, which everything after waits for, has the cores to itself before
+        hashed = {m: pool.submit(lambda m=m: (loaded[m].wait(), modality_fingerprint(study, m, options))[1])
+                  for m in todo if m not in known}
         for modality in todo:
             record = records[modality].result()
             if record["status"] == STATUS_OK:

@@ -117,6 +117,12 @@ def serve_checks(stdin=None, stdout=None) -> None:
     """The checker's loop (see FaceChecker): load the face mesh, then answer until stdin ends."""
     import os
 
+    # the stage needs the first verdict only after its volumes are read and meshed: until
+    # then its threads have the cores first, and MediaPipe's import fills the gaps
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     stdin = stdin or sys.stdin.buffer
     if stdout is None:
         # the answers keep the real stdout; anything a library prints goes to stderr instead
