@@ -1,5 +1,8 @@
 """Inter-ocular distance, MAD (478 and upstream 468 divisors), framing, placement."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -124,3 +127,23 @@ def test_mediapipe_places_478_points_and_framing_agrees():
 def test_framing_rejects_impossible_settings_when_built(options):
     with pytest.raises(ValueError, match="must be"):
         Framing(**options)
+
+
+def test_mediapipe_import_leaves_drawing_and_tasks_until_used():
+    # a fresh interpreter: this test process may already hold matplotlib
+    code = (
+        "import sys\n"
+        "from faceaudit.faces.facemesh import mediapipe_solutions, _LazyModuleFinder\n"
+        "before = list(sys.meta_path)\n"
+        "solutions = mediapipe_solutions()\n"
+        "assert sys.meta_path == before, 'finder left behind'\n"
+        "assert not any(isinstance(f, _LazyModuleFinder) for f in sys.meta_path)\n"
+        "print('matplotlib' in sys.modules, 'mediapipe.tasks.python.vision' in sys.modules)\n"
+        "assert solutions.face_mesh.FaceMesh is not None\n"
+        "import mediapipe as mp\n"
+        "print(mp.solutions.drawing_utils.DrawingSpec.__name__, mp.tasks.vision.FaceLandmarker.__name__)\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "DrawingSpec", "FaceLandmarker", "True"]
