@@ -54,7 +54,7 @@ from faceaudit.petct.render_qa import (
     start_checker,
 )
 from faceaudit.petct.surface import PET_THRESHOLDS, extract_head_surface
-from faceaudit.petct.volumes import Study, discover_studies, load_volume
+from faceaudit.petct.volumes import NIFTI_SUFFIXES, Study, discover_studies, load_volume
 
 MODALITIES = ("ct", "pet")
 PNG_FOLDERS = {"ct": CT_RENDERS, "pet": PET_RENDERS}
@@ -218,15 +218,20 @@ def _load(study: Study, modality: str):
     return volume, time.perf_counter() - t0, units
 
 
-def _import_processing_modules() -> None:
-    """Import what the surface, render and write steps use, in this one thread.
+def _import_processing_modules(*, nifti: bool = False) -> None:
+    """Import what the surface, render and write steps use, in this one thread; with
+    ``nifti``, nibabel first.
 
     Why one thread: the CT and PET are processed in two threads, and two threads importing
     one package for the first time at once (scipy from ndimage and from skimage) can be
     handed each other's partially initialised modules (trimesh is not among them: stage 1
     never imports it, see petct.mesh). Importing here while the volumes are
     inflated (igzip releases the GIL) also takes the imports off the critical path.
+    nibabel comes first because both readers wait for it to parse their headers: imported
+    alone, before scipy, it is not slowed by another import holding the GIL half the time.
     """
+    if nifti:
+        import nibabel  # noqa: F401
     import cc3d  # noqa: F401
     import embreex.mesh_construction  # noqa: F401
     import embreex.rtcore_scene  # noqa: F401
@@ -314,7 +319,9 @@ def process_study(study: Study, *, save_dir: str | os.PathLike, options: Reconst
     known = dict(fingerprints or {})
     start_checker()           # MediaPipe is imported in the checker process, on another core
     with ThreadPoolExecutor(max_workers=2 * len(todo) + 1) as pool:
-        imported = pool.submit(_import_processing_modules)
+        sources = [_source(study, m) for m in todo]
+        imported = pool.submit(_import_processing_modules, nifti=any(
+            p is not None and p.name.lower().endswith(NIFTI_SUFFIXES) for p in sources))
         loaded = {m: threading.Event() for m in todo}
         records = {m: pool.submit(_process_modality, study, m, save_dir, options, imported, loaded[m])
                    for m in todo}

@@ -239,6 +239,8 @@ def _read_nifti(path: Path) -> _Raw:
 
 
 def _read_sitk(path: Path) -> _Raw:
+    if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path)        # before SimpleITK's import: 0.3 s a NIfTI cohort never needs
     import SimpleITK as sitk
 
     if path.is_dir():
@@ -254,8 +256,6 @@ def _read_sitk(path: Path) -> _Raw:
         image = reader.Execute()
     elif not path.is_file():
         raise InputError(f"expected a volume file or DICOM folder at {path}, found nothing")
-    elif path.name.lower().endswith(NIFTI_SUFFIXES):
-        return _read_nifti(path)
     else:
         image = sitk.ReadImage(str(path))
     if image.GetNumberOfComponentsPerPixel() != 1:
