@@ -54,13 +54,26 @@ class HeadRegion:
     left_out_voxels: int = 0
 
 
-def _pieces_touching(piece_labels: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """bool mask of the 8-connected pieces of one slice within one voxel of ``region``."""
-    from scipy.ndimage import binary_dilation
+def _dilate_8(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (2-D bool) grown by one voxel in the 8 directions (a 3 x 3 box), nothing
+    growing in from outside: what binary_dilation with a 3 x 3 structure gives, without its
+    per-call set-up (the tracking dilates every slice)."""
+    rows = mask.copy()
+    rows[1:] |= mask[:-1]
+    rows[:-1] |= mask[1:]
+    out = rows.copy()
+    out[:, 1:] |= rows[:, :-1]
+    out[:, :-1] |= rows[:, 1:]
+    return out
 
-    reach = binary_dilation(region, np.ones((3, 3), bool))
-    ids = np.unique(piece_labels[reach])
-    return np.isin(piece_labels, ids[ids > 0])
+
+def _pieces_touching(piece_labels: np.ndarray, region: np.ndarray, n_pieces: int) -> np.ndarray:
+    """bool mask of the 8-connected pieces of one slice within one voxel of ``region``.
+    piece_labels: the slice's piece ids (0 background, at most ``n_pieces``)."""
+    touched = np.zeros(n_pieces + 1, bool)
+    touched[piece_labels[_dilate_8(region)]] = True
+    touched[0] = False
+    return touched[piece_labels]
 
 
 def _nearer_to_head(candidates: np.ndarray, head: np.ndarray, left_out: np.ndarray) -> np.ndarray:
@@ -74,21 +87,34 @@ def _nearer_to_head(candidates: np.ndarray, head: np.ndarray, left_out: np.ndarr
 
 
 def _split(to_head: np.ndarray, midline_x: float, min_share: float,
-           min_voxels: float) -> tuple[np.ndarray, np.ndarray]:
+           min_voxels: float, pieces: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(head, left out) of one slice's head voxels: unchanged unless they form two or more
     substantial pieces (each >= ``min_share`` of the largest and >= ``min_voxels``): then
     the other substantial pieces than the one nearest the midline are left out (small ones
-    stay with the head)."""
-    from scipy.ndimage import label
+    stay with the head).
 
-    labels, n = label(to_head, np.ones((3, 3), bool))
-    if n < 2:
+    pieces: the slice's 8-connected piece ids when ``to_head`` is a union of whole pieces
+    (its pieces are then those, and the slice is not labelled again); None to label it."""
+    if pieces is None:
+        from scipy.ndimage import label
+
+        labels, _n = label(to_head, np.ones((3, 3), bool))
+    else:
+        labels = np.where(to_head, pieces, 0)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    present = np.flatnonzero(sizes)
+    if present.size < 2:
         return to_head, np.zeros_like(to_head)
-    sizes = np.bincount(labels.ravel())[1:]
-    substantial = np.flatnonzero(sizes >= max(min_share * sizes.max(), min_voxels)) + 1
+    # in order of the pieces' first voxels (row-major), as label numbers them
+    substantial = present[sizes[present] >= max(min_share * sizes.max(), min_voxels)]
     if substantial.size < 2:
         return to_head, np.zeros_like(to_head)
-    centres_x = np.array([np.nonzero(labels == i)[1].mean() for i in substantial])
+    rows_cols = np.nonzero(labels)
+    in_labels = labels[rows_cols]
+    centres_x = np.array([rows_cols[1][in_labels == i].mean() for i in substantial])
+    first = np.array([np.flatnonzero(in_labels == i)[0] for i in substantial])
+    substantial, centres_x = substantial[np.argsort(first)], centres_x[np.argsort(first)]
     chosen = substantial[int(np.argmin(np.abs(centres_x - midline_x)))]
     split_off = np.isin(labels, substantial[substantial != chosen])
     return to_head & ~split_off, split_off
@@ -112,7 +138,7 @@ def find_head(body: np.ndarray, *, min_share: float = 0.25, min_trunk_share: flo
     widest = int(np.argmax(areas))
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = True                       # each slice labelled on its own, 8-connected
-    pieces, _n = label(body, structure=in_plane)
+    pieces, n_pieces = label(body, structure=in_plane)
     counts = np.bincount(pieces[widest].ravel())
     counts[0] = 0
     head = pieces[widest] == int(np.argmax(counts))
@@ -121,9 +147,10 @@ def find_head(body: np.ndarray, *, min_share: float = 0.25, min_trunk_share: flo
     min_voxels = min_trunk_share * np.count_nonzero(head)
     tracked, left_out_of = {widest: head}, {}
     for z in range(widest + 1, top + 1):
-        candidates = _pieces_touching(pieces[z], head | left_out)
+        candidates = _pieces_touching(pieces[z], head | left_out, n_pieces)
         to_head = _nearer_to_head(candidates, head, left_out)
-        head, split_off = _split(to_head, midline_x, min_share, min_voxels)
+        head, split_off = _split(to_head, midline_x, min_share, min_voxels,
+                                 pieces[z] if to_head is candidates else None)
         if not head.any():
             break
         left_out = (candidates & ~to_head) | split_off
