@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
-from faceaudit.petct.body import _extruded_along_axis0, select_body_component
+from faceaudit.petct.body import _ball, _core_voxels, _extruded_along_axis0, select_body_component
 
 SPACING = (2.0, 2.0, 2.0)
 
@@ -61,3 +61,27 @@ def test_extrusion_measure_needs_a_long_sweep_of_one_cross_section():
     zz, yy, xx = np.mgrid[:19, :40, :40]
     radius = np.sqrt(zz ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2)
     assert not _extruded_along_axis0((radius <= 18) & (radius > 16), (4.0, 2.0, 2.0))
+
+
+def test_core_of_a_cube_is_the_cube_eroded_by_the_radius():
+    cube = np.zeros((15, 15, 15), bool)
+    cube[2:13, 2:13, 2:13] = True                    # 11 voxels a side, 1 mm
+    # a voxel k voxels in from the face is k + 1 mm from the outside: deeper than 2 mm from k = 2
+    assert _core_voxels(cube, (1.0, 1.0, 1.0), 2.0) == 7 ** 3
+    assert _core_voxels(cube, (1.0, 1.0, 1.0), 5.5) == 1           # only the centre, 6 mm deep
+    assert _core_voxels(cube[2:13, 2:13, 2:13], (1.0, 1.0, 1.0), 2.0) == 7 ** 3   # array border = outside
+    assert _core_voxels(np.zeros((4, 4, 4), bool), (1.0, 1.0, 1.0), 2.0) == 0
+
+
+@pytest.mark.parametrize("sampling", [(6.0, 6.12, 6.12), (8.0, 8.0, 8.0), (3.0, 2.04, 2.04), (1.0, 2.5, 4.0)])
+@pytest.mark.parametrize("radius_mm", [4.0, 6.0, 8.7, 10.0, 12.0, 20.0])
+def test_core_voxels_erosion_and_distance_transform_agree(sampling, radius_mm):
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    rng = np.random.default_rng(int(radius_mm * 10) + int(sum(sampling) * 100))
+    field = gaussian_filter(rng.random((40, 36, 32)), 3.0)
+    blob = field > np.quantile(field, 0.4)
+    expected = int(np.count_nonzero(distance_transform_edt(np.pad(blob, 1), sampling=sampling) > radius_mm))
+    assert _core_voxels(blob, sampling, radius_mm) == expected
+    ball = _ball(sampling, radius_mm)
+    assert ball[tuple(n // 2 for n in ball.shape)]

@@ -53,18 +53,37 @@ class BodySelection:
     table_voxels_removed: int = 0   # voxels of the component cut off as a touching table
 
 
-def _depth_inside(component: np.ndarray, sampling) -> np.ndarray:
-    """Distance (mm) of each voxel of ``component`` (bool, coarse grid) to the outside,
-    over the component's bounding box (zeros outside it are not returned)."""
-    from scipy.ndimage import distance_transform_edt
+def _ball(sampling, radius_mm: float) -> np.ndarray:
+    """bool structuring element: the grid offsets within ``radius_mm`` of the centre, on a
+    grid of ``sampling`` mm (distances computed as distance_transform_edt computes them)."""
+    half = [int(np.floor(radius_mm / float(s))) for s in sampling]
+    offsets = np.mgrid[tuple(slice(-h, h + 1) for h in half)].astype(np.float64)
+    offsets *= np.asarray(sampling, dtype=np.float64).reshape(3, 1, 1, 1)
+    return np.sqrt(np.add.reduce(offsets * offsets, axis=0)) <= radius_mm
+
+
+def _core_voxels(component: np.ndarray, sampling, radius_mm: float) -> int:
+    """How many voxels of ``component`` (bool) lie deeper than ``radius_mm`` inside it: farther
+    than that from every voxel outside it, the outside of the array included.
+
+    Those are the voxels an erosion by the ball of that radius keeps. With the ball a few
+    voxels across (10 mm on the 6 mm grid: 19 voxels) the erosion is several times faster
+    than the distance transform; with a larger one the distance transform is (measured:
+    equal at 155 voxels). Both count the same voxels."""
+    from scipy.ndimage import binary_erosion, distance_transform_edt
 
     z = np.flatnonzero(component.any(axis=(1, 2)))
+    if z.size == 0:
+        return 0
     y = np.flatnonzero(component.any(axis=(0, 2)))
     x = np.flatnonzero(component.any(axis=(0, 1)))
-    if z.size == 0:
-        return np.zeros(0)
     box = component[z[0]: z[-1] + 1, y[0]: y[-1] + 1, x[0]: x[-1] + 1]
-    return distance_transform_edt(np.pad(box, 1), sampling=sampling)
+    ball = _ball(sampling, radius_mm)
+    if np.count_nonzero(ball) <= 27:
+        return int(np.count_nonzero(binary_erosion(box, structure=ball, border_value=0)))
+    # one voxel of outside around the box: the nearest outside voxel is always within it
+    depth = distance_transform_edt(np.pad(box, 1), sampling=sampling)
+    return int(np.count_nonzero(depth > radius_mm))
 
 
 def _box_steps(spacing, radius_mm: float) -> list[int]:
@@ -280,8 +299,7 @@ def select_body_component(mask: np.ndarray, spacing, *, core_radius_mm: float = 
         for lab, count in counts.items():
             if count < min_fraction * largest:
                 continue
-            depth = _depth_inside(coarse == lab, sampling)
-            core = float(np.count_nonzero(depth > core_radius_mm) * np.prod(sampling) / 1000.0)
+            core = float(_core_voxels(coarse == lab, sampling, core_radius_mm) * np.prod(sampling) / 1000.0)
             candidates.append({"label": lab, "voxels": int(count * np.prod(strides)),
                                "core_ml": core, "volume_ml": count * np.prod(strides) * voxel_ml})
         best = max(candidates, key=lambda c: (c["core_ml"], c["voxels"]))["label"]
