@@ -153,3 +153,27 @@ def test_arms_beside_the_head_ending_below_its_top_are_left_out():
     assert abs(z_hi - HEAD_TOP_MM) <= 6.0
     # before: x -54 .. 250 mm, the arms' outer sides; the head spans 24 .. 174 mm
     assert 24.0 - 10.0 < x_lo and x_hi < 174.0 + 10.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_of_whole_pieces_is_the_same_with_their_ids_or_labelled_again(seed):
+    from scipy.ndimage import gaussian_filter, label
+
+    from faceaudit.petct.head import _split
+
+    rng = np.random.default_rng(seed)
+    field = gaussian_filter(rng.random((60, 60)), 2.0)
+    slice_ = field > np.quantile(field, 0.55)
+    pieces, n = label(slice_, np.ones((3, 3), bool))
+    assert n >= 3
+    # some whole pieces, the ids shuffled: the split must not depend on how they are numbered
+    kept = rng.permutation(np.arange(1, n + 1))[: max(2, n // 2)]
+    renumbered = np.where(pieces > 0, rng.permutation(np.arange(1, n + 1))[pieces - 1], 0)
+    to_head = np.isin(pieces, kept)
+    for midline in (0.0, 30.0, 59.0):
+        for min_share, min_voxels in ((0.25, 5.0), (0.0, 0.0), (0.6, 1.0)):
+            expected = _split(to_head, midline, min_share, min_voxels)
+            for ids in (pieces, renumbered):
+                got = _split(to_head, midline, min_share, min_voxels, ids)
+                np.testing.assert_array_equal(got[0], expected[0])
+                np.testing.assert_array_equal(got[1], expected[1])
