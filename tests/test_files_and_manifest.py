@@ -102,6 +102,22 @@ def test_map_items_records_errors_and_goes_on(jobs):
     assert len(out) == 4
 
 
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_file_digest_is_the_digest_of_the_bytes_whatever_the_blocks(tmp_path, monkeypatch, size):
+    import hashlib
+
+    from faceaudit.core import files
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "volume.bin"
+    path.write_bytes(data)
+    monkeypatch.setattr(files, "DIGEST_BLOCK", 4096)          # several blocks and a short last one
+    assert files.file_digest(path) == hashlib.sha256(data).hexdigest()
+    assert files.file_digest(path, "md5") == hashlib.md5(data).hexdigest()
+    with pytest.raises(FileNotFoundError):
+        files.file_digest(tmp_path / "missing.bin")
+
+
 def test_file_digest_once_follows_a_rewritten_file(tmp_path):
     from faceaudit.core.files import file_digest, file_digest_once
 
