@@ -1,6 +1,7 @@
 """Volume input: canonical orientation, NIfTI vs DICOM, study discovery, broken files."""
 
 import gzip
+import mmap
 
 import numpy as np
 import pytest
@@ -361,7 +362,7 @@ def _owner(array: np.ndarray):
 def test_loaded_voxels_outlive_simpleitk_and_are_read_only(tmp_path, name):
     """Every decoder (nibabel for NIfTI, SimpleITK for other formats): the array must not
     view a SimpleITK buffer, which is freed with its image (a view once read freed memory),
-    and must be read-only. A NIfTI is inflated into a bytearray Python owns."""
+    and must be read-only. A NIfTI is inflated into memory Python owns (an anonymous mmap)."""
     import gc
 
     array = np.random.default_rng(5).normal(size=(6, 7, 8)).astype(np.float32)
@@ -378,7 +379,7 @@ def test_loaded_voxels_outlive_simpleitk_and_are_read_only(tmp_path, name):
     churn = [np.full(array.shape, 7.0, np.float32) for _ in range(8)]   # reuse freed memory
     np.testing.assert_array_equal(loaded, array)
     owner = _owner(loaded)
-    assert isinstance(owner, (np.ndarray, bytes, bytearray)), type(owner)
+    assert isinstance(owner, (np.ndarray, bytes, bytearray, mmap.mmap)), type(owner)
     assert not loaded.flags.writeable
     with pytest.raises(ValueError):
         loaded[0, 0, 0] = 1.0

@@ -20,6 +20,7 @@ so the same physical head gives the same render however it was stored.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -151,6 +152,20 @@ def _fill(stream, buffer) -> int:
     return filled
 
 
+def _zeroed_buffer(size: int):
+    """A writable buffer of ``size`` zero bytes for the voxels.
+
+    Anonymous memory mapped with MAP_POPULATE: the kernel maps and zeroes every page in the
+    one mmap call, which releases the GIL. ``bytearray(size)`` zero-fills the same 200 MB
+    holding the GIL (0.08 s per AutoPET CT, while the other volume's thread waits)."""
+    if size > 0 and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        except OSError:          # no memory to map at once: let bytearray raise MemoryError
+            pass
+    return bytearray(size)
+
+
 def _corrupt_stream_errors() -> tuple[type[BaseException], ...]:
     """What the gzip readers raise for a truncated or corrupt stream (a bad CRC included)."""
     import gzip
@@ -187,7 +202,7 @@ def _nifti_header_and_voxels(path: Path):
         header = header_class.from_fileobj(io.BytesIO(prefix))
         shape, dtype = header.get_data_shape(), header.get_data_dtype()
         size = int(np.prod(shape)) * dtype.itemsize
-        voxels = bytearray(size)
+        voxels = _zeroed_buffer(size)
         head = prefix[offset:offset + size]                  # a short file's voxels started early
         voxels[:len(head)] = head
         found = len(prefix) + _fill(stream, memoryview(voxels)[len(head):])
