@@ -111,3 +111,46 @@ def test_a_killed_checker_process_leaves_the_checks_to_this_process(headsq_rende
     assert "the face-check process failed" in caplog.text
     fresh_checker.start_checker()
     assert fresh_checker._checker is None and fresh_checker._checker_failed
+
+
+def test_the_checker_process_keeps_mediapipe_chatter_off_stderr(headsq_render):
+    """MediaPipe's first inference writes C++ log lines to stderr; the checker drops exactly
+    those lines, and the verdict comes back as before."""
+    import subprocess
+    import sys
+
+    image = np.ascontiguousarray(headsq_render, dtype=np.uint8)
+    request = np.array(image.shape, "<u4").tobytes() + image.tobytes()
+    done = subprocess.run([sys.executable, "-c", "from faceaudit.petct.render_qa import serve_checks; serve_checks()"],
+                          input=request, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.decode().split() == [FACE]
+    assert b"XNNPACK" not in done.stderr and b"inference_feedback_manager" not in done.stderr, done.stderr
+
+
+def test_stderr_filter_drops_only_whole_matching_lines(tmp_path):
+    """C-level writes to fd 2 included; a genuine line, one with a chatter line's words inside
+    it and a last line without a newline all get through, in order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from faceaudit.faces.facemesh import filter_stderr\n"
+        "stop = filter_stderr()\n"
+        "os.write(2, b'INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\nreal error 1\\n')\n"
+        "os.write(2, b'W0000 00:00:1796104985.925035   30297 inference_feedback_manager.cc:114] Feedback '\n"
+        "            b'manager requires a model with a single signature inference. Disabling support for '\n"
+        "            b'feedback tensors.\\nWARNING: All log messages before absl::InitializeLog() is called '\n"
+        "            b'are written to STDERR\\n')\n"
+        "os.write(2, b'ERROR: the INFO: Created TensorFlow Lite XNNPACK delegate for CPU. failed\\n')\n"
+        "import sys; print('python warning', file=sys.stderr, flush=True)\n"
+        "os.write(2, b'no newline at the end')\n"
+        "stop()\n"
+        "os.write(2, b'|after stop\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.decode() == ("real error 1\n"
+                                    "ERROR: the INFO: Created TensorFlow Lite XNNPACK delegate for CPU. failed\n"
+                                    "python warning\nno newline at the end|after stop\n")

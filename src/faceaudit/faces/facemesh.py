@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
+import re
 import sys
 import threading
 
@@ -70,6 +72,59 @@ def mediapipe_solutions():
             finally:
                 sys.meta_path.remove(finder)
     return mp.solutions
+
+
+#: Lines MediaPipe's C++ side writes to stderr on every first inference of a graph, which
+#: say nothing a user can act on (TFLite picking its CPU delegate, absl's logging not being
+#: set up, a feedback-tensor feature the bundled models do not use).
+MEDIAPIPE_CHATTER = re.compile(
+    rb"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.\s*$"
+    rb"|^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\s*$"
+    rb"|inference_feedback_manager\.cc:\d+\] Feedback manager requires a model with a single "
+    rb"signature inference\. Disabling support for feedback tensors\.\s*$")
+
+
+def filter_stderr(noise: re.Pattern = MEDIAPIPE_CHATTER):
+    """Route this process's standard error (file descriptor 2, so C++ code's writes too)
+    through a thread that drops the whole lines matching ``noise``; everything else reaches
+    the real stderr. Returns ``stop()``, which puts fd 2 back and writes what is left.
+
+    For a process of its own, such as stage 1's face checker: a line reaches the terminal
+    only once its newline is written, so a progress bar that redraws one line would wait.
+    """
+    real = os.dup(2)
+    restore = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as source, os.fdopen(real, "wb", buffering=0) as sink:
+            pending = b""
+            while chunk := source.read(1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                kept = b"".join(line + b"\n" for line in lines if not noise.search(line))
+                try:
+                    if kept:
+                        sink.write(kept)
+                except OSError:          # the terminal is gone: keep draining, or writers block
+                    pass
+            if pending and not noise.search(pending):
+                try:
+                    sink.write(pending)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        sys.stderr.flush()
+        os.dup2(restore, 2)              # closes the pipe's last write end: the pump sees its end
+        os.close(restore)
+        thread.join(timeout=5)
+
+    return stop
 
 
 def _connection_indices(connections) -> np.ndarray:

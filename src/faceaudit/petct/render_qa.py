@@ -123,27 +123,36 @@ def serve_checks(stdin=None, stdout=None) -> None:
         os.nice(10)
     except OSError:
         pass
+    from faceaudit.faces.facemesh import filter_stderr
+
     stdin = stdin or sys.stdin.buffer
-    if stdout is None:
+    stop_filter = None
+    if stdout is None:          # this process's own streams: it is the checker process
         # the answers keep the real stdout; anything a library prints goes to stderr instead
         stdout = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)
-    with _FACE_MESH_LOCK:
-        try:
-            _face_mesh()
-        except Exception:       # each check then says "unchecked" and logs why
-            pass
-    while True:
-        size = stdin.read(8)
-        if len(size) < 8:
-            return
-        height, width = (int(v) for v in np.frombuffer(size, "<u4"))
-        pixels = stdin.read(height * width)
-        if len(pixels) < height * width:
-            return
-        image = np.frombuffer(pixels, np.uint8).reshape(height, width)
-        stdout.write(render_face_qa(image, in_process=True).encode("ascii") + b"\n")
-        stdout.flush()
+        # MediaPipe's first inference writes four lines of C++ logging to stderr, every run
+        stop_filter = filter_stderr()
+    try:
+        with _FACE_MESH_LOCK:
+            try:
+                _face_mesh()
+            except Exception:       # each check then says "unchecked" and logs why
+                pass
+        while True:
+            size = stdin.read(8)
+            if len(size) < 8:
+                return
+            height, width = (int(v) for v in np.frombuffer(size, "<u4"))
+            pixels = stdin.read(height * width)
+            if len(pixels) < height * width:
+                return
+            image = np.frombuffer(pixels, np.uint8).reshape(height, width)
+            stdout.write(render_face_qa(image, in_process=True).encode("ascii") + b"\n")
+            stdout.flush()
+    finally:
+        if stop_filter is not None:
+            stop_filter()
 
 
 def render_face_qa(image: np.ndarray, *, crop: int = RENDER_CROP, framing: Framing = Framing(),
