@@ -484,3 +484,21 @@ def test_renders_whose_face_qa_could_not_run_are_framed_and_counted(tmp_path, mo
     assert "without a face" not in result.summary
     sheet = np.asarray(Image.open(out / "qa_montage.png")).astype(int)
     assert ((sheet[..., 0] > 200) & (sheet[..., 1] < 60) & (sheet[..., 2] < 60)).sum() > 1000
+
+
+def test_an_int16_ct_is_processed_as_stored_with_the_render_of_its_float32_copy(headsq_ct_path):
+    """Stage 1 reads volumes as stored (load_volume(dtype=None)): the shipped int16 head CT
+    is not copied to float32, and gives the same threshold, mesh and render as its float32 copy."""
+    from faceaudit.petct.volumes import load_volume
+
+    stored = load_volume(headsq_ct_path, dtype=None)
+    converted = load_volume(headsq_ct_path)
+    assert stored.array.dtype == np.int16 and converted.array.dtype == np.float32
+    assert not stored.array.flags.writeable
+    np.testing.assert_array_equal(stored.array, converted.array)
+    options = ReconstructionOptions()
+    results = [reconstruct_volume(v.array, v.spacing, modality="ct", origin=v.origin, options=options)
+               for v in (stored, converted)]
+    assert results[0].numbers["threshold"] == results[1].numbers["threshold"]
+    np.testing.assert_array_equal(results[0].mesh.vertices, results[1].mesh.vertices)
+    np.testing.assert_array_equal(results[0].render.image, results[1].render.image)

@@ -425,3 +425,18 @@ def test_discovery_of_dicom_series_folders_in_the_flat_layout(tmp_path):
     assert studies["d2"].ct is None and "d2_CT/" in studies["d2"].problems["ct"]
     np.testing.assert_array_equal(load_volume(studies["d1"].ct).array,
                                   load_volume(studies["d1"].pet).array)
+
+
+@pytest.mark.parametrize("slope, expected", [(1.0, np.int16), (2.0, np.float32)])
+def test_dtype_none_keeps_the_stored_type_unless_the_file_scales_it(tmp_path, slope, expected):
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 50
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "x.nii"))
+    data = bytearray((tmp_path / "x.nii").read_bytes())
+    data[112:120] = np.array([slope, 0.0], "<f4").tobytes()
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(bytes(data)))
+    volume = load_volume(path, dtype=None)
+    assert volume.array.dtype == expected
+    assert load_volume(path).array.dtype == np.float32
+    np.testing.assert_array_equal(volume.array, load_volume(path).array)
+    np.testing.assert_array_equal(np.sort(volume.array.ravel()), np.sort(array.ravel() * slope))

@@ -211,7 +211,8 @@ def _load(study: Study, modality: str):
             expected = f"{'CTres' if modality == 'ct' else 'SUV'}.nii.gz (or {modality.upper()}.nii.gz)"
         raise InputError(f"study {study.id} has no {modality.upper()} volume (expected {expected})")
     t0 = time.perf_counter()
-    volume = load_volume(path)
+    # as stored: thresholds, labels and masks work on an int16 CT as they are
+    volume = load_volume(path, dtype=None)
     units = {}
     if modality == "pet":
         volume, units = pet_in_suv(volume, path)

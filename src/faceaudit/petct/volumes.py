@@ -40,7 +40,8 @@ PET_NAMES = ("SUV", "PET")
 class Volume:
     """A 3-D scalar volume in the canonical LPS frame.
 
-    array: (nz, ny, nx) float32, axis 0 superior, axis 1 posterior, axis 2 patient's left.
+    array: (nz, ny, nx), axis 0 superior, axis 1 posterior, axis 2 patient's left; float32,
+        or the stored voxel type when read with ``load_volume(..., dtype=None)``.
         From ``load_volume`` it is read-only and often a strided view of the decoded voxels
         (reorienting by transpose and flips costs no copy); copy it before writing to it.
         It never views memory SimpleITK owns, so it outlives every SimpleITK image.
@@ -363,6 +364,10 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
     """Read a NIfTI file (.nii/.nii.gz), another SimpleITK format (NRRD, MHA) or a DICOM series
     folder into the canonical LPS frame.
 
+    dtype: the voxel type of ``Volume.array``; None keeps the type the voxels are stored in
+    (after a NIfTI's scaling, which gives float32): an int16 CT stays int16, without a float32
+    copy of twice its size.
+
     Raises InputError (quoting ``path``) when the file cannot be read or is truncated, is
     not a single-channel 3-D image (2-D, 4-D, vector), holds NaN/inf or holds a single value.
     """
@@ -388,7 +393,7 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32) -> Volume:
     stored = array if oblique else raw.array
     lo, hi = float(stored.min()), float(stored.max())
     del raw, stored
-    if array.dtype != dtype:
+    if dtype is not None and array.dtype != dtype:
         array = array.astype(dtype)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         n_bad = int(np.count_nonzero(~np.isfinite(array)))
