@@ -106,15 +106,16 @@ def _split(to_head: np.ndarray, midline_x: float, min_share: float,
     present = np.flatnonzero(sizes)
     if present.size < 2:
         return to_head, np.zeros_like(to_head)
-    # in order of the pieces' first voxels (row-major), as label numbers them
     substantial = present[sizes[present] >= max(min_share * sizes.max(), min_voxels)]
     if substantial.size < 2:
         return to_head, np.zeros_like(to_head)
     rows_cols = np.nonzero(labels)
     in_labels = labels[rows_cols]
+    # in order of the pieces' first voxels (row-major), as label numbers them: a tie in
+    # distance to the midline goes to the same piece whichever ids the pieces carry
+    order = np.argsort([np.flatnonzero(in_labels == i)[0] for i in substantial])
+    substantial = substantial[order]
     centres_x = np.array([rows_cols[1][in_labels == i].mean() for i in substantial])
-    first = np.array([np.flatnonzero(in_labels == i)[0] for i in substantial])
-    substantial, centres_x = substantial[np.argsort(first)], centres_x[np.argsort(first)]
     chosen = substantial[int(np.argmin(np.abs(centres_x - midline_x)))]
     split_off = np.isin(labels, substantial[substantial != chosen])
     return to_head & ~split_off, split_off
