@@ -121,14 +121,15 @@ def test_the_checker_process_keeps_mediapipe_chatter_off_stderr(headsq_render):
 
     image = np.ascontiguousarray(headsq_render, dtype=np.uint8)
     request = np.array(image.shape, "<u4").tobytes() + image.tobytes()
-    done = subprocess.run([sys.executable, "-c", "from faceaudit.petct.render_qa import serve_checks; serve_checks()"],
-                          input=request, capture_output=True, timeout=120)
+    from faceaudit.petct.render_qa import CHECKER_CODE
+
+    done = subprocess.run([sys.executable, "-c", CHECKER_CODE], input=request, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert done.stdout.decode().split() == [FACE]
     assert b"XNNPACK" not in done.stderr and b"inference_feedback_manager" not in done.stderr, done.stderr
 
 
-def test_stderr_filter_drops_only_whole_matching_lines(tmp_path):
+def test_stderr_filter_drops_only_whole_matching_lines():
     """C-level writes to fd 2 included; a genuine line, one with a chatter line's words inside
     it and a last line without a newline all get through, in order."""
     import subprocess

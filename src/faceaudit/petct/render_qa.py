@@ -54,6 +54,10 @@ def _face_mesh():
     return _cached_mesh(0.5)
 
 
+#: what the checker process runs (``python -c``)
+CHECKER_CODE = "from faceaudit.petct.render_qa import serve_checks; serve_checks()"
+
+
 class FaceChecker:
     """``render_face_qa`` in a child process that has imported MediaPipe on its own.
 
@@ -72,7 +76,7 @@ class FaceChecker:
             [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
         self._lock = threading.Lock()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from faceaudit.petct.render_qa import serve_checks; serve_checks()"],
+            [sys.executable, "-c", CHECKER_CODE],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
     def verdict(self, image: np.ndarray) -> str:
